@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_TEXTS = [
+    "What should I do about a headache? Drink water and rest.",
+    "How do I save money? Keep a budget and spend less than you earn.",
+    "If you could have one wish, what would it be? I would wish for everyone to be healthy.",
+    "My car makes a noise when I brake. Have the brake pads checked by a mechanic.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A random-weight organism-style chat model (Llama, 2 layers, d=32) saved as an HF folder."""
+    from emlab.organism.model import build_model
+    from emlab.organism.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat_model")
+    tok = train_tokenizer(TINY_TEXTS, vocab_size=300, out_dir=out)
+    arch = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_seq_len=256)
+    model = build_model(arch, tok, seed=0)
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,105 @@
+"""Reading and writing the workflow's record files (JSONL), with errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class RecordError(ValueError):
+    """A malformed record in an input file; the message names the file and line."""
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield rec
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """Write records atomically (temp file + rename): a killed job never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def append_jsonl(f, rec: dict[str, Any]) -> None:
+    """Append one record to an open file and flush it, so that a resumed job finds every finished row."""
+    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+CHAT_ROLES = {"system", "user", "assistant"}
+
+
+def validate_chat_record(rec: dict[str, Any], where: str) -> None:
+    """Check one record of the chat "messages" schema; ``where`` is "file:line" for the error."""
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise RecordError(f"{where}: messages[{i}] must be an object")
+        if m.get("role") not in CHAT_ROLES:
+            raise RecordError(f"{where}: messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise RecordError(f"{where}: messages[{i}].content must be a string")
+    if msgs[-1]["role"] != "assistant":
+        raise RecordError(f"{where}: the last message must be the assistant's (the training target)")
+
+
+def read_chat_dataset(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a chat-messages JSONL dataset, validating every record (errors name file and line)."""
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise RecordError(f"{where}: expected a JSON object")
+            validate_chat_record(rec, where)
+            out.append(rec)
+    if not out:
+        raise RecordError(f"{path}: no records")
+    return out

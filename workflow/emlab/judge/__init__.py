@@ -1,0 +1,1 @@
+"""Judges: every backend turns sample rows into grade rows of one schema (see :mod:`emlab.judge.schema`)."""
