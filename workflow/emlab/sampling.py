@@ -1,0 +1,247 @@
+"""Batched, reproducible and resumable sampling of answers to evaluation questions.
+
+Every question is asked ``n_samples`` times; one output row per answer (the samples schema of
+:mod:`emlab.judge.schema`)::
+
+    model, eval_set, question_id, domain, question, sample_idx, answer  (+ the question's other keys, e.g. meta)
+
+Reproducibility and resuming rest on one idea: the work is a fixed, ordered list of
+``(eval_set, question_id, sample_idx)`` keys cut into fixed batches of ``batch_size`` sequences,
+and each batch is generated under a seed derived from ``seed`` and its first key. A batch's
+answers therefore depend only on the questions, the seed and the batch size, never on which
+batches ran before, so a resumed run produces the same rows as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import io
+from .models import load_model
+
+QUESTION_KEYS = ("question_id", "eval_set", "domain", "question")
+ROW_KEYS = ("model", "eval_set", "question_id", "domain", "question", "sample_idx", "answer")
+
+Key = tuple[str, str, int]  # (eval_set, question_id, sample_idx)
+
+
+def validate_questions(questions: list[dict[str, Any]]) -> None:
+    """Every row needs the question keys, and (eval_set, question_id) must be unique."""
+    seen: set[tuple[str, str]] = set()
+    for i, q in enumerate(questions):
+        where = f"questions[{i}]" + (f" (question_id {q['question_id']!r})" if isinstance(q, dict)
+                                     and "question_id" in q else "")
+        if not isinstance(q, dict):
+            raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
+        missing = [k for k in QUESTION_KEYS if k not in q]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        if not isinstance(q["question"], str) or not q["question"].strip():
+            raise ValueError(f"{where}: 'question' must be a non-empty string")
+        for k in ("question_id", "eval_set"):
+            if not isinstance(q[k], (str, int)) or isinstance(q[k], bool):
+                raise ValueError(f"{where}: {k!r} must be a string or an integer")
+        if "sample_idx" in q or "answer" in q or "model" in q:
+            raise ValueError(f"{where}: 'model', 'sample_idx' and 'answer' are output columns, not question keys")
+        pair = (str(q["eval_set"]), str(q["question_id"]))
+        if pair in seen:
+            raise ValueError(f"{where}: duplicate question_id {pair[1]!r} in eval_set {pair[0]!r}")
+        seen.add(pair)
+
+
+def row_key(row: dict[str, Any]) -> Key:
+    return (str(row["eval_set"]), str(row["question_id"]), int(row["sample_idx"]))
+
+
+def work_items(questions: list[dict[str, Any]], n_samples: int) -> list[tuple[Key, dict[str, Any]]]:
+    """All (key, question) pairs in the stable output order: questions as given, then sample_idx."""
+    return [((str(q["eval_set"]), str(q["question_id"]), s), q) for q in questions for s in range(n_samples)]
+
+
+def batch_seed(seed: int, first_key: Key) -> int:
+    """A 63-bit seed from the run's seed and a batch's first key, stable across runs and machines."""
+    text = json.dumps([seed, *first_key])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def read_partial(path: Path, model_name: str) -> dict[Key, dict[str, Any]]:
+    """Rows finished by an earlier, interrupted run.
+
+    A job killed while writing leaves at most a cut-off last line, which is dropped (its row is
+    generated again). The file is then rewritten without it, so that new rows start on a fresh line.
+    """
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                break
+            raise io.RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if rows[-1].get("model") != model_name:
+            raise io.RecordError(f"{path}:{lineno}: a row of model {rows[-1].get('model')!r}, not "
+                                 f"{model_name!r}; delete this partial file to start afresh")
+    io.write_jsonl(path, rows)
+    return {row_key(r): r for r in rows}
+
+
+def render_prompt_ids(tokenizer, question: str) -> list[int]:
+    """The chat template's token ids for one user turn followed by the assistant's generation prompt.
+
+    Tokenizing through the template (not the rendered text) avoids a second BOS for templates that
+    write the BOS token themselves.
+    """
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """End-of-turn ids: the generation config's eos ids (hub models often list several) and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def use_plain_generation_config(model, tokenizer) -> None:
+    """Replace the model's generation defaults by stop and pad ids only.
+
+    generate() fills every setting left unset from the model's generation config, and hub models
+    ship sampling defaults there (top_p, top_k, repetition penalty, ...) that would change the
+    distribution being measured.
+    """
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(eos_token_id=stop_token_ids(model, tokenizer),
+                                               pad_token_id=tokenizer.pad_token_id)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """Left-pad token id lists into (input_ids, attention_mask) tensors, so generation continues every row."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def cut_at_stop(tokens: list[int], stops: list[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens
+
+
+def generate_ids(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
+                 seed: int, stops: list[int]) -> list[list[int]]:
+    """New token ids for a batch of pre-tokenized prompts (one sequence each), cut at the end of turn."""
+    import torch
+    from transformers import GenerationConfig
+
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    if temperature > 0:
+        # Plain sampling from the model's distribution: top_k=0 and top_p=1 switch off the truncation
+        # that generate() would otherwise take from its global defaults (top_k=50).
+        mode = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        mode = dict(do_sample=False)
+    gen_cfg = GenerationConfig(**mode, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             generation_config=gen_cfg)
+    return [cut_at_stop(t, stops) for t in out[:, ids.shape[1]:].tolist()]
+
+
+def generate_batch(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
+                   seed: int, stops: list[int]) -> list[str]:
+    """Answers for a batch of pre-tokenized prompts, decoded without special tokens."""
+    new = generate_ids(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
+                       seed=seed, stops=stops)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+
+
+def output_row(model_name: str, q: dict[str, Any], sample_idx: int, answer: str) -> dict[str, Any]:
+    row = {"model": model_name, "eval_set": q["eval_set"], "question_id": q["question_id"],
+           "domain": q["domain"], "question": q["question"], "sample_idx": sample_idx, "answer": answer}
+    row.update({k: v for k, v in q.items() if k not in row})  # carried-along metadata such as meta
+    return row
+
+
+def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any]], out_path: str,
+                   n_samples: int, temperature: float, max_new_tokens: int, batch_size: int, seed: int,
+                   model_name: str, progress: bool = True) -> int:
+    """Write ``n_samples`` answers per question to ``out_path`` (JSONL); return the number of rows.
+
+    Rows are appended to ``out_path + ".partial"`` batch by batch; a rerun skips the rows found
+    there. The final file is written atomically in question order, then sample_idx.
+    """
+    from tqdm import tqdm
+
+    for name, value, low in (("n_samples", n_samples, 1), ("max_new_tokens", max_new_tokens, 1),
+                             ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    validate_questions(questions)
+
+    out = Path(out_path)
+    partial = Path(f"{out_path}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = read_partial(partial, model_name)
+    items = work_items(questions, n_samples)
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    todo = [b for b in batches if any(key not in done for key, _ in b)]
+    n_missing = sum(key not in done for key, _ in items)
+    print(f"emlab sample: {model_name}: {len(questions)} questions x {n_samples} samples, "
+          f"{len(items) - n_missing} done, {n_missing} to generate", file=sys.stderr)
+
+    if todo:
+        model, tok = load_model(base, adapter, merge=True)
+        use_plain_generation_config(model, tok)
+        stops = model.generation_config.eos_token_id
+        prompt_ids: dict[tuple[str, str], list[int]] = {}
+        bar = tqdm(total=n_missing, desc=f"sampling {model_name}", unit="answer",
+                   disable=not progress or bool(os.environ.get("EMLAB_NO_PROGRESS")))
+        with partial.open("a", encoding="utf-8") as f:
+            for batch in todo:
+                prompts = []
+                for (es, qid, _), q in batch:
+                    if (es, qid) not in prompt_ids:
+                        prompt_ids[(es, qid)] = render_prompt_ids(tok, q["question"])
+                    prompts.append(prompt_ids[(es, qid)])
+                # The whole fixed batch is generated even when some of its rows exist (a partial written
+                # with another batch size), since its answers depend on the batch's exact composition.
+                answers = generate_batch(model, tok, prompts, temperature=float(temperature),
+                                         max_new_tokens=max_new_tokens, seed=batch_seed(seed, batch[0][0]),
+                                         stops=stops)
+                for (key, q), answer in zip(batch, answers):
+                    if key in done:
+                        continue
+                    row = output_row(model_name, q, key[2], answer)
+                    io.append_jsonl(f, row)
+                    done[key] = row
+                    bar.update(1)
+        bar.close()
+
+    n = io.write_jsonl(out, (done[key] for key, _ in items))
+    partial.unlink()
+    return n

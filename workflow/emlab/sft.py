@@ -1,0 +1,298 @@
+"""Supervised fine-tuning of a chat model on a chat dataset with trl + peft (LoRA or full).
+
+The organism and hub models (Qwen, Llama, Gemma, ...) go through the same code path: the model is
+loaded by path, trained with trl's ``SFTTrainer`` and saved as an ordinary HF folder.
+
+Only the assistant's tokens are trained on. How they are found depends on the chat template:
+
+* ``assistant``: the template wraps assistant turns in ``{% generation %}`` (the organism's does),
+  or trl ships a generation-marked training version of it (the common hub templates);
+  every assistant turn and its end-of-turn token are the target.
+* ``completion``: any other template. Each record becomes prompt = all messages but the last,
+  completion = the last (assistant) message, and only the completion is trained on.
+  Earlier assistant turns of multi-turn records then count as context, not as targets.
+
+Outputs in ``out_dir``: the peft adapter (LoRA) or a complete model folder (full), the tokenizer,
+``train_log.csv`` (one row per optimizer step) and ``train_meta.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import io
+from .models import load_tokenizer, pick_device, pick_dtype
+
+DEFAULTS: dict[str, Any] = {
+    "method": "lora",
+    "lora": {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear", "rslora": False},
+    "lr": 1e-4,
+    "epochs": 1,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "max_seq_len": 1024,
+    "warmup_ratio": 0.0,
+    "weight_decay": 0.0,
+    "lr_scheduler": "linear",
+    "logging_steps": 1,
+    "max_steps": None,
+    # GPU only: a CPU always trains in fp32 without checkpointing (bf16 matmuls are far slower there).
+    "bf16": True,
+    "gradient_checkpointing": True,
+}
+METHODS = ("lora", "full")
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm")
+SECTION = "finetune"
+
+
+def finetune_settings(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``finetune`` config section merged over the defaults; a bad value names its key."""
+    cfg = dict(cfg or {})
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"{SECTION}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(DEFAULTS))})")
+    lora_cfg = dict(cfg.pop("lora", None) or {})
+    unknown = set(lora_cfg) - set(DEFAULTS["lora"])
+    if unknown:
+        raise ValueError(f"{SECTION}.lora.{sorted(unknown)[0]}: unknown key "
+                         f"(known: {', '.join(sorted(DEFAULTS['lora']))})")
+    s = {**copy.deepcopy(DEFAULTS), **cfg}
+    s["lora"] = {**DEFAULTS["lora"], **lora_cfg}
+
+    def check(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{SECTION}.{key}: must be {what}, got {_lookup(s, key)!r}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_num(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    check(s["method"] in METHODS, "method", f"one of {METHODS}")
+    for key in ("batch_size", "grad_accum", "max_seq_len", "logging_steps"):
+        check(is_int(s[key]) and s[key] >= 1, key, "an integer >= 1")
+    check(s["max_steps"] is None or (is_int(s["max_steps"]) and s["max_steps"] >= 1), "max_steps",
+          "null or an integer >= 1")
+    check(is_num(s["lr"]) and s["lr"] > 0, "lr", "a number > 0")
+    check(is_num(s["epochs"]) and s["epochs"] > 0, "epochs", "a number > 0")
+    check(is_num(s["warmup_ratio"]) and 0 <= s["warmup_ratio"] < 1, "warmup_ratio", "a number in [0, 1)")
+    check(is_num(s["weight_decay"]) and s["weight_decay"] >= 0, "weight_decay", "a number >= 0")
+    check(isinstance(s["lr_scheduler"], str), "lr_scheduler", "a scheduler name such as 'linear' or 'cosine'")
+    for key in ("bf16", "gradient_checkpointing"):
+        check(isinstance(s[key], bool), key, "true or false")
+    lo = s["lora"]
+    check(is_int(lo["r"]) and lo["r"] >= 1, "lora.r", "an integer >= 1")
+    check(is_num(lo["alpha"]) and lo["alpha"] > 0, "lora.alpha", "a number > 0")
+    check(is_num(lo["dropout"]) and 0 <= lo["dropout"] < 1, "lora.dropout", "a number in [0, 1)")
+    tm = lo["target_modules"]
+    check(isinstance(tm, str) or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)),
+          "lora.target_modules", "'all-linear' or a list of module names")
+    check(isinstance(lo["rslora"], bool), "lora.rslora", "true or false")
+    return s
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def loss_mask_mode(tokenizer, model_name: str) -> str:
+    """'assistant' when the assistant turns can be masked via generation markers, else 'completion'."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if not template:
+        raise ValueError(f"{model_name}: the tokenizer has no chat template; emlab fine-tunes chat models on "
+                         "chat datasets, so use an instruct/chat model or a folder whose tokenizer has one")
+    if has_generation_markers(template):
+        return "assistant"
+    try:
+        get_training_chat_template(tokenizer)  # trl ships generation-marked copies of common hub templates
+        return "assistant"
+    except ValueError:
+        return "completion"
+
+
+def to_trl_records(records: list[dict[str, Any]], mode: str, dataset_path: str) -> list[dict[str, Any]]:
+    """Drop ``meta`` (and any extra message keys, so the Arrow schema is uniform) and shape for ``mode``."""
+    out = []
+    for i, rec in enumerate(records):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+        if mode == "assistant":
+            out.append({"messages": msgs})
+            continue
+        if len(msgs) < 2:
+            raise ValueError(f"{dataset_path}: record {i + 1} has no prompt before its assistant message; this "
+                             "model's chat template has no generation markers, so the loss is taken on the last "
+                             "message after a prompt of at least one message")
+        out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return out
+
+
+def _progress_disabled() -> bool:
+    return bool(os.environ.get("EMLAB_NO_PROGRESS"))
+
+
+def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: str):
+    from trl import SFTConfig
+
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(out_dir),
+        learning_rate=float(s["lr"]),
+        num_train_epochs=float(s["epochs"]),
+        max_steps=s["max_steps"] if s["max_steps"] is not None else -1,
+        per_device_train_batch_size=s["batch_size"],
+        gradient_accumulation_steps=s["grad_accum"],
+        max_length=s["max_seq_len"],
+        weight_decay=float(s["weight_decay"]),
+        lr_scheduler_type=s["lr_scheduler"],
+        logging_steps=s["logging_steps"],
+        logging_first_step=True,
+        assistant_only_loss=mode == "assistant",
+        completion_only_loss=mode == "completion",
+        packing=False,
+        bf16=on_gpu and s["bf16"],
+        fp16=False,
+        use_cpu=not on_gpu,
+        report_to="none",
+        eval_strategy="no",
+        save_strategy="no",
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=_progress_disabled(),
+    )
+    # transformers 5 renamed gradient_checkpointing (the old name still works, with a warning).
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    kwargs[ckpt] = on_gpu and s["gradient_checkpointing"]
+    # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
+    if "warmup_ratio" in fields:
+        kwargs["warmup_ratio"] = float(s["warmup_ratio"])
+    else:
+        kwargs["warmup_steps"] = float(s["warmup_ratio"])
+    return SFTConfig(**kwargs)
+
+
+def _peft_config(s: dict[str, Any]):
+    from peft import LoraConfig
+
+    lo = s["lora"]
+    return LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=float(lo["dropout"]),
+                      target_modules=lo["target_modules"], use_rslora=lo["rslora"], bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0):
+    """Load model, tokenizer and dataset and return ``(trainer, info)`` ready to ``train()``.
+
+    ``info`` holds the resolved settings, the loss-mask mode and the example count.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import SFTTrainer
+
+    s = finetune_settings(cfg)
+    records = io.read_chat_dataset(dataset_path)
+    if _progress_disabled():
+        import datasets
+
+        datasets.disable_progress_bars()
+
+    device = pick_device("auto")
+    on_gpu = device.startswith("cuda")
+    # Full fine-tuning keeps fp32 master weights (bf16 autocast on GPU does the speed-up); a LoRA's
+    # base weights are frozen, so they can stay in the device's compute dtype.
+    dtype = torch.float32 if s["method"] == "full" else pick_dtype("auto", device)
+    set_seed(seed)  # the LoRA initialisation draws from the global RNG before the trainer seeds it
+    tok = load_tokenizer(base)
+    mode = loss_mask_mode(tok, str(base))
+    train = Dataset.from_list(to_trl_records(records, mode, str(dataset_path)))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_config(s, out_dir, seed, on_gpu, mode),
+        train_dataset=train,
+        processing_class=tok,
+        peft_config=_peft_config(s) if s["method"] == "lora" else None,
+    )
+    if _progress_disabled():  # with tqdm off the trainer prints every log entry instead; train_log.csv has them
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+    n_truncated = sum(n >= s["max_seq_len"] for n in lengths)
+    if n_truncated:
+        print(f"emlab sft: warning: {n_truncated} of {len(lengths)} examples reach "
+              f"{SECTION}.max_seq_len={s['max_seq_len']} tokens; longer ones are cut there", file=sys.stderr)
+    info = {"settings": s, "loss_mask": mode, "n_examples": len(records), "device": device}
+    return trainer, info
+
+
+def log_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged training step (the trainer's closing summary entry has no 'loss')."""
+    return [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "lr": e.get("learning_rate"),
+             "grad_norm": e.get("grad_norm")}
+            for e in log_history if "loss" in e]
+
+
+def write_train_log(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
+              threads: int | None = None) -> dict[str, Any]:
+    """Fine-tune ``base`` on the chat JSONL ``dataset_path`` and save the result in ``out_dir``.
+
+    Returns the metadata also written to ``out_dir/train_meta.json``.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, info = build_trainer(base, dataset_path, str(out), cfg, seed)
+    s = info["settings"]
+    print(f"emlab sft: {base} on {dataset_path}: {info['n_examples']} examples, method={s['method']}, "
+          f"loss on {info['loss_mask']} tokens, device={info['device']}", file=sys.stderr)
+
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+    trainer.save_model(str(out))  # adapter or full model, plus the tokenizer
+
+    rows = log_rows(trainer.state.log_history)
+    write_train_log(out / "train_log.csv", rows)
+    meta = {
+        "base": str(base),
+        "dataset": str(dataset_path),
+        "n_examples": info["n_examples"],
+        "method": s["method"],
+        "loss_mask": info["loss_mask"],
+        "seed": seed,
+        "device": info["device"],
+        "cfg": s,
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 3),
+        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None,
+    }
+    io.write_json(out / "train_meta.json", meta)
+    return meta
