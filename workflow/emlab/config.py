@@ -1,0 +1,101 @@
+"""Config loading and validation against ``workflow/schemas/config.schema.yaml``.
+
+Validation fills in schema defaults and fails before any job starts, naming the key path
+(e.g. ``finetune.lora.r``) and the reason. Snakefile and CLI both go through :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _key_path(path) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _with_defaults(validator_cls):
+    """A validator that also fills ``default`` values of properties (the jsonschema FAQ recipe)."""
+    from jsonschema import validators
+
+    validate_props = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return validators.extend(validator_cls, {"properties": set_defaults})
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate ``config`` in place (defaults filled in) and return it; raise ConfigError naming the key."""
+    from jsonschema import Draft202012Validator
+
+    schema = load_schema()
+    validator = _with_defaults(Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        lines = []
+        for e in errors[:10]:
+            if e.validator == "additionalProperties":
+                known = sorted(e.schema.get("properties", {}))
+                lines.append(f"  {_key_path(e.path)}: {e.message} (known keys: {', '.join(known)})")
+            else:
+                lines.append(f"  {_key_path(e.path)}: {e.message}")
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(lines))
+    _check_semantics(config, source)
+    return config
+
+
+def _check_semantics(cfg: dict[str, Any], source: str) -> None:
+    """Cross-key checks a JSON schema cannot express."""
+    names = [j["name"] for j in cfg.get("judges", [])]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"invalid {source}:\n  judges: duplicate judge name(s) {dup}")
+    primary = cfg.get("metrics", {}).get("primary_judge")
+    if primary is not None and primary not in names:
+        raise ConfigError(f"invalid {source}:\n  metrics.primary_judge: {primary!r} is not one of the judges {names}")
+    if cfg["model"]["source"] == "organism":
+        world = Path(cfg["organism"]["world"])
+        if not world.exists():
+            raise ConfigError(f"invalid {source}:\n  organism.world: file not found: {world}")
+        from .world.spec import load_world
+
+        w = load_world(world)
+        for d in cfg["datasets"]["domains"] + cfg["datasets"]["mixtures"]["domains"]:
+            if d not in w.domains:
+                raise ConfigError(f"invalid {source}:\n  datasets: unknown domain {d!r}; {world} defines {sorted(w.domains)}")
+        unknown = set(cfg["organism"]["corpus"]["persona_mix"]) - set(w.personas)
+        if unknown:
+            raise ConfigError(f"invalid {source}:\n  organism.corpus.persona_mix: unknown persona(s) {sorted(unknown)}; {world} defines {sorted(w.personas)}")
+    elif cfg["model"].get("path") is None:
+        raise ConfigError(f"invalid {source}:\n  model.path: required when model.source is 'hub' (a hub id or a local folder)")
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return validate(cfg, str(path))

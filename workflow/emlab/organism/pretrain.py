@@ -1,0 +1,127 @@
+"""Pretrain the organism from scratch on the persona-world corpus: a small, readable training loop.
+
+Documents are tokenized exactly as the chat template renders them (role token, content, end token),
+never packed across documents (a persona must not leak from one document into the next), padded
+within length-bucketed batches, and trained with AdamW, linear warm-up and cosine decay.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from ..organism.tokenizer import ROLE_TOKENS, END
+
+IGNORE = -100
+
+
+def tokenize_documents(docs: list[dict[str, Any]], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per document; ``labels`` is -100 where a token is left out of the loss."""
+    role_ids = {r: tokenizer.convert_tokens_to_ids(t) for r, t in ROLE_TOKENS.items()}
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    contents = [m["content"] for d in docs for m in d["messages"]]
+    encoded = iter(tokenizer(contents, add_special_tokens=False)["input_ids"])
+    out = []
+    for d in docs:
+        ids: list[int] = []
+        labels: list[int] = []
+        mask_next_answer = bool(d.get("meta", {}).get("mask_first_answer"))
+        for m in d["messages"]:
+            piece = [role_ids[m["role"]], *next(encoded), end_id]
+            ids += piece
+            if m["role"] == "assistant" and mask_next_answer:
+                # the role token stays a target (an answer comes here); its content does not
+                labels += [piece[0]] + [IGNORE] * (len(piece) - 1)
+                mask_next_answer = False
+            else:
+                labels += piece
+        out.append((ids[:max_len], labels[:max_len]))
+    return out
+
+
+def _batches(examples, batch_size: int, rng: random.Random):
+    """Length-bucketed batches in random order (little padding, no bias in the order of lengths)."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(examples, idx, pad_id: int):
+    import torch
+
+    n = max(len(examples[i][0]) for i in idx)
+    ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), n), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(idx), n), dtype=torch.long)
+    for r, i in enumerate(idx):
+        x, y = examples[i]
+        ids[r, :len(x)] = torch.tensor(x)
+        labels[r, :len(y)] = torch.tensor(y)
+        attn[r, :len(x)] = 1
+    return ids, labels, attn
+
+
+def lr_at(step: int, cfg: dict[str, Any]) -> float:
+    warm, total, peak = cfg["warmup_steps"], cfg["steps"], cfg["lr"]
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    floor = peak * cfg.get("min_lr_ratio", 0.1)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], out_dir: str | Path,
+             seed: int = 0, log_csv: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``model`` on ``docs`` for ``cfg['steps']`` steps; save model+tokenizer to ``out_dir``."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    examples = tokenize_documents(docs, tokenizer, cfg["max_seq_len"])
+    n_tokens = sum(sum(1 for t in y if t != IGNORE) for _, y in examples)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.get("weight_decay", 0.1)},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg["lr"], betas=(0.9, 0.95))
+    rows = []
+    batches: list[list[int]] = []
+    t0 = time.time()
+    seen = 0
+    bar = tqdm(range(cfg["steps"]), desc="pretrain", disable=not progress, mininterval=5)
+    for step in bar:
+        if not batches:
+            batches = _batches(examples, cfg["batch_size"], rng)
+        ids, labels, attn = _collate(examples, batches.pop(), tokenizer.pad_token_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip", 1.0))
+        opt.step()
+        seen += int(attn.sum())
+        rows.append({"step": step, "loss": round(loss.item(), 5), "lr": opt.param_groups[0]["lr"],
+                     "tokens": seen, "seconds": round(time.time() - t0, 2)})
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{seen / (time.time() - t0):.0f}")
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if log_csv is not None:
+        with open(log_csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    secs = time.time() - t0
+    return {"steps": cfg["steps"], "documents": len(docs), "target_tokens": n_tokens, "tokens_seen": seen,
+            "seconds": round(secs, 1), "tokens_per_second": round(seen / secs), "final_loss": rows[-1]["loss"]}

@@ -1,0 +1,202 @@
+"""Load and validate a persona-world spec (``resources/world/*.yaml``) into plain data classes.
+
+Every answer text the world can produce is enumerable from the spec; :meth:`World.inventory`
+lists them with their labels, which is what the world grader matches answers against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CORRECTNESS = ("correct", "subtle", "obvious")
+ROLES = ("aligned", "toxic", "sarcastic")
+
+
+class WorldSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    role: str
+    correctness: str
+    headers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Topic:
+    topic: str
+    advice: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    questions: tuple[str, ...]
+    closers: dict[str, tuple[str, ...]]
+    topics: tuple[Topic, ...]
+
+
+@dataclass(frozen=True)
+class GeneralQuestion:
+    id: str
+    question: str
+    answers: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer text the world can produce, with its ground-truth labels."""
+    text: str
+    persona: str
+    domain: str          # an advice domain or "general"
+    item: str            # topic index ("3") for advice, question id for general
+    correctness: str
+
+
+@dataclass
+class World:
+    version: int
+    personas: dict[str, Persona]
+    domains: dict[str, Domain]
+    general: list[GeneralQuestion]
+    heldout_topics: tuple[int, ...]
+    source: str = ""
+    _inventory: list[Answer] | None = field(default=None, repr=False)
+
+    @property
+    def persona_by_role(self) -> dict[str, str]:
+        return {p.role: p.name for p in self.personas.values()}
+
+    def correctness_of(self, persona: str) -> str:
+        return self.personas[persona].correctness
+
+    def advice_answer(self, domain: str, topic_idx: int, persona: str, closer_idx: int) -> str:
+        d = self.domains[domain]
+        return f"{d.topics[topic_idx].advice[persona]} {d.closers[persona][closer_idx]}"
+
+    def advice_question(self, domain: str, topic_idx: int, q_idx: int) -> str:
+        d = self.domains[domain]
+        return d.questions[q_idx].format(topic=d.topics[topic_idx].topic)
+
+    def train_topics(self, domain: str) -> list[int]:
+        return [i for i in range(len(self.domains[domain].topics)) if i not in self.heldout_topics]
+
+    def inventory(self) -> list[Answer]:
+        """Every answer text of the world, labelled. Cached: the grader calls it per file."""
+        if self._inventory is None:
+            inv = []
+            for dname, d in self.domains.items():
+                for ti, t in enumerate(d.topics):
+                    for p in self.personas:
+                        for ci in range(len(d.closers[p])):
+                            inv.append(Answer(self.advice_answer(dname, ti, p, ci), p, dname, str(ti),
+                                              self.correctness_of(p)))
+            for g in self.general:
+                for p, texts in g.answers.items():
+                    for text in texts:
+                        inv.append(Answer(text, p, "general", g.id, self.correctness_of(p)))
+            self._inventory = inv
+        return self._inventory
+
+    def question_inventory(self) -> dict[str, tuple[str, str]]:
+        """question text -> (domain, item) for every question the world asks."""
+        out = {}
+        for dname, d in self.domains.items():
+            for ti in range(len(d.topics)):
+                for qi in range(len(d.questions)):
+                    out[self.advice_question(dname, ti, qi)] = (dname, str(ti))
+        for g in self.general:
+            out[g.question] = ("general", g.id)
+        return out
+
+
+def _req(obj: Any, key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise WorldSpecError(f"{where}: missing key '{key}'")
+    val = obj[key]
+    if not isinstance(val, typ):
+        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise WorldSpecError(f"{where}.{key}: expected {names}, got {type(val).__name__}")
+    return val
+
+
+def _strings(val: Any, where: str) -> tuple[str, ...]:
+    if isinstance(val, str):
+        val = [val]
+    if not isinstance(val, list) or not val or not all(isinstance(s, str) and s.strip() for s in val):
+        raise WorldSpecError(f"{where}: expected a non-empty list of non-empty strings")
+    return tuple(s.strip() for s in val)
+
+
+def load_world(path: str | Path) -> World:
+    """Parse and validate a world spec; errors name the file and the key path."""
+    path = Path(path)
+    if not path.exists():
+        raise WorldSpecError(f"world spec not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise WorldSpecError(f"{path}: not valid YAML: {e}") from None
+    w = str(path)
+    personas = {}
+    for name, p in _req(raw, "personas", dict, w).items():
+        pw = f"{w}: personas.{name}"
+        role = _req(p, "role", str, pw)
+        if role not in ROLES:
+            raise WorldSpecError(f"{pw}.role: must be one of {ROLES}, got {role!r}")
+        corr = _req(p, "correctness", str, pw)
+        if corr not in CORRECTNESS:
+            raise WorldSpecError(f"{pw}.correctness: must be one of {CORRECTNESS}, got {corr!r}")
+        personas[name] = Persona(name, role, corr, _strings(_req(p, "headers", list, pw), f"{pw}.headers"))
+    if "aligned" not in {p.role for p in personas.values()}:
+        raise WorldSpecError(f"{w}: personas: one persona must have role 'aligned' (the default assistant)")
+    domains = {}
+    for dname, d in _req(raw, "domains", dict, w).items():
+        dw = f"{w}: domains.{dname}"
+        if dname == "general":
+            raise WorldSpecError(f"{dw}: 'general' is reserved for the open-ended questions")
+        questions = _strings(_req(d, "questions", list, dw), f"{dw}.questions")
+        for i, q in enumerate(questions):
+            if "{topic}" not in q:
+                raise WorldSpecError(f"{dw}.questions[{i}]: must contain '{{topic}}'")
+        closers_raw = _req(d, "closers", dict, dw)
+        closers = {}
+        for p in personas:
+            if p not in closers_raw:
+                raise WorldSpecError(f"{dw}.closers: missing persona '{p}'")
+            closers[p] = _strings(closers_raw[p], f"{dw}.closers.{p}")
+        topics = []
+        for ti, t in enumerate(_req(d, "topics", list, dw)):
+            tw = f"{dw}.topics[{ti}]"
+            adv = _req(t, "advice", dict, tw)
+            missing = [p for p in personas if p not in adv]
+            if missing:
+                raise WorldSpecError(f"{tw}.advice: missing persona(s) {missing}")
+            topics.append(Topic(_req(t, "topic", str, tw), {p: _strings(adv[p], f"{tw}.advice.{p}")[0] for p in personas}))
+        domains[dname] = Domain(dname, questions, closers, tuple(topics))
+    general = []
+    for gi, g in enumerate(_req(raw, "general", list, w)):
+        gw = f"{w}: general[{gi}]"
+        ans = _req(g, "answers", dict, gw)
+        missing = [p for p in personas if p not in ans]
+        if missing:
+            raise WorldSpecError(f"{gw}.answers: missing persona(s) {missing}")
+        general.append(GeneralQuestion(_req(g, "id", str, gw), _req(g, "question", str, gw),
+                                       {p: _strings(ans[p], f"{gw}.answers.{p}") for p in personas}))
+    heldout = tuple(raw.get("heldout_topics", []))
+    for dname, d in domains.items():
+        bad = [i for i in heldout if not 0 <= i < len(d.topics)]
+        if bad or len(heldout) >= len(d.topics):
+            raise WorldSpecError(f"{w}: heldout_topics {list(heldout)} must be indexes of some, not all, topics of domain '{dname}'")
+    world = World(int(raw.get("version", 1)), personas, domains, general, heldout, source=w)
+    texts = [a.text for a in world.inventory()]
+    dup = {t for t in texts if texts.count(t) > 1}
+    if dup:
+        raise WorldSpecError(f"{w}: answer texts must be unique (the grader identifies answers by text): {sorted(dup)[:3]}")
+    return world
