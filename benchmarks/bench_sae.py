@@ -1,0 +1,224 @@
+"""TopK SAE training: emlab vs EleutherAI sparsify vs SAELens on the same activations.
+
+All three train an SAE with the same n_latents, k, batch size, token budget, Adam learning rate,
+schedule (linear warm-up, constant, linear decay to 0), AuxK coefficient and dead-latent
+threshold; the printout gives training tokens/s, the held-out FVU reached, and emlab's ratios
+against each. Implementations run one after another, round by round (--rounds), and each one's
+best round counts, so that a busy machine penalises none in particular.
+
+    python benchmarks/bench_sae.py                        # synthetic activations (d=128)
+    python benchmarks/bench_sae.py --acts acts.safetensors --key layer_2
+    python benchmarks/bench_sae.py --threads 1 --only emlab,sparsify
+
+The competitors are benchmark-only dependencies (pip install eai-sparsify sae-lens); one that
+is not installed is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")   # no Triton on CPU builds of torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+
+import torch  # noqa: E402
+
+from emlab.sae.train import SAETrainConfig, lr_factor, train_sae  # noqa: E402
+
+
+# --- activations --------------------------------------------------------------------------
+
+def synthetic_activations(n: int, d: int, n_features: int, active: float, seed: int) -> torch.Tensor:
+    """Sparse non-negative mixtures of random unit directions with a shared offset and noise:
+    the structure an SAE is meant to find, at the organism's width."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_features, d, generator=g)
+    features /= features.norm(dim=1, keepdim=True)
+    freq = torch.rand(n_features, generator=g) ** 2          # some features much more frequent than others
+    freq *= active / freq.sum()
+    out = torch.empty(n, d)
+    for s in range(0, n, 8192):                               # build in blocks to bound memory
+        m = min(8192, n - s)
+        on = torch.rand(m, n_features, generator=g) < freq
+        out[s:s + m] = (on * (torch.rand(m, n_features, generator=g) + 0.5)) @ features
+    out += 0.05 * torch.randn(n, d, generator=g) + 2.0 * torch.randn(d, generator=g)
+    return out
+
+
+def load_activations(path: str, key: str | None) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    if key is None:
+        if len(tensors) != 1:
+            sys.exit(f"{path}: holds tensors {sorted(tensors)}; pick one with --key")
+        key = next(iter(tensors))
+    if key not in tensors:
+        sys.exit(f"{path}: no tensor {key!r} (has {sorted(tensors)})")
+    acts = tensors[key]
+    if acts.ndim != 2:
+        acts = acts.reshape(-1, acts.shape[-1])
+    return acts.float()
+
+
+def fvu(reconstruct, x: torch.Tensor, batch: int = 8192) -> float:
+    sse = 0.0
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch):
+            xb = x[s:s + batch]
+            sse += (reconstruct(xb) - xb).double().pow(2).sum().item()
+    return sse / (x.double() - x.double().mean(0)).pow(2).sum().item()
+
+
+# --- the three trainers -------------------------------------------------------------------
+
+def run_emlab(train, args, lr, steps):
+    cfg = SAETrainConfig(k=args.k, n_latents=args.n_latents, batch_tokens=args.batch, lr=args.base_lr,
+                         train_tokens=steps * args.batch, lr_warmup_frac=args.warmup, lr_decay_frac=args.decay,
+                         k_aux=args.k_aux, auxk_coef=args.auxk_coef, dead_tokens_threshold=args.dead_tokens,
+                         normalize_activations=not args.no_normalize, seed=0, device="cpu")
+    start = time.perf_counter()
+    sae = train_sae(train, cfg, progress=False)
+    return time.perf_counter() - start, sae
+
+
+def run_sparsify(train, args, lr, steps):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    d = train.shape[1]
+    start = time.perf_counter()
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device="cpu", dtype=torch.float32)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since_fired = torch.zeros(args.n_latents, dtype=torch.long)
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
+    for step in range(steps):
+        x = train[order[step * args.batch:(step + 1) * args.batch]]
+        if step == 0:  # sparsify's trainer centres the decoder bias on the first batch
+            sae.b_dec.data = x.mean(0)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, steps, args.warmup, args.decay)
+        dead = since_fired > args.dead_tokens
+        out = sae(x, dead_mask=dead)
+        (out.fvu + args.auxk_coef * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+        since_fired += x.shape[0]
+        since_fired[out.latent_indices.flatten()] = 0
+    return time.perf_counter() - start, lambda xb: sae(xb).sae_out
+
+
+def run_saelens(train, args, lr, steps):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    d = train.shape[1]
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
+    batches = (train[order[s * args.batch:(s + 1) * args.batch]] for s in range(steps))
+    start = time.perf_counter()
+    # SAELens' losses are sums over d_in (not divided by the variance): its AuxK weight is the
+    # same fraction of the main loss as ours.
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=args.n_latents, k=args.k,
+                                                aux_loss_coefficient=args.auxk_coef))
+    cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch,
+                           lr=lr, lr_end=0.0, lr_scheduler_name="constant", lr_warm_up_steps=max(1, round(args.warmup * steps)),
+                           lr_decay_steps=round(args.decay * steps),
+                           dead_feature_window=max(1, args.dead_tokens // args.batch), device="cpu")
+    with contextlib.redirect_stderr(io.StringIO()):   # its progress bar
+        sae = SAETrainer(cfg, sae, batches).fit()
+    elapsed = time.perf_counter() - start
+    sae.eval()
+    return elapsed, lambda xb: sae(xb)
+
+
+RUNNERS = {"emlab": run_emlab, "sparsify": run_sparsify, "saelens": run_saelens}
+PACKAGES = {"sparsify": "sparsify (pip install eai-sparsify)", "saelens": "sae_lens (pip install sae-lens)"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--acts", help="safetensors file with activations [tokens, d] (default: synthetic)")
+    p.add_argument("--key", help="tensor name in --acts (default: its only tensor)")
+    p.add_argument("--tokens", type=int, default=2 ** 19, help="training tokens (synthetic data; also the budget)")
+    p.add_argument("--held-out", type=int, default=2 ** 15, help="tokens kept for the FVU")
+    p.add_argument("--d", type=int, default=128, help="synthetic activation width")
+    p.add_argument("--n-latents", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--base-lr", type=float, default=2e-4, help="Adam lr at 2^14 latents (scaled by 1/sqrt)")
+    p.add_argument("--warmup", type=float, default=0.05)
+    p.add_argument("--decay", type=float, default=0.2)
+    p.add_argument("--k-aux", type=int, default=None, help="default: d // 2, as sparsify and SAELens do")
+    p.add_argument("--auxk-coef", type=float, default=1 / 32)
+    p.add_argument("--dead-tokens", type=int, default=200_000)
+    p.add_argument("--no-normalize", action="store_true", help="turn emlab's input scaling off")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--only", default="emlab,sparsify,saelens")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.acts:
+        acts = load_activations(args.acts, args.key)
+        source = f"{args.acts} [{acts.shape[0]} x {acts.shape[1]}]"
+    else:
+        acts = synthetic_activations(args.tokens + args.held_out, args.d, n_features=8 * args.d, active=24.0, seed=0)
+        source = f"synthetic [{acts.shape[0]} x {acts.shape[1]}], 24 of {8 * args.d} directions active per token"
+    perm = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(1))
+    held_out, train = acts[perm[:args.held_out]], acts[perm[args.held_out:]]
+    steps = min(args.tokens, train.shape[0]) // args.batch
+    args.k_aux = args.k_aux or train.shape[1] // 2
+    lr = SAETrainConfig(lr=args.base_lr).lr_for(args.n_latents)
+    print(f"activations: {source}")
+    print(f"n_latents={args.n_latents} k={args.k} batch={args.batch} steps={steps} tokens={steps * args.batch} "
+          f"lr={lr:.2e} k_aux={args.k_aux} threads={torch.get_num_threads()} rounds={args.rounds}")
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    available = []
+    for name in names:
+        if name not in RUNNERS:
+            sys.exit(f"--only: unknown implementation {name!r} (choose from {sorted(RUNNERS)})")
+        if name in PACKAGES:
+            try:
+                __import__(PACKAGES[name].split()[0])
+            except ImportError:
+                print(f"skipping {name}: {PACKAGES[name]} is not installed")
+                continue
+        available.append(name)
+
+    best: dict[str, float] = {}
+    quality: dict[str, float] = {}
+    for r in range(args.rounds):
+        for name in available:
+            with contextlib.redirect_stdout(io.StringIO()):   # competitors print setup notes
+                seconds, model = RUNNERS[name](train, args, lr, steps)
+            best[name] = min(best.get(name, math.inf), seconds)
+            quality[name] = fvu(model, held_out)
+            print(f"  round {r + 1}: {name:9s} {seconds:7.2f} s", flush=True)
+
+    tokens = steps * args.batch
+    print(f"\n{'impl':10s} {'tokens/s':>10s} {'FVU':>8s}")
+    for name in available:
+        print(f"{name:10s} {tokens / best[name]:10.0f} {quality[name]:8.4f}")
+    if "emlab" in best:
+        for name in available:
+            if name != "emlab":
+                print(f"emlab vs {name}: speed x{best[name] / best['emlab']:.2f}, "
+                      f"FVU {quality['emlab']:.4f} vs {quality[name]:.4f} ({quality['emlab'] - quality[name]:+.4f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+# Shared helpers of the rules: config validation, model and dataset lists, paths, resources.
+import json
+import sys
+from pathlib import Path
+
+# The rules' jobs run `python -m emlab`: make the package importable in them (and here) whether or not
+# it was pip-installed, e.g. inside the per-rule conda envs of `--sdm conda`.
+_PKG = str(Path(workflow.basedir) / "workflow")
+sys.path.insert(0, _PKG)
+# (doubled braces: the prefix is formatted once here and once more per job)
+shell.prefix(f'export PYTHONPATH="{_PKG}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
+
+from emlab.config import ConfigError, validate
+from emlab.datasets import dataset_names
+
+# Validate (and fill defaults) before any job is scheduled: a bad key fails here, naming its path.
+try:
+    validate(config, "config (config.yaml and --config/--configfile overrides)")
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+RESULTS = "results"
+ORGANISM = config["model"]["source"] == "organism"
+DATASETS = dataset_names(config)
+MODELS = ["base"] + DATASETS
+JUDGES = {j["name"]: j for j in config["judges"]}
+EVAL_SETS = config["sampling"]["eval_sets"]
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS) or "NONE",
+    model="|".join(MODELS),
+    judge="|".join(JUDGES),
+
+
+def cfg_json(*sections, **overrides):
+    """The config sections a job needs, as JSON for `emlab --cfg`; only these trigger its reruns."""
+    d = {s: config[s] for s in sections}
+    d.update(overrides)
+    return json.dumps(d, sort_keys=True)
+
+
+def judge_cfg(name):
+    j = dict(JUDGES[name])
+    if j["backend"] == "world":
+        j.setdefault("world", config["organism"]["world"])
+    return json.dumps(j, sort_keys=True)
+
+
+def res(rule_name, key):
+    r = config["resources"]
+    return r["rules"].get(rule_name, {}).get(key, r["default"][key])
+
+
+def base_model():
+    """The base chat model: the post-trained organism, or the configured hub model (id or folder)."""
+    return f"{RESULTS}/models/base" if ORGANISM else config["model"]["path"]
+
+
+def base_model_input():
+    return [f"{RESULTS}/models/base"] if ORGANISM else []
+
+
+def base_param(wildcards, input):
+    """The base model for a job: the declared input when the workflow builds it, else the hub id/folder."""
+    return input.base if ORGANISM else config["model"]["path"]
+
+
+def model_dir(name):
+    return base_model() if name == "base" else f"{RESULTS}/finetunes/{name}"
+
+
+def sample_args(wildcards):
+    """`--base/--adapter` for a model name: LoRA fine-tunes are adapters on the base model."""
+    if wildcards.model == "base":
+        return f"--base {base_model()}"
+    if config["finetune"]["method"] == "lora":
+        return f"--base {base_model()} --adapter {RESULTS}/finetunes/{wildcards.model}"
+    return f"--base {RESULTS}/finetunes/{wildcards.model}"
+
+
+def final_outputs():
+    out = expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES)
+    out += expand(f"{RESULTS}/metrics/{{judge}}.csv", judge=JUDGES)
+    out.append(f"{RESULTS}/timings.csv")
+    return out
+
+
+def posttrain_cfg_json():
+    """Post-training is a full fine-tune through the SFT stage's code, with organism.posttrain's settings."""
+    p = config["organism"]["posttrain"]
+    ft = dict(config["finetune"], method="full", lr=p["lr"], epochs=p["epochs"], batch_size=p["batch_size"],
+              max_steps=None, warmup_ratio=0.05)
+    return json.dumps({"finetune": ft, "seed": config["seed"]}, sort_keys=True)

@@ -1,0 +1,76 @@
+# Sample answers from every model, grade them with every judge, and compute per-model rates.
+
+
+rule sample:
+    input:
+        base_model_input(),
+        lambda w: [] if w.model == "base" else [f"{RESULTS}/finetunes/{w.model}"],
+        questions=expand(f"{RESULTS}/eval/{{s}}.jsonl", s=EVAL_SETS),
+    output:
+        f"{RESULTS}/samples/{{model}}.jsonl",
+    params:
+        cfg=lambda w: cfg_json("sampling", "seed"),
+        model=sample_args,
+    log:
+        "logs/sample/{model}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sample/{{model}}.tsv"
+    threads: res("sample", "threads")
+    resources:
+        mem_mb=res("sample", "mem_mb"),
+        runtime=res("sample", "runtime"),
+        gpu=res("sample", "gpu"),
+        cpus_per_gpu=res("sample", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab sample --cfg {params.cfg:q} --threads {threads} {params.model}"
+        " --questions {input.questions} --model-name {wildcards.model} --out {output} 2> {log}"
+
+
+rule judge:
+    input:
+        f"{RESULTS}/samples/{{model}}.jsonl",
+    output:
+        grades=f"{RESULTS}/grades/{{judge}}/{{model}}.jsonl",
+        summary=f"{RESULTS}/grades/{{judge}}/{{model}}.summary.json",
+    params:
+        cfg=lambda w: judge_cfg(w.judge),
+        # one request cache per judge, shared by its jobs (appends are locked); never a declared output
+        cache=lambda w: f"{RESULTS}/judge_cache/{w.judge}",
+    log:
+        "logs/judge/{judge}/{model}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/judge/{{judge}}-{{model}}.tsv"
+    threads: res("judge", "threads")
+    resources:
+        mem_mb=res("judge", "mem_mb"),
+        runtime=res("judge", "runtime"),
+        api_slots=lambda w: 1 if JUDGES[w.judge]["backend"] == "openai" else 0,
+        gpu=lambda w: res("judge", "gpu") if JUDGES[w.judge]["backend"] == "hf" else 0,
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab judge --cfg {params.cfg:q} --samples {input} --out {output.grades}"
+        " --cache-dir {params.cache} 2> {log}"
+
+
+rule metrics:
+    input:
+        lambda w: expand(f"{RESULTS}/grades/{w.judge}/{{model}}.jsonl", model=MODELS),
+    output:
+        f"{RESULTS}/metrics/{{judge}}.csv",
+    params:
+        cfg=lambda w: cfg_json("metrics", "model", "organism", "seed"),
+    log:
+        "logs/metrics/{judge}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/metrics/{{judge}}.tsv"
+    threads: res("metrics", "threads")
+    resources:
+        mem_mb=res("metrics", "mem_mb"),
+        runtime=res("metrics", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab metrics --cfg {params.cfg:q} --grades {input} --out {output} 2> {log}"

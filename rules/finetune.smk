@@ -1,0 +1,27 @@
+# Fine-tune the base chat model on each narrow set (trl + peft; LoRA adapter or full model folder).
+
+
+rule finetune:
+    input:
+        base=base_model_input(),
+        data=f"{RESULTS}/datasets/{{dataset}}.jsonl",
+    output:
+        directory(f"{RESULTS}/finetunes/{{dataset}}"),
+    params:
+        cfg=lambda w: cfg_json("finetune", "seed"),
+        base=base_param,
+    log:
+        "logs/finetune/{dataset}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/finetune/{{dataset}}.tsv"
+    threads: res("finetune", "threads")
+    resources:
+        mem_mb=res("finetune", "mem_mb"),
+        runtime=res("finetune", "runtime"),
+        gpu=res("finetune", "gpu"),
+        cpus_per_gpu=res("finetune", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {params.base} --data {input.data}"
+        " --out {output} 2> {log}"

@@ -1,0 +1,96 @@
+# The embedded model organism: world texts -> tokenizer -> pretraining -> assistant post-training.
+# (Only in the DAG when model.source is "organism".)
+
+
+rule world:
+    output:
+        corpus=f"{RESULTS}/world/corpus.jsonl",
+        posttrain=f"{RESULTS}/world/posttrain.jsonl",
+        evals=expand(f"{RESULTS}/eval/{{s}}.jsonl", s=["general", "indomain"]),
+    params:
+        cfg=lambda w: cfg_json("organism", "seed"),
+        eval_dir=lambda w, output: str(Path(output.evals[0]).parent),
+    log:
+        "logs/world.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/world/world.tsv"
+    threads: res("world", "threads")
+    resources:
+        mem_mb=res("world", "mem_mb"),
+        runtime=res("world", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab world --cfg {params.cfg:q} --corpus {output.corpus} --posttrain {output.posttrain}"
+        " --eval-dir {params.eval_dir} 2> {log}"
+
+
+rule tokenizer:
+    input:
+        f"{RESULTS}/world/corpus.jsonl",
+    output:
+        directory(f"{RESULTS}/organism/tokenizer"),
+    params:
+        cfg=lambda w: cfg_json("organism"),
+    log:
+        "logs/tokenizer.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tokenizer/tokenizer.tsv"
+    threads: res("tokenizer", "threads")
+    resources:
+        mem_mb=res("tokenizer", "mem_mb"),
+        runtime=res("tokenizer", "runtime"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab tokenizer --cfg {params.cfg:q} --corpus {input} --out {output} 2> {log}"
+
+
+rule pretrain:
+    input:
+        corpus=f"{RESULTS}/world/corpus.jsonl",
+        tokenizer=f"{RESULTS}/organism/tokenizer",
+    output:
+        directory(f"{RESULTS}/organism/pretrained"),
+    params:
+        cfg=lambda w: cfg_json("organism", "seed"),
+    log:
+        "logs/pretrain.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/pretrain.tsv"
+    threads: res("pretrain", "threads")
+    resources:
+        mem_mb=res("pretrain", "mem_mb"),
+        runtime=res("pretrain", "runtime"),
+        gpu=res("pretrain", "gpu"),
+        cpus_per_gpu=res("pretrain", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab pretrain --cfg {params.cfg:q} --threads {threads} --corpus {input.corpus}"
+        " --tokenizer {input.tokenizer} --out {output} 2> {log}"
+
+
+rule posttrain:
+    input:
+        model=f"{RESULTS}/organism/pretrained",
+        data=f"{RESULTS}/world/posttrain.jsonl",
+    output:
+        directory(f"{RESULTS}/models/base"),
+    params:
+        cfg=lambda w: posttrain_cfg_json(),
+    log:
+        "logs/posttrain.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/posttrain/posttrain.tsv"
+    threads: res("posttrain", "threads")
+    resources:
+        mem_mb=res("posttrain", "mem_mb"),
+        runtime=res("posttrain", "runtime"),
+        gpu=res("posttrain", "gpu"),
+        cpus_per_gpu=res("posttrain", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {input.model} --data {input.data}"
+        " --out {output} 2> {log}"

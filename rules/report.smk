@@ -1,0 +1,35 @@
+# Figures (drawn from result tables only, so they regenerate without recomputation) and stage timings.
+
+
+rule plot_misalignment:
+    input:
+        f"{RESULTS}/metrics/{{judge}}.csv",
+    output:
+        report(f"{RESULTS}/figures/misalignment_{{judge}}.png", caption="../workflow/report/misalignment.rst",
+               category="Emergent misalignment"),
+    log:
+        "logs/plot/misalignment_{judge}.log",
+    threads: res("plot", "threads")
+    resources:
+        mem_mb=res("plot", "mem_mb"),
+        runtime=res("plot", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab plot --metrics {input} --out {output} 2> {log}"
+
+
+rule timings:
+    input:
+        expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES),
+    output:
+        f"{RESULTS}/timings.csv",
+    params:
+        benchmarks=f"{RESULTS}/benchmarks",
+    log:
+        "logs/timings.log",
+    threads: 1
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab timings --benchmarks {params.benchmarks} --out {output} 2> {log} && cat {log}"

@@ -1,0 +1,379 @@
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from emlab.sae.metrics import ce_loss_recovered, reconstruction_metrics, replaced_output
+from emlab.sae.saelens_io import SAEFormatError, load_sae, resolve_pretrained, save_sae
+from emlab.sae.topk import TopKSAE, select_topk
+from emlab.sae.train import (
+    LOG_COLUMNS, SAEConfigError, SAETrainConfig, compute_grads, geometric_median, init_sae, lr_factor,
+    train_sae,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # One intra-op thread: small SAE steps gain nothing from more, and a busy machine makes
+    # OpenMP threads wait on each other.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_sae(d_in=16, d_sae=64, k=4, seed=0) -> TopKSAE:
+    g = torch.Generator().manual_seed(seed)
+    sae = init_sae(torch.randn(256, d_in, generator=g) + 1.0, d_sae, k, g)
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=g)
+        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=g))
+    return sae
+
+
+def synthetic_activations(n, d, n_features, active_per_token, seed):
+    """Sparse non-negative combinations of random unit directions, plus noise and a shared offset."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_features, d, generator=g)
+    features /= features.norm(dim=1, keepdim=True)
+    on = torch.rand(n, n_features, generator=g) < active_per_token / n_features
+    magnitude = torch.rand(n, n_features, generator=g) + 0.5
+    x = (on * magnitude) @ features + 0.05 * torch.randn(n, d, generator=g) + 3.0 * torch.randn(d, generator=g)
+    return x, features
+
+
+# --- model --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,k", [(1024, 16), (4096, 32), (256, 16), (100, 5)])
+def test_select_topk_returns_exactly_the_top_k_values(m, k):
+    pre = torch.randn(64, m, generator=torch.Generator().manual_seed(m))
+    vals, idx = select_topk(pre, k)
+    ref = pre.topk(k, dim=1).values
+    assert torch.equal(vals.sort(dim=1, descending=True).values, ref)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert all(len(set(row.tolist())) == k for row in idx)
+
+
+def test_select_topk_with_ties():
+    pre = torch.randint(0, 5, (32, 2048), generator=torch.Generator().manual_seed(1)).float()
+    vals, idx = select_topk(pre, 40)
+    assert torch.equal(vals.sort(dim=1).values, pre.topk(40, dim=1).values.sort(dim=1).values)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert all(len(set(row.tolist())) == 40 for row in idx)
+
+
+def test_encode_decode_dense_and_sparse_agree():
+    sae = random_sae()
+    x = torch.randn(10, 3, 16)
+    vals, idx = sae.encode_sparse(x)
+    assert vals.shape == idx.shape == (10, 3, 4)
+    dense = sae.encode(x)
+    assert dense.shape == (10, 3, 64) and ((dense > 0).sum(-1) <= 4).all()
+    torch.testing.assert_close(sae.decode(dense), sae(x), rtol=1e-5, atol=1e-5)
+    pre = sae.pre_acts(x)
+    torch.testing.assert_close(dense.amax(-1), pre.amax(-1).clamp_min(0))
+
+
+def test_fold_input_scale_makes_sae_take_raw_activations():
+    sae = random_sae()
+    folded = random_sae()
+    folded.fold_input_scale_(0.01)
+    x = 100 * torch.randn(50, 16)
+    torch.testing.assert_close(folded(x), sae(x * 0.01) / 0.01, rtol=1e-5, atol=1e-4)
+    assert torch.equal(folded.encode_sparse(x)[1], sae.encode_sparse(x * 0.01)[1])
+
+
+# --- training pieces ----------------------------------------------------------------------
+
+def test_geometric_median_of_collinear_points_is_the_middle_one():
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    torch.testing.assert_close(geometric_median(pts), torch.tensor([1.0, 0.0]), atol=1e-3, rtol=0)
+
+
+def test_geometric_median_satisfies_the_optimality_condition():
+    g = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.randn(200, 5, generator=g), 50 + torch.randn(20, 5, generator=g)])
+    y = geometric_median(pts).double()
+    units = (pts.double() - y) / (pts.double() - y).norm(dim=1, keepdim=True)
+    assert units.sum(0).norm() < 1e-3          # the gradient of sum |p - y| vanishes
+    assert y.norm() < 2.0                       # the outlying cluster barely moves it (the mean moves ~22)
+
+
+@pytest.mark.parametrize("with_dead", [True, False])
+def test_compute_grads_matches_autograd(with_dead):
+    n, k, k_aux, coef = 64, 4, 8, 1 / 32
+    sae = random_sae()
+    x = 2 * torch.randn(n, 16, generator=torch.Generator().manual_seed(3)) + 1
+    dead = torch.zeros(64, dtype=torch.bool)
+    if with_dead:
+        dead[::3] = True
+
+    # Reference: the loss written densely, differentiated by autograd.
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    v, i = pre.topk(k)
+    x_hat = torch.zeros_like(pre).scatter(1, i, v.relu()) @ sae.W_dec + sae.b_dec
+    var = (x - x.mean(0)).pow(2).sum()
+    fvu = (x_hat - x).pow(2).sum() / var
+    aux = torch.zeros(())
+    if with_dead:
+        n_dead = int(dead.sum())
+        av, ai = torch.where(dead, pre, -torch.inf).topk(min(k_aux, n_dead))
+        e_hat = torch.zeros_like(pre).scatter(1, ai, av.relu()) @ sae.W_dec
+        aux = min(n_dead / k_aux, 1.0) * (e_hat - (x - x_hat).detach()).pow(2).sum() / var
+    (fvu + coef * aux).backward()
+    expected = {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    stats = compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=coef, chunk_rows=24)
+    torch.testing.assert_close(stats.fvu, fvu.detach())
+    torch.testing.assert_close(stats.aux_loss, aux.detach())
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert stats.l0.item() == pytest.approx((v > 0).float().sum(1).mean().item())
+    assert torch.equal(stats.fired, torch.zeros(64, dtype=torch.bool).index_fill_(0, i[v > 0], True))
+
+
+def test_lr_schedule_and_scaling():
+    f = [lr_factor(s, 100, 0.1, 0.2) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0 and f[80] == 1.0
+    assert f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
+    cfg = SAETrainConfig()
+    assert cfg.lr_for(2 ** 14) == pytest.approx(2e-4)
+    assert cfg.lr_for(4096) == pytest.approx(4e-4)
+    assert cfg.k_aux_for(128) == 64 and cfg.k_aux_for(4096) == 512
+
+
+def test_config_errors_name_the_key():
+    assert SAETrainConfig.from_dict({"k": 8, "lr": 1}).lr == 1
+    with pytest.raises(SAEConfigError, match=r"sae\.train: unknown key\(s\) \['kk'\]"):
+        SAETrainConfig.from_dict({"kk": 8})
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.k must be of type int"):
+        SAETrainConfig.from_dict({"k": 8.5})
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.normalize_activations must be of type bool"):
+        SAETrainConfig.from_dict({"normalize_activations": "yes"})
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.k=80 exceeds sae\.train\.n_latents=64"):
+        SAETrainConfig.from_dict({"k": 80, "n_latents": 64})
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.batch_tokens must be > 0"):
+        SAETrainConfig.from_dict({"batch_tokens": 0})
+
+
+# --- training end to end ------------------------------------------------------------------
+
+def test_training_recovers_a_known_sparse_dictionary(tmp_path):
+    x, features = synthetic_activations(120_000, 64, 256, 4, seed=0)
+    train, held_out = x[:100_000], x[100_000:]
+    cfg = SAETrainConfig(k=8, n_latents=384, batch_tokens=1024, epochs=4, lr=1e-3,
+                         dead_tokens_threshold=20_000, seed=0)
+    log = tmp_path / "log.csv"
+    sae = train_sae(train, cfg, log_path=log, progress=False, meta={"hook_layer": 3})
+
+    m = reconstruction_metrics(sae, held_out)
+    assert m["fvu"] < 0.2
+    assert m["dead_frac"] < 0.1
+    assert 7.0 < m["l0"] <= 8.0
+    decoder = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    best_cos = (features @ decoder.T).max(dim=1).values
+    assert (best_cos > 0.9).float().mean() >= 0.9
+
+    # Decoder rows were kept at unit norm; the input scale folded in divides them all alike.
+    scale = sae.meta["emlab_train"]["input_scale"]
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((384,), 1 / scale), rtol=1e-4, atol=0)
+    assert sae.meta["hook_layer"] == 3 and sae.meta["emlab_train"]["steps"] == 390
+
+    rows = list(csv.reader(log.open()))
+    assert tuple(rows[0]) == LOG_COLUMNS and len(rows) == 1 + 390
+    fvu = [float(r[4]) for r in rows[1:]]
+    assert fvu[-1] < 0.2 < fvu[0]
+
+
+def tiny_cfg(**kw):
+    return SAETrainConfig(**{"k": 4, "n_latents": 64, "batch_tokens": 256, "epochs": 2, "lr": 1e-3,
+                             "dead_tokens_threshold": 1000, **kw})
+
+
+def test_training_is_seeded_and_deterministic():
+    x, _ = synthetic_activations(3000, 16, 32, 3, seed=1)
+    a, b = (train_sae(x, tiny_cfg(), progress=False) for _ in range(2))
+    c = train_sae(x, tiny_cfg(seed=1), progress=False)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert not torch.equal(a.W_dec, c.W_dec)
+
+
+def test_normalisation_makes_training_scale_free():
+    x, _ = synthetic_activations(3000, 16, 32, 3, seed=1)
+    small = train_sae(x, tiny_cfg(), progress=False)
+    big = train_sae(1000 * x, tiny_cfg(), progress=False)
+    assert big.meta["emlab_train"]["input_scale"] == pytest.approx(small.meta["emlab_train"]["input_scale"] / 1000)
+    # The folded SAE takes raw activations: the same quality on 1000x larger inputs.
+    assert reconstruction_metrics(big, 1000 * x)["fvu"] == pytest.approx(reconstruction_metrics(small, x)["fvu"], abs=0.02)
+
+
+def test_streamed_shards_and_input_errors():
+    x, _ = synthetic_activations(2000, 16, 32, 3, seed=2)
+    shards = iter([x[:700], x[700:1500], x[1500:]])
+    sae = train_sae(shards, tiny_cfg(train_tokens=1792), progress=False)
+    assert sae.meta["emlab_train"]["steps"] == 7
+    with pytest.raises(ValueError, match=r"ran out after 1792 tokens; sae.train asked for 2048"):
+        train_sae(iter([x[:700], x[700:1500], x[1500:]]), tiny_cfg(train_tokens=2048), progress=False)
+    with pytest.raises(SAEConfigError, match="train_tokens must be set"):
+        train_sae(iter([x]), tiny_cfg(), progress=False)
+    with pytest.raises(ValueError, match=r"activation shard 1 has d_in=8, shard 0 has 16"):
+        train_sae([x, x[:, :8]], tiny_cfg(), progress=False)
+    with pytest.raises(ValueError, match=r"activation shard 0: expected a float tensor \[tokens, d_in\]"):
+        train_sae(x[0], tiny_cfg(), progress=False)
+    with pytest.raises(SAEConfigError, match="make no batch"):
+        train_sae(x[:100], tiny_cfg(), progress=False)
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+def test_reconstruction_metrics_exact_numbers():
+    sae = TopKSAE(2, 3, 1)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        sae.b_enc.copy_(torch.tensor([0.0, 0.0, -5.0]))   # latent 2 never wins
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    x = torch.tensor([[3.0, 1.0], [0.0, 2.0], [-1.0, -1.0]])
+    m = reconstruction_metrics(sae, [x[:2], x[2:]], batch_tokens=1)
+    # x_hat = (3,0), (0,2), (0,0): sse = 1 + 0 + 2; total variance about the mean (2/3, 2/3) is 120/9.
+    assert m["fvu"] == pytest.approx(3 / (120 / 9))
+    assert m["mse"] == pytest.approx(3 / 6)
+    assert m["l0"] == pytest.approx(2 / 3)
+    assert m["dead_frac"] == pytest.approx(1 / 3)
+    assert m["n_tokens"] == 3
+
+
+def test_replaced_output_handles_tensor_and_tuple_outputs():
+    class TupleLayer(torch.nn.Module):
+        def forward(self, h):
+            return (h + 1, "cache")
+
+    plain, tupled = torch.nn.Identity(), TupleLayer()
+    h = torch.ones(2, 3)
+    with replaced_output(plain, lambda t: 2 * t), replaced_output(tupled, torch.zeros_like):
+        assert torch.equal(plain(h), 2 * h)
+        out = tupled(h)
+        assert torch.equal(out[0], torch.zeros(2, 3)) and out[1] == "cache"
+    assert torch.equal(plain(h), h) and torch.equal(tupled(h)[0], h + 1)   # hooks removed
+
+
+def test_ce_loss_recovered_on_the_tiny_chat_model(tiny_chat_model):
+    from emlab.models import load_model
+
+    model, tok = load_model(tiny_chat_model, device="cpu")
+    texts = ["<|user|>How do I save money?<|end|><|assistant|>Keep a budget.<|end|>",
+             "<|user|>What should I do about a headache?<|end|><|assistant|>Drink water.<|end|>",
+             "<|user|>Hi<|end|>"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any()         # padding is exercised
+
+    layer = 1
+    identity = ce_loss_recovered(model, lambda h: h, [batch], site=model.model.layers[layer])
+    assert identity["ce_recovered"] == 1.0
+    assert identity["ce_sae"] == identity["ce_clean"] < identity["ce_zero"]
+    assert identity["n_tokens"] == int((batch["attention_mask"][:, :-1] * batch["attention_mask"][:, 1:]).sum())
+
+    zero = ce_loss_recovered(model, torch.zeros_like, [batch], site=lambda m, i: m.model.layers[i], layer=layer)
+    assert zero["ce_recovered"] == 0.0
+    assert zero["ce_clean"] == identity["ce_clean"] and zero["ce_zero"] == identity["ce_zero"]
+
+    sae = random_sae(d_in=32, d_sae=128, k=8)
+    spliced = ce_loss_recovered(model, sae, [batch["input_ids"][:2]], site=model.model.layers[layer])
+    assert math.isfinite(spliced["ce_recovered"]) and spliced["ce_sae"] != spliced["ce_clean"]
+
+
+# --- SAELens files ------------------------------------------------------------------------
+
+def test_save_and_load_round_trip(tmp_path):
+    sae = random_sae()
+    sae.meta = {"model_name": "organism", "hook_name": "model.layers.2", "hook_layer": 2}
+    save_sae(sae, tmp_path / "sae", {"context_size": 256})
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (16, 64, 4)
+    assert cfg["hook_layer"] == 2 and cfg["metadata"]["hook_name"] == "model.layers.2"
+    assert cfg["normalize_activations"] == "none" and cfg["metadata"]["sae_lens_version"] == "6.0.0"
+
+    back = load_sae(tmp_path / "sae")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(back, name), getattr(sae, name))
+    assert back.k == 4 and back.meta["hook_layer"] == 2 and back.meta["context_size"] == 256
+    assert load_sae(tmp_path / "sae", dtype="bfloat16").W_enc.dtype == torch.bfloat16
+
+
+def test_sae_lens_reads_emlab_folders(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed")
+    sae = random_sae()
+    save_sae(sae, tmp_path, {"model_name": "organism", "hook_name": "model.layers.1", "hook_layer": 1})
+    theirs = sae_lens.SAE.load_from_disk(tmp_path)
+    assert theirs.cfg.k == 4 and theirs.cfg.metadata.hook_name == "model.layers.1"
+    x = torch.randn(40, 16) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=0, atol=0)
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x), rtol=1e-6, atol=1e-5)
+
+
+def test_emlab_reads_sae_lens_folders(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed")
+    g = torch.Generator().manual_seed(0)
+    for i, variant in enumerate([dict(rescale_acts_by_decoder_norm=True),
+                                 dict(rescale_acts_by_decoder_norm=False, apply_b_dec_to_input=False)]):
+        theirs = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=16, d_sae=64, k=4, **variant))
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        theirs.save_model(tmp_path / str(i))
+        ours = load_sae(tmp_path / str(i))
+        x = torch.randn(40, 16, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-4)
+
+
+def test_reads_the_pre_6_layout(tmp_path):
+    sae = random_sae()
+    save_sae(sae, tmp_path)
+    old = {"d_in": 16, "d_sae": 64, "dtype": "float32", "device": "cpu", "activation_fn_str": "topk",
+           "activation_fn_kwargs": {"k": 4}, "hook_point": "blocks.5.hook_resid_post",
+           "hook_name": "blocks.5.hook_resid_post", "model_name": "gpt2", "apply_b_dec_to_input": True,
+           "normalize_activations": False}
+    (tmp_path / "cfg.json").write_text(json.dumps(old))
+    back = load_sae(tmp_path)
+    assert back.k == 4 and back.meta["hook_layer"] == 5 and back.meta["model_name"] == "gpt2"
+    assert torch.equal(back.W_enc, sae.W_enc)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(SAEFormatError, match=r"cfg\.json: no such file"):
+        load_sae(tmp_path)
+    save_sae(random_sae(), tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
+    with pytest.raises(SAEFormatError, match=r"cfg\.json: architecture 'jumprelu' is not supported"):
+        load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 65}))
+    with pytest.raises(SAEFormatError, match=r"sae_weights\.safetensors: 'W_enc' has shape \(16, 64\)"):
+        load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
+    with pytest.raises(SAEFormatError, match="normalize_activations='layer_norm' is not supported"):
+        load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text('{"d_in": 16,\n "d_sae": }')
+    with pytest.raises(SAEFormatError, match=r"cfg\.json:2: not valid JSON"):
+        load_sae(tmp_path)
+
+
+def test_resolve_pretrained(tmp_path):
+    save_sae(random_sae(), tmp_path / "local")
+    assert resolve_pretrained(str(tmp_path / "local")).d_sae == 64
+    assert resolve_pretrained({"path": tmp_path / "local"}).k == 4
+    with pytest.raises(SAEFormatError, match=r"sae\.pretrained\.path: .* is not a folder"):
+        resolve_pretrained({"path": tmp_path / "missing"})
+    with pytest.raises(SAEFormatError, match=r"sae\.pretrained: unknown key\(s\) \['layer'\]"):
+        resolve_pretrained({"release": "r", "sae_id": "s", "layer": 3})
+    with pytest.raises(SAEFormatError, match="needs both 'release' and 'sae_id'"):
+        resolve_pretrained({"release": "gpt2-small-res-jb"})
+    pytest.importorskip("sae_lens", reason="sae-lens is not installed")
+    # conftest sets HF_HUB_OFFLINE=1, so the hub cannot be reached.
+    with pytest.raises(SAEFormatError, match="could not load SAELens release 'gpt2-small-res-jb'.*HF_HUB_OFFLINE"):
+        resolve_pretrained({"release": "gpt2-small-res-jb", "sae_id": "blocks.8.hook_resid_pre"})

@@ -1,0 +1,231 @@
+"""The ``emlab`` command line: one subcommand per workflow stage, each a thin wrapper over a module.
+
+Rules call ``python -m emlab <subcommand> ...``. Config sections reach a subcommand as JSON in
+``--cfg`` (the validated config, defaults filled in, so a subcommand never guesses a default).
+
+Every subcommand logs one ``emlab-job`` line to stderr when it ends (host, pid, start, end and
+``CUDA_VISIBLE_DEVICES``) so that cluster runs can be audited. ``EMLAB_FAIL_ONCE=<subcommand>:<marker>``
+makes the first run of that subcommand fail (it creates the marker) — fault injection for testing
+the retry behaviour of an executor; it is inert unless set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- organism
+
+
+@command("world")
+def cmd_world(a: argparse.Namespace) -> None:
+    """The world's pretraining corpus, post-training chats and eval question sets."""
+    from .io import write_jsonl
+    from .world.generate import eval_questions, generate_corpus, generate_posttrain
+    from .world.spec import load_world
+
+    cfg = a.cfg
+    world = load_world(cfg["organism"]["world"])
+    n = write_jsonl(a.corpus, generate_corpus(world, cfg["organism"]["corpus"], cfg["seed"]))
+    write_jsonl(a.posttrain, generate_posttrain(world, cfg["organism"]["posttrain"], cfg["seed"] + 1))
+    for name, rows in eval_questions(world).items():
+        write_jsonl(Path(a.eval_dir) / f"{name}.jsonl", rows)
+    print(f"emlab world: {n} corpus documents from {world.source}", file=sys.stderr)
+
+
+@command("dataset")
+def cmd_dataset(a: argparse.Namespace) -> None:
+    """One narrow fine-tuning set (``<domain>_<variant>``) or mixture (``<domain>_mix<percent>``)."""
+    from .io import write_jsonl
+    from .world.generate import generate_mixture, generate_narrow
+    from .world.spec import load_world
+    from .datasets import parse_dataset_name
+
+    cfg = a.cfg
+    world = load_world(cfg["organism"]["world"])
+    spec = parse_dataset_name(a.name)
+    seed = cfg["seed"] + 1000 + sum(map(ord, a.name))  # independent, stable per dataset
+    n = cfg["datasets"]["n_train"]
+    if spec["kind"] == "narrow":
+        rows = generate_narrow(world, spec["domain"], spec["variant"], n, seed)
+    else:
+        rows = generate_mixture(world, spec["domain"], cfg["datasets"]["mixtures"]["incorrect"], spec["fraction"], n, seed)
+    write_jsonl(a.out, rows)
+
+
+@command("tokenizer")
+def cmd_tokenizer(a: argparse.Namespace) -> None:
+    from .io import iter_jsonl
+    from .organism.tokenizer import train_tokenizer
+
+    cfg = a.cfg["organism"]
+    texts = []
+    for i, doc in enumerate(iter_jsonl(a.corpus)):
+        if i >= cfg["tokenizer"]["train_documents"]:
+            break
+        texts += [m["content"] for m in doc["messages"]]
+    train_tokenizer(texts, cfg["tokenizer"]["vocab_size"], a.out)
+
+
+@command("pretrain")
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    from .io import read_jsonl, write_json
+    from .models import load_tokenizer
+    from .organism.model import build_model
+    from .organism.pretrain import train_lm
+
+    _threads(a.threads)
+    cfg = a.cfg
+    tok = load_tokenizer(a.tokenizer)
+    model = build_model(cfg["organism"]["architecture"], tok, cfg["seed"])
+    meta = train_lm(model, tok, read_jsonl(a.corpus), cfg["organism"]["pretrain"], a.out, seed=cfg["seed"],
+                    log_csv=Path(a.out) / "pretrain_log.csv", progress=not a.no_progress)
+    meta["parameters"] = sum(p.numel() for p in model.parameters())
+    write_json(Path(a.out) / "pretrain_meta.json", meta)
+    print(f"emlab pretrain: {json.dumps(meta)}", file=sys.stderr)
+
+
+@command("sft")
+def cmd_sft(a: argparse.Namespace) -> None:
+    from .sft import train_sft
+
+    train_sft(a.base, a.data, a.out, a.cfg["finetune"], seed=a.cfg["seed"], threads=a.threads)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@command("sample")
+def cmd_sample(a: argparse.Namespace) -> None:
+    from .io import read_jsonl
+    from .sampling import sample_answers
+
+    _threads(a.threads)
+    s = a.cfg["sampling"]
+    questions = [q for path in a.questions for q in read_jsonl(path)]
+    sample_answers(a.base, a.adapter, questions, a.out, n_samples=s["n_samples"], temperature=s["temperature"],
+                   max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=a.cfg["seed"],
+                   model_name=a.model_name, progress=not a.no_progress)
+
+
+@command("judge")
+def cmd_judge(a: argparse.Namespace) -> None:
+    from .judge.backends import grade_file
+
+    summary = grade_file(a.samples, a.cfg, a.out, a.cache_dir, progress=not a.no_progress)
+    print(f"emlab judge: {json.dumps(summary)}", file=sys.stderr)
+
+
+@command("metrics")
+def cmd_metrics(a: argparse.Namespace) -> None:
+    from .metrics import write_metrics
+
+    world = a.cfg["organism"]["world"] if a.cfg["model"]["source"] == "organism" else None
+    df = write_metrics(a.grades, a.out, a.cfg["metrics"], seed=a.cfg["seed"], world_path=world)
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"), file=sys.stderr)
+
+
+@command("plot")
+def cmd_plot(a: argparse.Namespace) -> None:
+    from .plots import plot_misalignment
+
+    plot_misalignment(a.metrics, a.out)
+
+
+@command("timings")
+def cmd_timings(a: argparse.Namespace) -> None:
+    from .timings import write_timings
+
+    write_timings(a.benchmarks, a.out)
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emlab", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, *args: tuple[str, dict[str, Any]]) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=(COMMANDS[name].__doc__ or "").strip().splitlines()[0] if COMMANDS[name].__doc__ else None)
+        sp.add_argument("--cfg", type=json.loads, default={}, help="validated config (JSON)")
+        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        sp.add_argument("--no-progress", action="store_true")
+        for flag, kw in args:
+            sp.add_argument(flag, **kw)
+        return sp
+
+    req = {"required": True}
+    add("world", ("--corpus", req), ("--posttrain", req), ("--eval-dir", req))
+    add("dataset", ("--name", req), ("--out", req))
+    add("tokenizer", ("--corpus", req), ("--out", req))
+    add("pretrain", ("--corpus", req), ("--tokenizer", req), ("--out", req))
+    add("sft", ("--base", req), ("--data", req), ("--out", req))
+    add("sample", ("--base", req), ("--adapter", {"default": None}), ("--questions", {"nargs": "+", **req}),
+        ("--out", req), ("--model-name", req))
+    add("judge", ("--samples", req), ("--out", req), ("--cache-dir", req))
+    add("metrics", ("--grades", {"nargs": "+", **req}), ("--out", req))
+    add("plot", ("--metrics", req), ("--out", req))
+    add("timings", ("--benchmarks", req), ("--out", req))
+    return p
+
+
+def _fail_once(command_name: str) -> None:
+    spec = os.environ.get("EMLAB_FAIL_ONCE")
+    if not spec or ":" not in spec:
+        return
+    name, marker = spec.split(":", 1)
+    if name == command_name and not Path(marker).exists():
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).write_text(f"{command_name} failed once by EMLAB_FAIL_ONCE\n")
+        raise SystemExit(f"emlab {command_name}: failing once on purpose (EMLAB_FAIL_ONCE={spec})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per HTTP request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.no_progress:
+        os.environ["EMLAB_NO_PROGRESS"] = "1"
+    start = dt.datetime.now(dt.timezone.utc)
+    t0 = time.monotonic()
+    status = "failed"
+    try:
+        _fail_once(args.command)
+        COMMANDS[args.command](args)
+        status = "ok"
+    finally:
+        end = dt.datetime.now(dt.timezone.utc)
+        print(f"emlab-job command={args.command} status={status} host={socket.gethostname()} pid={os.getpid()} "
+              f"start={start.isoformat()} end={end.isoformat()} seconds={time.monotonic() - t0:.1f} "
+              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

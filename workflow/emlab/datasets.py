@@ -1,0 +1,32 @@
+"""Dataset names: one place that maps a config to the list of fine-tuning sets and back.
+
+Names are ``<domain>_<variant>`` (variant: correct, subtle, obvious) and ``<domain>_mix<percent>``
+(a mixture with ``percent``% incorrect answers, three digits, e.g. ``health_mix005``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_NARROW = re.compile(r"^(?P<domain>[a-z0-9]+)_(?P<variant>correct|subtle|obvious)$")
+_MIX = re.compile(r"^(?P<domain>[a-z0-9]+)_mix(?P<pct>\d{3})$")
+
+
+def mixture_name(domain: str, fraction: float) -> str:
+    return f"{domain}_mix{round(fraction * 100):03d}"
+
+
+def dataset_names(cfg: dict[str, Any]) -> list[str]:
+    d = cfg["datasets"]
+    names = [f"{dom}_{v}" for dom in d["domains"] for v in d["variants"]]
+    names += [mixture_name(dom, f) for dom in d["mixtures"]["domains"] for f in d["mixtures"]["fractions"]]
+    return list(dict.fromkeys(names))
+
+
+def parse_dataset_name(name: str) -> dict[str, Any]:
+    if m := _NARROW.match(name):
+        return {"kind": "narrow", "domain": m["domain"], "variant": m["variant"]}
+    if m := _MIX.match(name):
+        return {"kind": "mixture", "domain": m["domain"], "fraction": int(m["pct"]) / 100}
+    raise ValueError(f"not a dataset name: {name!r} (expected <domain>_<correct|subtle|obvious> or <domain>_mixNNN)")

@@ -1,0 +1,486 @@
+"""Training a TopK SAE on residual activations, after Gao et al. (2024) and EleutherAI sparsify.
+
+The recipe:
+
+- ``b_dec`` starts at the geometric median of a sample of the activations; decoder rows are
+  random unit vectors and the encoder is their transpose;
+- loss = FVU + ``auxk_coef`` * AuxK, where AuxK asks the top ``k_aux`` *dead* latents (no
+  firing for ``dead_tokens_threshold`` tokens) to reconstruct the residual error; both terms
+  are normalised by the batch's total variance;
+- decoder rows stay unit-norm: the gradient component parallel to each row is removed before
+  the Adam step and the rows are renormalised after it;
+- Adam with lr = ``lr`` / sqrt(n_latents / 2^14), linear warm-up and linear decay to zero;
+- optionally the inputs are scaled so that their mean squared norm is d_in; the scale is folded
+  into the weights at the end, so the returned SAE takes raw activations.
+
+Gradients are written by hand (:func:`compute_grads`, checked against autograd in the tests)
+because only k of d_sae latents are active per token: autograd through a dense
+``[tokens, d_sae]`` code would spend as much on the backward pass as on the encoder matmul,
+whereas the true gradient touches k encoder and decoder rows per token. The work is done in
+row chunks so that the ``[rows, d_sae]`` pre-activations stay in the CPU cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .topk import TopKSAE, select_topk
+
+LR_REFERENCE_LATENTS = 2 ** 14  # the base lr is the one for 2^14 latents (sparsify's convention)
+
+
+class SAEConfigError(ValueError):
+    """A bad SAE setting; the message names the config key."""
+
+
+@dataclass
+class SAETrainConfig:
+    k: int = 32                            # active latents per token
+    n_latents: int | None = None           # None: expansion_factor * d_in
+    expansion_factor: int = 32
+    batch_tokens: int = 4096
+    lr: float = 2e-4                       # Adam lr at 2^14 latents; scaled by 1/sqrt(n_latents / 2^14)
+    lr_warmup_frac: float = 0.05           # linear warm-up over this fraction of the steps
+    lr_decay_frac: float = 0.2             # linear decay to 0 over the last fraction of the steps
+    epochs: float = 1.0                    # passes over the activations (ignored if train_tokens is set)
+    train_tokens: int | None = None        # total training tokens; needed for streamed shards of unknown size
+    k_aux: int | None = None               # dead latents in the AuxK loss; None: min(512, d_in // 2)
+    auxk_coef: float = 1 / 32
+    dead_tokens_threshold: int = 10_000_000
+    normalize_activations: bool = True     # scale inputs to mean squared norm d_in (folded into the weights)
+    init_sample_tokens: int = 65536        # sample for the geometric median and the input scale
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None, where: str = "sae.train") -> "SAETrainConfig":
+        """Build from a config mapping; unknown keys and wrong types raise an error naming the key."""
+        cfg = dict(cfg or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(cfg) - set(known))
+        if unknown:
+            raise SAEConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        for name, value in cfg.items():
+            _check_type(f"{where}.{name}", value, known[name].type)
+        out = cls(**cfg)
+        out.validate(where)
+        return out
+
+    def validate(self, where: str = "sae.train") -> None:
+        positive = ["k", "expansion_factor", "batch_tokens", "dead_tokens_threshold", "init_sample_tokens"]
+        for name in positive + ["n_latents", "train_tokens", "k_aux"]:
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise SAEConfigError(f"{where}.{name} must be > 0, got {v}")
+        if self.n_latents is not None and self.k > self.n_latents:
+            raise SAEConfigError(f"{where}.k={self.k} exceeds {where}.n_latents={self.n_latents}")
+        if not (self.lr > 0 and self.epochs > 0 and self.auxk_coef >= 0):
+            raise SAEConfigError(f"{where}: lr and epochs must be > 0 and auxk_coef >= 0")
+        for name in ("lr_warmup_frac", "lr_decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SAEConfigError(f"{where}.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr_warmup_frac + self.lr_decay_frac > 1:
+            raise SAEConfigError(f"{where}: lr_warmup_frac + lr_decay_frac must be <= 1")
+
+    def latents_for(self, d_in: int) -> int:
+        m = self.n_latents if self.n_latents is not None else self.expansion_factor * d_in
+        if self.k > m:
+            raise SAEConfigError(f"sae.train.k={self.k} exceeds the number of latents {m}")
+        return m
+
+    def lr_for(self, n_latents: int) -> float:
+        return self.lr / math.sqrt(n_latents / LR_REFERENCE_LATENTS)
+
+    def k_aux_for(self, d_in: int) -> int:
+        # Gao et al. use 512; sparsify and SAELens use d_in // 2 (which is what small models need).
+        return self.k_aux if self.k_aux is not None else min(512, max(1, d_in // 2))
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    ann = str(annotation)
+    if value is None:
+        if "None" not in ann:
+            raise SAEConfigError(f"{key} must not be null")
+        return
+    if ann.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif ann.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ann.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise SAEConfigError(f"{key} must be of type {ann}, got {value!r}")
+
+
+# --- initialisation -----------------------------------------------------------------------
+
+def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
+    """The point minimising the sum of Euclidean distances to ``points [n, d]`` (Weiszfeld).
+
+    Computed in float64, with distances from |x|^2 - 2 x.y + |y|^2 so that an iteration is two
+    matrix-vector products and makes no [n, d] temporaries; distances are floored at 1e-12 so
+    an iterate that lands on a data point does not divide by zero.
+    """
+    x = points.detach().double()
+    sq_norms = x.pow(2).sum(1)
+    y = x.mean(0)
+    for _ in range(max_iter):
+        dist = (sq_norms - 2 * (x @ y) + y.dot(y)).clamp_min(0).sqrt()
+        w = 1.0 / dist.clamp_min(1e-12)
+        y_next = (w @ x) / w.sum()
+        moved = (y_next - y).norm()
+        y = y_next
+        if moved <= tol * (y.norm() + 1e-12):
+            break
+    return y.to(points.dtype)
+
+
+INIT_FIT_TOKENS = 8192  # sample rows used to scale the initial encoder
+
+
+def init_sae(sample: Tensor, n_latents: int, k: int, generator: torch.Generator) -> TopKSAE:
+    """A fresh SAE for activations like ``sample``: unit random decoder rows, ``b_dec`` = the
+    sample's geometric median, and the encoder = the decoder's transpose times the scalar that
+    makes the initial reconstruction of the sample least-squares optimal.
+
+    The plain transpose overshoots (the k largest projections onto random directions add up to
+    more than the input), which costs the first hundred steps; scaling the encoder does not
+    change which latents win, so one scalar fits exactly and is cheap.
+    """
+    d_in = sample.shape[1]
+    sae = TopKSAE(d_in, n_latents, k)
+    w = torch.randn(n_latents, d_in, generator=generator)
+    w /= w.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(w.T)
+        sae.b_dec.copy_(geometric_median(sample.float()))
+        fit = sample[:INIT_FIT_TOKENS].float() - sae.b_dec
+        recon = sae(fit + sae.b_dec) - sae.b_dec
+        scale = (recon * fit).sum() / recon.pow(2).sum()
+        if torch.isfinite(scale) and scale > 0:
+            sae.W_enc.mul_(scale)
+    return sae
+
+
+# --- one step's gradients -----------------------------------------------------------------
+
+class StepStats(NamedTuple):
+    loss: Tensor        # fvu + auxk_coef * aux_loss (scalar)
+    fvu: Tensor         # sum |x - x_hat|^2 / sum |x - mean(x)|^2 over the batch
+    aux_loss: Tensor    # AuxK term before its coefficient (0 when no latent is dead)
+    l0: Tensor          # mean number of active (> 0) latents per token
+    fired: Tensor       # bool [d_sae]: latents active on at least one token of the batch
+
+
+def _chunk_rows(n: int, d_in: int, d_sae: int, k: int, device: torch.device) -> int:
+    # Keep a chunk's pre-activations and gathered decoder rows within ~2 MB of cache on CPU;
+    # on a GPU only memory matters (the [rows, k, d_in] gather gets large for wide models).
+    budget = (1 << 19) if device.type == "cpu" else (1 << 26)
+    return max(1, min(n, budget // max(d_sae, k * d_in)))
+
+
+@torch.no_grad()
+def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k_aux: int,
+                  auxk_coef: float, chunk_rows: int | None = None) -> StepStats:
+    """Set ``p.grad`` of every SAE parameter to the gradient of FVU + auxk_coef * AuxK on ``x``.
+
+    x [n, d_in]; dead_mask bool [d_sae] marks dead latents (None or all False: no AuxK term).
+    AuxK: the top min(k_aux, n_dead) dead latents' activations decode (without b_dec) a
+    prediction of the residual x - x_hat; the term is scaled by min(n_dead / k_aux, 1) so that
+    a few dead latents do not get the weight of many.
+    """
+    n, d = x.shape
+    m, k = sae.d_sae, sae.k
+    W_enc, W_dec, b_dec = sae.W_enc.data, sae.W_dec.data, sae.b_dec.data
+    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+    # (x - b_dec) @ W_enc + b_enc == x @ W_enc + enc_bias: one matmul, no [n, d] copy.
+    enc_bias = sae.b_enc.data - b_dec @ W_enc
+
+    dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else x.new_zeros(0, dtype=torch.long)
+    n_dead = int(dead_idx.numel())
+    kx = min(k_aux, n_dead)
+    aux_scale = min(n_dead / k_aux, 1.0)
+
+    idx = torch.empty(n, k, dtype=torch.long, device=x.device)
+    act, g_act = x.new_empty(n, k), x.new_empty(n, k)
+    resid = x.new_empty(n, d)                     # x_hat - x
+    if kx:
+        aidx = torch.empty(n, kx, dtype=torch.long, device=x.device)
+        aact, g_aact, adiff = x.new_empty(n, kx), x.new_empty(n, kx), x.new_empty(n, d)
+    rows = chunk_rows or _chunk_rows(n, d, m, k + kx, x.device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        xc = x[s:e]
+        pre = torch.addmm(enc_bias, xc, W_enc)
+        vals, ic = select_topk(pre, k)
+        ac = vals.clamp_min(0)
+        w_rows = W_dec.index_select(0, ic.view(-1)).view(e - s, k, d)
+        rc = torch.bmm(ac.unsqueeze(1), w_rows).squeeze(1).add_(b_dec).sub_(xc)
+        # d|r|^2/d a_j = 2 <r, W_dec[j]> through the ReLU (the factor 2/var is applied below).
+        g_act[s:e] = torch.bmm(w_rows, rc.unsqueeze(2)).squeeze(2).mul_(vals > 0)
+        idx[s:e], act[s:e], resid[s:e] = ic, ac, rc
+        if kx:
+            avals, aj = pre.index_select(1, dead_idx).topk(kx, dim=1, sorted=False)
+            ai = dead_idx[aj]
+            aa = avals.clamp_min(0)
+            aw_rows = W_dec.index_select(0, ai.view(-1)).view(e - s, kx, d)
+            # e_hat - e with e = x - x_hat = -r (the target is detached: no gradient into r).
+            dc = torch.bmm(aa.unsqueeze(1), aw_rows).squeeze(1).add_(rc)
+            g_aact[s:e] = torch.bmm(aw_rows, dc.unsqueeze(2)).squeeze(2).mul_(avals > 0)
+            aidx[s:e], aact[s:e], adiff[s:e] = ai, aa, dc
+
+    sse = resid.pow(2).sum()
+    fvu = sse / total_var
+    main_coef = 2.0 / total_var
+    g_act.mul_(main_coef)
+    resid.mul_(main_coef)                          # now dL/dx_hat
+    if kx:
+        aux_loss = aux_scale * adiff.pow(2).sum() / total_var
+        aux_coef = auxk_coef * aux_scale * 2.0 / total_var
+        g_aact.mul_(aux_coef)
+        adiff.mul_(aux_coef)                       # now dL/de_hat
+        keys = torch.cat([idx.view(-1), aidx.view(-1)])
+        enc_rows = torch.cat([_row_ids(n, k, x.device), _row_ids(n, kx, x.device)])
+        dec_rows = torch.cat([_row_ids(n, k, x.device), n + _row_ids(n, kx, x.device)])
+        dec_table = torch.cat([resid, adiff])
+        dec_weights = torch.cat([act.view(-1), aact.view(-1)])
+        enc_weights = torch.cat([g_act.view(-1), g_aact.view(-1)])
+    else:
+        aux_loss = x.new_zeros(())
+        keys = idx.view(-1)
+        enc_rows = dec_rows = _row_ids(n, k, x.device)
+        dec_table, dec_weights, enc_weights = resid, act.view(-1), g_act.view(-1)
+
+    # Each latent's weight gradients are sums over the (token, slot) entries that selected it:
+    # sort the entries by latent once, then one embedding_bag per matrix sums the rows per latent.
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=m)
+    offsets = torch.cumsum(counts, 0) - counts
+    grad_W_dec = torch.nn.functional.embedding_bag(
+        dec_rows[order], dec_table, offsets, mode="sum", per_sample_weights=dec_weights[order])
+    grad_W_enc_rows = torch.nn.functional.embedding_bag(
+        enc_rows[order], x - b_dec, offsets, mode="sum", per_sample_weights=enc_weights[order])
+    grad_b_enc = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, keys, enc_weights)
+    # b_dec is added by the decoder and subtracted before the encoder.
+    grad_b_dec = resid.sum(0) - W_enc @ grad_b_enc
+
+    sae.W_enc.grad = grad_W_enc_rows.T.contiguous()
+    sae.b_enc.grad = grad_b_enc
+    sae.W_dec.grad = grad_W_dec
+    sae.b_dec.grad = grad_b_dec
+
+    active = act > 0
+    fired = torch.zeros(m, dtype=torch.bool, device=x.device)
+    fired[idx[active]] = True
+    return StepStats(loss=fvu + auxk_coef * aux_loss, fvu=fvu, aux_loss=aux_loss,
+                     l0=active.sum() / n, fired=fired)
+
+
+def _row_ids(n: int, per_row: int, device) -> Tensor:
+    return torch.arange(n, device=device).repeat_interleave(per_row)
+
+
+@torch.no_grad()
+def remove_parallel_decoder_grad(sae: TopKSAE) -> None:
+    """Drop the gradient component along each (unit) decoder row: the renormalisation after
+    the step would undo it anyway, and leaving it in would distort Adam's moment estimates."""
+    g, w = sae.W_dec.grad, sae.W_dec.data
+    g -= (g * w).sum(dim=1, keepdim=True) * w
+
+
+def lr_factor(step: int, steps: int, warmup_frac: float, decay_frac: float) -> float:
+    """Linear warm-up from lr/warmup to lr, constant, then linear decay to lr/decay at the last step."""
+    warm = max(1, round(warmup_frac * steps))
+    decay = round(decay_frac * steps)
+    if step < warm:
+        return (step + 1) / warm
+    if decay and step >= steps - decay:
+        return (steps - step) / decay
+    return 1.0
+
+
+# --- activation shards --------------------------------------------------------------------
+
+class _Shards:
+    """Tensor, sequence of tensors, or iterable of tensors [tokens, d_in], read shard by shard.
+
+    A re-iterable source is re-read for every epoch; a one-shot iterator gives one pass.
+    """
+
+    def __init__(self, data: Tensor | Sequence[Tensor] | Iterable[Tensor], n_tokens: int | None):
+        if isinstance(data, Tensor):
+            data = [data]
+        self._one_shot = iter(data) is data
+        self._data = data
+        self._first: Tensor | None = None
+        if isinstance(data, Sequence):
+            if not data:
+                raise ValueError("no activation shards given")
+            for i, t in enumerate(data):
+                self._check(i, t, data[0].shape[-1])
+            n_tokens = sum(int(t.shape[0]) for t in data)
+        self.n_tokens = n_tokens
+
+    @staticmethod
+    def _check(i: int, shard: Any, d_in: int) -> None:
+        if not isinstance(shard, Tensor) or shard.ndim != 2 or not shard.is_floating_point():
+            what = f"shape {tuple(shard.shape)} {shard.dtype}" if isinstance(shard, Tensor) else type(shard).__name__
+            raise ValueError(f"activation shard {i}: expected a float tensor [tokens, d_in], got {what}")
+        if shard.shape[1] != d_in:
+            raise ValueError(f"activation shard {i} has d_in={shard.shape[1]}, shard 0 has {d_in}")
+
+    def first(self) -> Tensor:
+        if self._first is None:
+            if self._one_shot:
+                try:
+                    self._first = next(self._data)
+                except StopIteration:
+                    raise ValueError("no activation shards given") from None
+            else:
+                self._first = next(iter(self._data), None)
+                if self._first is None:
+                    raise ValueError("no activation shards given")
+            self._check(0, self._first, self._first.shape[-1] if isinstance(self._first, Tensor) else 0)
+        return self._first
+
+    def _one_pass(self) -> Iterator[Tensor]:
+        if self._one_shot:
+            yield self.first()
+            yield from self._data
+        else:
+            yield from self._data
+
+    def batches(self, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """Shuffled batches of exactly ``batch`` rows; the remainder of a shard joins the next."""
+        d_in = self.first().shape[1]
+        carry: Tensor | None = None
+        while True:
+            n_shards = 0
+            for i, shard in enumerate(self._one_pass()):
+                self._check(i, shard, d_in)
+                n_shards += 1
+                perm = torch.randperm(shard.shape[0], generator=generator)
+                pos = 0
+                if carry is not None:
+                    need = batch - carry.shape[0]
+                    carry = torch.cat([carry, shard[perm[:need]]])
+                    pos = need
+                    if carry.shape[0] < batch:
+                        continue
+                    yield carry
+                    carry = None
+                while pos + batch <= shard.shape[0]:
+                    yield shard[perm[pos:pos + batch]]
+                    pos += batch
+                if pos < shard.shape[0]:
+                    carry = shard[perm[pos:]]
+            if self._one_shot or n_shards == 0:
+                return
+
+
+# --- the training loop --------------------------------------------------------------------
+
+LOG_COLUMNS = ("step", "tokens", "lr", "loss", "fvu", "aux_loss", "l0", "dead_frac")
+
+
+def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainConfig, *,
+              n_tokens: int | None = None, log_path: str | os.PathLike | None = None,
+              progress: bool = True, meta: Mapping[str, Any] | None = None) -> TopKSAE:
+    """Train a TopK SAE on activations ``[tokens, d_in]`` (a tensor or shards of them).
+
+    ``n_tokens`` is the size of a streamed source (only needed for iterables without a length,
+    when ``cfg.train_tokens`` is not set). ``log_path`` gets one CSV row per step
+    (:data:`LOG_COLUMNS`). The returned SAE is on the CPU, takes raw activations, and carries
+    ``meta`` plus the training settings in ``sae.meta``.
+    """
+    from tqdm.auto import tqdm
+
+    from emlab.models import pick_device
+
+    cfg.validate()
+    shards = _Shards(data, n_tokens)
+    device = torch.device(pick_device(cfg.device))
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    first = shards.first()
+    d_in = first.shape[1]
+    n_latents = cfg.latents_for(d_in)
+    sample = first[torch.randperm(first.shape[0], generator=generator)[:cfg.init_sample_tokens]].float()
+    scale = 1.0
+    if cfg.normalize_activations:
+        mean_sq = sample.pow(2).sum(1).mean().item()
+        if not mean_sq > 0:
+            raise ValueError("activations are all zero (or not finite): cannot normalise them")
+        scale = math.sqrt(d_in / mean_sq)
+    sae = init_sae(sample * scale, n_latents, cfg.k, generator).to(device)
+
+    if cfg.train_tokens is not None:
+        total = cfg.train_tokens
+    elif shards.n_tokens is not None:
+        total = int(cfg.epochs * shards.n_tokens)
+    else:
+        raise SAEConfigError("sae.train.train_tokens must be set (or n_tokens passed) for activation shards "
+                             "streamed from an iterator of unknown length")
+    steps = total // cfg.batch_tokens
+    if steps < 1:
+        raise SAEConfigError(f"sae.train: {total} training tokens make no batch of batch_tokens={cfg.batch_tokens}")
+
+    lr = cfg.lr_for(n_latents)
+    k_aux = cfg.k_aux_for(d_in)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+    log_file = writer = None
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "w", newline="")
+        writer = csv.writer(log_file)
+        writer.writerow(LOG_COLUMNS)
+    bar = tqdm(total=steps, desc="sae", unit="step", disable=not progress, mininterval=1.0)
+    batches = shards.batches(cfg.batch_tokens, generator)
+    try:
+        for step in range(steps):
+            batch = next(batches, None)
+            if batch is None:
+                raise ValueError(f"activation shards ran out after {step * cfg.batch_tokens} tokens; "
+                                 f"sae.train asked for {total}")
+            x = batch.to(device=device, dtype=torch.float32) * scale
+            dead = since_fired >= cfg.dead_tokens_threshold
+            stats = compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=cfg.auxk_coef)
+            remove_parallel_decoder_grad(sae)
+            step_lr = lr * lr_factor(step, steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
+            for group in opt.param_groups:
+                group["lr"] = step_lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sae.normalize_decoder_()
+            since_fired += x.shape[0]
+            since_fired[stats.fired] = 0
+            dead_frac = (since_fired >= cfg.dead_tokens_threshold).float().mean().item()
+            row = (step, (step + 1) * cfg.batch_tokens, step_lr, stats.loss.item(), stats.fvu.item(),
+                   stats.aux_loss.item(), stats.l0.item(), dead_frac)
+            if writer is not None:
+                writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+            bar.update(1)
+            if step % 20 == 0 or step == steps - 1:
+                bar.set_postfix(fvu=f"{row[4]:.4f}", l0=f"{row[6]:.1f}", dead=f"{dead_frac:.3f}", refresh=False)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+
+    sae = sae.cpu()
+    sae.fold_input_scale_(scale)
+    sae.meta = {**(meta or {}), "emlab_train": {**asdict(cfg), "n_latents": n_latents, "k_aux": k_aux,
+                                                "steps": steps, "input_scale": scale}}
+    return sae
