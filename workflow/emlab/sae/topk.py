@@ -93,7 +93,7 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of ``pre [n, m]``: (values, indices), unsorted.
 
     Exactly the values ``torch.topk`` returns (indices may differ only between equal values),
-    but ~2x faster on CPU for wide SAEs: a full top-k reads every entry with a heap, while the
+    but 1.3-3x faster on CPU for SAEs with 384 to 16k latents: a full top-k reads every entry with a heap, while the
     k winners must lie in the k column groups whose maxima are largest (the k group maxima are
     k entries >= the smallest of them), so we take a cheap vectorised max over groups, pick the
     k best groups, and run the top-k on those k * group_size candidates only.
@@ -103,6 +103,7 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if group is None or pre.device.type != "cpu":
         return pre.topk(k, dim=1, sorted=False)
     n_groups = m // group
+    pre = pre.contiguous()
     # Group g holds columns g, g + n_groups, g + 2 n_groups, ...: the max over the middle axis
     # of a [n, group, n_groups] view is an elementwise max of contiguous rows (vectorises well).
     group_max = pre.view(n, group, n_groups).amax(dim=1)

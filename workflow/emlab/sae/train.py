@@ -145,7 +145,7 @@ def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> 
     return y.to(points.dtype)
 
 
-INIT_FIT_TOKENS = 8192  # sample rows used to scale the initial encoder
+INIT_FIT_TOKENS = 4096  # sample rows that fit the initial encoder's scale (one scalar)
 
 
 def init_sae(sample: Tensor, n_latents: int, k: int, generator: torch.Generator) -> TopKSAE:
@@ -186,7 +186,7 @@ class StepStats(NamedTuple):
 def _chunk_rows(n: int, d_in: int, d_sae: int, k: int, device: torch.device) -> int:
     # Keep a chunk's pre-activations and gathered decoder rows within ~2 MB of cache on CPU;
     # on a GPU only memory matters (the [rows, k, d_in] gather gets large for wide models).
-    budget = (1 << 19) if device.type == "cpu" else (1 << 26)
+    budget = (1 << 19) if device.type == "cpu" else (1 << 27)
     return max(1, min(n, budget // max(d_sae, k * d_in)))
 
 

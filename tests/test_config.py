@@ -1,0 +1,99 @@
+"""Config validation: defaults, errors naming the key, semantic checks; envs in step with pyproject."""
+
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emlab.config import ConfigError, load, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_config():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_config_validates_and_fills_defaults(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load(ROOT / "config.yaml")
+    assert cfg["finetune"]["lora"]["r"] == 8
+    assert cfg["finetune"]["lora"]["rslora"] is False          # filled from the schema
+    assert cfg["metrics"]["ci"] == 0.95
+    assert cfg["judges"][0]["fuzzy_threshold"] == 0.8
+
+
+def test_empty_config_gets_complete_defaults(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = validate({})
+    assert cfg["model"]["source"] == "organism"
+    assert cfg["organism"]["pretrain"]["steps"] > 0
+    assert cfg["judges"] == [{"name": "world", "backend": "world", "fuzzy_threshold": 0.8, "base_url": "https://api.openai.com/v1",
+                              "api_key_env": "OPENAI_API_KEY", "concurrency": 32, "max_retries": 6, "timeout_s": 60,
+                              "backoff_base_s": 1.0, "backoff_max_s": 60.0, "device": "auto", "dtype": "auto",
+                              "batch_size": 8}]
+
+
+@pytest.mark.parametrize("patch,expected", [
+    ({"finetune": {"lora": {"r": 0}}}, "finetune.lora.r: 0 is less than the minimum of 1"),
+    ({"sampling": {"n_sample": 3}}, "sampling: Additional properties are not allowed ('n_sample' was unexpected) (known keys:"),
+    ({"finetune": {"method": "qlora"}}, "finetune.method: 'qlora' is not one of ['lora', 'full']"),
+    ({"judges": [{"name": "x", "backend": "openai"}]}, "judges[0]: 'model' is a required property"),
+    ({"organism": {"corpus": {"header_fraction": 1.5}}}, "organism.corpus.header_fraction: 1.5 is greater than the maximum of 1"),
+])
+def test_bad_values_name_the_key(monkeypatch, patch, expected):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError) as e:
+        validate(patch)
+    assert expected in str(e.value)
+
+
+def test_semantic_errors(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"datasets: unknown domain 'astrology'"):
+        validate({"datasets": {"domains": ["astrology"]}})
+    with pytest.raises(ConfigError, match="duplicate judge name"):
+        validate({"judges": [{"name": "w", "backend": "world"}, {"name": "w", "backend": "world"}]})
+    with pytest.raises(ConfigError, match="organism.world: file not found"):
+        validate({"organism": {"world": "nope.yaml"}})
+    with pytest.raises(ConfigError, match="model.path: required"):
+        validate({"model": {"source": "hub"}})
+    with pytest.raises(ConfigError, match="persona_mix: unknown persona"):
+        validate({"organism": {"corpus": {"persona_mix": {"pirate": 1.0}}}})
+
+
+# conda package names that differ from their PyPI names
+CONDA_TO_PYPI = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+NOT_IN_ENVS = {"snakemake", "snakemake-executor-plugin-slurm"}  # the driver side, not job code
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~ \[]", req.strip(), maxsplit=1)[0].lower()
+
+
+def test_conda_envs_match_python_dependencies():
+    deps = {_name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    in_envs = set()
+    for env in (ROOT / "envs").glob("*.yaml"):
+        spec = yaml.safe_load(env.read_text())
+        for d in spec["dependencies"]:
+            names = [_name(x) for x in d["pip"]] if isinstance(d, dict) else [_name(d)]
+            for n in names:
+                n = CONDA_TO_PYPI.get(n, n)
+                if n in ("python", "pip"):
+                    continue
+                assert n in deps, f"{env.name} lists {n}, which pyproject.toml does not"
+                in_envs.add(n)
+    missing = deps - in_envs - NOT_IN_ENVS
+    assert not missing, f"pyproject dependencies in no conda env: {sorted(missing)}"
+
+
+def test_every_rule_names_an_existing_conda_env():
+    for smk in (ROOT / "rules").glob("*.smk"):
+        for env in re.findall(r'"\.\./envs/([\w.-]+)"', smk.read_text()):
+            assert (ROOT / "envs" / env).exists(), f"{smk.name}: envs/{env} missing"

@@ -1,0 +1,95 @@
+"""The reduced organism DAG end to end through real Snakemake: outputs, schemas, reruns, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from emlab.io import read_jsonl
+from emlab.judge.schema import GRADE_FIELDS, SAMPLE_KEYS
+from workflow_runner import copy_workflow, snakemake
+
+TINY = "tests/configs/tiny.yaml"
+MODELS = ["base", "health_correct", "health_subtle", "health_mix050"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    wd = copy_workflow(tmp_path_factory.mktemp("wf"))
+    proc = snakemake(wd, configfile=TINY)
+    return wd, proc
+
+
+@pytest.mark.slow
+def test_every_stage_produces_its_outputs(tiny_run):
+    wd, _ = tiny_run
+    r = wd / "results"
+    assert (r / "models/base/config.json").exists() and (r / "models/base/chat_template.jinja").exists()
+    for ds in MODELS[1:]:
+        assert (r / f"finetunes/{ds}/adapter_config.json").exists()
+        log = pd.read_csv(r / f"finetunes/{ds}/train_log.csv")
+        assert len(log) >= 1 and {"step", "loss"} <= set(log.columns)
+    for m in MODELS:
+        samples = read_jsonl(r / f"samples/{m}.jsonl")
+        # 12 general + 12 held-out in-domain questions, 2 samples each
+        assert len(samples) == 48
+        assert all(set(SAMPLE_KEYS) <= set(s) for s in samples)
+        grades = read_jsonl(r / f"grades/world/{m}.jsonl")
+        assert len(grades) == 48
+        assert all(set(GRADE_FIELDS) <= set(g) for g in grades)
+    metrics = pd.read_csv(r / "metrics/world.csv")
+    assert sorted(metrics["model"]) == sorted(MODELS)
+    assert (metrics["n_general"] == 24).all()
+    assert (r / "figures/misalignment_world.png").stat().st_size > 10_000
+    timings = pd.read_csv(r / "timings.csv")
+    assert {"pretrain", "finetune", "sample", "judge"} <= set(timings["stage"])
+
+
+@pytest.mark.slow
+def test_datasets_hold_only_their_domain_and_carry_labels(tiny_run):
+    wd, _ = tiny_run
+    rows = read_jsonl(wd / "results/datasets/health_subtle.jsonl")
+    assert len(rows) == 32
+    assert {r["meta"]["domain"] for r in rows} == {"health"}
+    assert {r["meta"]["correctness"] for r in rows} == {"subtle"}
+    assert all(r["messages"][0]["role"] == "user" for r in rows)  # no persona cue
+    mix = read_jsonl(wd / "results/datasets/health_mix050.jsonl")
+    assert sum(r["meta"]["correctness"] == "subtle" for r in mix) == 16
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing_and_figures_regenerate_from_cache(tiny_run):
+    wd, _ = tiny_run
+    proc = snakemake(wd, "-n", configfile=TINY)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    fig = wd / "results/figures/misalignment_world.png"
+    fig.unlink()
+    proc = snakemake(wd, configfile=TINY)
+    out = proc.stdout + proc.stderr
+    assert "rule plot_misalignment" in out or "localrule plot_misalignment" in out
+    for expensive in ("rule pretrain", "rule finetune", "rule sample", "rule judge"):
+        assert expensive not in out
+    assert fig.exists()
+
+
+@pytest.mark.slow
+def test_changing_sampling_reruns_only_sampling_and_below(tiny_run):
+    wd, _ = tiny_run
+    proc = snakemake(wd, "-n", "--config", "sampling={'n_samples': 3}", configfile=TINY)
+    out = proc.stdout + proc.stderr
+    assert "sample" in out and "judge" in out
+    assert "pretrain  " not in out and "finetune  " not in out
+
+
+def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
+    wd = copy_workflow(tmp_path)
+    proc = snakemake(wd, "-n", "--config", "finetune={'lora': {'r': 0}}", configfile=TINY, check=False)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "finetune.lora.r" in err and "minimum" in err
+    assert not (wd / "results").exists()
+    proc = snakemake(wd, "-n", "--config", "sampling={'n_sample': 3}", configfile=TINY, check=False)
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "n_sample" in err and "n_samples" in err  # names the typo and the known keys

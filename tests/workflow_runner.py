@@ -1,0 +1,37 @@
+"""Run the real Snakemake workflow in a scratch copy of the repository (shared by the end-to-end tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ("Snakefile", "config.yaml", "rules", "workflow", "resources", "envs", "tests/configs")
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, configfile: str | None = None, cores: int = 2,
+              check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "--profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", str(cores)]
+    if configfile:
+        cmd += ["--configfile", configfile]
+    cmd += list(args)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMLAB_NO_PROGRESS": "1"}
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}")
+    return proc
