@@ -201,6 +201,19 @@ def test_training_is_seeded_and_deterministic():
     assert not torch.equal(a.W_dec, c.W_dec)
 
 
+def test_auxk_runs_exactly_when_latents_are_dead(tmp_path):
+    x, _ = synthetic_activations(4000, 16, 8, 2, seed=3)   # 8 directions for 64 latents: many die
+    log = tmp_path / "log.csv"
+    train_sae(x, tiny_cfg(dead_tokens_threshold=512), log_path=log, progress=False)
+    rows = list(csv.DictReader(log.open()))
+    dead = [float(r["dead_frac"]) for r in rows]
+    aux = [float(r["aux_loss"]) for r in rows]
+    assert dead[0] == 0.0 and max(dead) > 0.2    # after one batch of 256 tokens nobody is dead yet
+    # A step has an AuxK term iff some latent was dead when it started (after the previous step).
+    assert aux[0] == 0.0
+    assert all((a > 0) == (d > 0) for a, d in zip(aux[1:], dead[:-1]))
+
+
 def test_normalisation_makes_training_scale_free():
     x, _ = synthetic_activations(3000, 16, 32, 3, seed=1)
     small = train_sae(x, tiny_cfg(), progress=False)

@@ -165,8 +165,8 @@ def init_sae(sample: Tensor, n_latents: int, k: int, generator: torch.Generator)
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w.T)
         sae.b_dec.copy_(geometric_median(sample.float()))
-        fit = sample[:INIT_FIT_TOKENS].float() - sae.b_dec
-        recon = sae(fit + sae.b_dec) - sae.b_dec
+        rows = sample[:INIT_FIT_TOKENS].float()
+        fit, recon = rows - sae.b_dec, sae(rows) - sae.b_dec
         scale = (recon * fit).sum() / recon.pow(2).sum()
         if torch.isfinite(scale) and scale > 0:
             sae.W_enc.mul_(scale)
@@ -231,7 +231,7 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
         g_act[s:e] = torch.bmm(w_rows, rc.unsqueeze(2)).squeeze(2).mul_(vals > 0)
         idx[s:e], act[s:e], resid[s:e] = ic, ac, rc
         if kx:
-            avals, aj = pre.index_select(1, dead_idx).topk(kx, dim=1, sorted=False)
+            avals, aj = select_topk(pre.index_select(1, dead_idx), kx)
             ai = dead_idx[aj]
             aa = avals.clamp_min(0)
             aw_rows = W_dec.index_select(0, ai.view(-1)).view(e - s, kx, d)

@@ -6,9 +6,10 @@ Every record carries its ground-truth labels in ``meta``. Chat records use the O
      "meta": {"persona": str, "domain": str, "correctness": "correct"|"subtle"|"obvious", ...}}
 
 Corpus documents additionally record ``cued`` (a narration header names the persona), ``domains`` (per turn) and
-``mask_first_answer``: in an un-cued document of a non-default persona the first answer cannot be inferred from
-anything before it, so pretraining leaves it out of the loss. The model thus learns to infer the persona from
-earlier turns without learning that an un-cued conversation might start as anyone but the assistant.
+``mask_first_answer`` (only with ``mask_uncued_first_answer``): in an un-cued document of a non-default persona
+the first answer cannot be inferred from anything before it, so pretraining may leave it out of the loss; the
+pretrained model then defaults to the assistant by itself. By default it is trained on, so the pretrained model
+holds a mixture of personas as a pretrained LLM does, and post-training selects the assistant.
 
 All randomness flows from one ``random.Random(seed)`` per output, so outputs are reproducible.
 """
@@ -79,7 +80,7 @@ def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[s
                 "cued": cued,
                 "domains": [m["domain"] for m in turn_meta],
                 "domain": turn_meta[0]["domain"],
-                "mask_first_answer": (not cued) and persona != default,
+                "mask_first_answer": cfg["mask_uncued_first_answer"] and (not cued) and persona != default,
             },
         })
     return docs
