@@ -9,8 +9,21 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
-include: "rules/organism.smk"
-include: "rules/datasets.smk"
+
+
+# Where the base model, the fine-tuning sets and the eval questions come from: the persona world
+# (organism), or a pretrained chat model with synthesized/imported sets and question files (hub).
+# Both write results/datasets/ and results/eval/, so exactly one of them is included.
+if ORGANISM:
+
+    include: "rules/organism.smk"
+    include: "rules/datasets.smk"
+
+else:
+
+    include: "rules/hub.smk"
+
+
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"

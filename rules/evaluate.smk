@@ -46,8 +46,11 @@ rule judge:
     resources:
         mem_mb=res("judge", "mem_mb"),
         runtime=res("judge", "runtime"),
-        api_slots=lambda w: 1 if JUDGES[w.judge]["backend"] == "openai" else 0,
+        # An API-bound job holds at least one of the profile's `api_slots` (the global cap on concurrent API
+        # jobs); config can make a judge hold more. Only local-model (hf) judges get a GPU.
+        api_slots=lambda w: max(1, res("judge", "api_slots")) if JUDGES[w.judge]["backend"] == "openai" else 0,
         gpu=lambda w: res("judge", "gpu") if JUDGES[w.judge]["backend"] == "hf" else 0,
+        cpus_per_gpu=res("judge", "cpus_per_gpu"),
     conda:
         "../envs/torch.yaml"
     shell:

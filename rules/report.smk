@@ -28,7 +28,10 @@ rule timings:
         benchmarks=f"{RESULTS}/benchmarks",
     log:
         "logs/timings.log",
-    threads: 1
+    threads: res("timings", "threads")
+    resources:
+        mem_mb=res("timings", "mem_mb"),
+        runtime=res("timings", "runtime"),
     conda:
         "../envs/analysis.yaml"
     shell:

@@ -4,11 +4,14 @@ Fast tests check the profiles on the toy workflow (tests/slurm_toy): the SLURM p
 partition/account templating (dry run) and the default profile's retry of a failed job.
 
 The SLURM tests (markers slow, slurm): scripts/slurm/start-local-cluster.sh starts slurmctld,
-slurmd and munged (installing them with apt when missing) in a private state dir on free ports;
-the DAG then runs through workflow/profiles/slurm, polling with squeue (the test cluster has no
-accounting), with EMLAB_FAIL_ONCE making one rule fail on its first run. They check what a
-cluster user relies on: every output is made, GPU jobs share the node at the same time on
-different devices, and a failed job is retried by the profile instead of ending the run.
+slurmd and munged (installing them with apt when missing) in a private state dir on free ports,
+with two fake GPUs; the reduced organism DAG (tests/configs/tiny.yaml, which gives the finetune
+and sample rules one GPU each) then runs through workflow/profiles/slurm, polling with squeue
+(the test cluster has no accounting), with EMLAB_FAIL_ONCE making the `metrics` job fail on its
+first run. They check what a cluster user relies on: every output is made, GPU jobs share the node
+at the same time on different devices while CPU jobs get none, each job asks SLURM for the memory,
+time and GPUs that the config (or --set-resources) gives its rule, a failed job is retried by the
+profile instead of ending the run, and the daemons are stopped by their PIDs afterwards.
 They need root and Debian's apt (or SLURM already installed) and are skipped otherwise, except
 under CI (env var CI set), where a machine that cannot host the cluster is an error.
 """
@@ -26,19 +29,19 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
+
+from workflow_runner import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_DIR = ROOT / "tests" / "slurm_toy"
-# The DAG under test: the reduced organism DAG once its config exists, else the toy workflow with
-# the same shape (tests/slurm_toy). FAIL_ONCE_RULE names the rule that fails on its first run;
-# None picks the alphabetically first rule of the DAG.
-TINY_CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"
-if TINY_CONFIG.exists():
-    WORKFLOW_DIR, CONFIGFILE, FAIL_ONCE_RULE = ROOT, TINY_CONFIG, None
-    EXTRA_CONFIG: list[str] = []
-else:
-    WORKFLOW_DIR, CONFIGFILE, FAIL_ONCE_RULE = TOY_DIR, None, "report"
-    EXTRA_CONFIG = ["gpu_seconds=5"]
+TINY_CONFIG = "tests/configs/tiny.yaml"  # relative to the scratch copy of the workflow
+# EMLAB_FAIL_ONCE names an emlab subcommand. `metrics` runs in one job per judge (rule metrics),
+# late in the DAG, so its retry is exercised after every other level has run through SLURM.
+FAIL_ONCE_COMMAND, FAIL_ONCE_RULE = "metrics", "metrics"
+# A per-rule override on the command line: it must reach sbatch for that rule only.
+SET_RESOURCES = {("timings", "mem_mb"): 1500}
+GPU_RULES = {"finetune", "sample"}  # the rules that tiny.yaml gives a GPU
 
 DEFAULT_PROFILE = ROOT / "workflow" / "profiles" / "default"
 PROFILE = ROOT / "workflow" / "profiles" / "slurm"
@@ -46,11 +49,8 @@ START_SCRIPT = ROOT / "scripts" / "slurm" / "start-local-cluster.sh"
 STOP_SCRIPT = ROOT / "scripts" / "slurm" / "stop-local-cluster.sh"
 UNSUPPORTED_EXIT = 3  # start-local-cluster.sh: this machine cannot host a cluster
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol")
+DAEMONS = ("munged", "slurmctld", "slurmd")
 RUN_TIMEOUT_S = 1200
-# Copying the workflow leaves out the checkout's outputs, caches and environment.
-COPY_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "results", "logs", ".snakemake", "__pycache__", ".pytest_cache", "*.egg-info"
-)
 JOB_LINE = re.compile(r"^emlab-job (.*)$")
 RESOURCES_LINE = re.compile(r"^\s*resources: (.*)$", re.MULTILINE)
 GPU_DEVICES = re.compile(r"^\d+(,\d+)*$")
@@ -58,7 +58,7 @@ GPU_DEVICES = re.compile(r"^\d+(,\d+)*$")
 
 def _toy_copy(tmp_path: Path) -> Path:
     workdir = tmp_path / "workflow"
-    shutil.copytree(TOY_DIR, workdir, ignore=COPY_IGNORE)
+    shutil.copytree(TOY_DIR, workdir)
     return workdir
 
 
@@ -130,6 +130,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _daemon_pids(state: Path) -> dict[str, int]:
+    """The PIDs that start-local-cluster.sh recorded for the daemons it started."""
+    pids = {}
+    for name in DAEMONS:
+        pidfile = state / "pids" / f"{name}.pid"
+        if pidfile.exists():
+            pids[name] = int(pidfile.read_text())
+    return pids
+
+
+def _is_running(pid: int, name: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == name
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def slurm_env(tmp_path_factory) -> dict[str, str]:
     """Starts a private cluster; yields the environment that points SLURM's clients at it."""
@@ -142,10 +159,12 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
     start = subprocess.run(
         ["bash", str(START_SCRIPT), str(state)], env=env, capture_output=True, text=True, timeout=600
     )
+    pids = _daemon_pids(state)
     try:
         if start.returncode == UNSUPPORTED_EXIT:
             _skip_or_fail(start.stderr.strip())
         assert start.returncode == 0, f"start-local-cluster.sh failed:\n{start.stderr}"
+        assert set(pids) == set(DAEMONS), f"daemon PIDs recorded: {pids}"
         # The cluster's env.sh says how to reach it (SLURM_CONF, an srun wrapper on PATH).
         sourced = subprocess.run(
             ["bash", "-c", 'source "$1" && env -0', "_", str(state / "env.sh")],
@@ -157,19 +176,24 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
             ["bash", str(STOP_SCRIPT), str(state)], capture_output=True, text=True, timeout=120
         )
         assert stop.returncode == 0, f"stop-local-cluster.sh failed:\n{stop.stderr}"
+        alive = {name: pid for name, pid in pids.items() if _is_running(pid, name)}
+        assert not alive, f"daemons still running after stop-local-cluster.sh: {alive}"
 
 
 def _snakemake_args(workdir: Path) -> list[str]:
-    args = [sys.executable, "-m", "snakemake", "--snakefile", str(workdir / "Snakefile")]
-    if CONFIGFILE is not None:
-        args += ["--configfile", str(CONFIGFILE)]
-    if EXTRA_CONFIG:
-        args += ["--config", *EXTRA_CONFIG]
-    return args
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(workdir / "Snakefile"),
+            "--configfile", TINY_CONFIG]
 
 
-def _planned_outputs(workdir: Path, env: dict[str, str]) -> dict[str, str]:
-    """Output file -> rule for every job of the DAG, from `snakemake --summary` before the run."""
+@dataclass(frozen=True)
+class Plan:
+    """What `snakemake --summary` lists: the rule of every output, and of every log file that exists."""
+
+    outputs: dict[str, str]
+    logs: dict[str, str]
+
+
+def _plan(workdir: Path, env: dict[str, str]) -> Plan:
     out = subprocess.run(
         [*_snakemake_args(workdir), "--summary"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
@@ -177,23 +201,33 @@ def _planned_outputs(workdir: Path, env: dict[str, str]) -> dict[str, str]:
     assert out.returncode == 0, f"snakemake --summary failed:\n{out.stderr[-4000:]}"
     lines = out.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("output_file\t"))
-    return {row.split("\t")[0]: row.split("\t")[2] for row in lines[header + 1 :] if row.strip()}
+    outputs, logs = {}, {}
+    for row in lines[header + 1 :]:
+        if not row.strip():
+            continue
+        output, _date, rule, log_files, *_ = row.split("\t")
+        outputs[output] = rule
+        for log in filter(None, (f.strip() for f in log_files.split(","))):
+            logs[log] = rule
+    return Plan(outputs, logs)
 
 
 @dataclass(frozen=True)
 class JobRecord:
-    """One `emlab-job` audit line."""
+    """One `emlab-job` audit line, with the rule whose log holds it."""
 
     rule: str
+    command: str
+    status: str
     start: datetime
     end: datetime
     devices: str
-    log: Path
 
 
-def _job_records(workdir: Path) -> list[JobRecord]:
+def _job_records(workdir: Path, plan: Plan) -> list[JobRecord]:
     records = []
     for log in sorted((workdir / "logs").rglob("*.log")):
+        rule = plan.logs[str(log.relative_to(workdir))]
         for line in log.read_text(errors="replace").splitlines():
             match = JOB_LINE.match(line.strip())
             if not match:
@@ -202,11 +236,12 @@ def _job_records(workdir: Path) -> list[JobRecord]:
             fields = dict(token.partition("=")[::2] for token in match.group(1).split())
             records.append(
                 JobRecord(
-                    rule=fields["rule"],
+                    rule=rule,
+                    command=fields["command"],
+                    status=fields["status"],
                     start=datetime.fromisoformat(fields["start"]),
                     end=datetime.fromisoformat(fields["end"]),
                     devices=fields.get("CUDA_VISIBLE_DEVICES", ""),
-                    log=log,
                 )
             )
     return records
@@ -219,7 +254,25 @@ class SlurmJob:
     job_id: int
     state: str
     comment: str  # the executor plugin writes `rule_<name>` or `rule_<name>_wildcards_<...>`
-    wants_gpu: bool
+    gpus: int
+    mem_mb: int
+    minutes: int
+
+    @property
+    def rule(self) -> str:
+        return re.sub(r"_wildcards_.*$", "", self.comment.removeprefix("rule_"))
+
+
+def _minutes(time_limit: str) -> int:
+    """SLURM's [D-]HH:MM:SS as minutes."""
+    days, _, hms = time_limit.rpartition("-")
+    h, m, s = map(int, hms.split(":"))
+    return int(days or 0) * 1440 + h * 60 + m + (s > 0)
+
+
+def _mem_mb(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([MGT]?)", value).groups()
+    return int(number) * {"": 1, "M": 1, "G": 1024, "T": 1024**2}[unit]
 
 
 def _slurm_jobs(workdir: Path, env: dict[str, str]) -> list[SlurmJob]:
@@ -233,51 +286,60 @@ def _slurm_jobs(workdir: Path, env: dict[str, str]) -> list[SlurmJob]:
         if fields.get("WorkDir") != str(workdir):
             continue
         requested = fields.get("TresPerJob", "") + fields.get("TresPerNode", "")
+        gpus = re.search(r"gpu:(\d+)", requested)
         jobs.append(
             SlurmJob(
                 job_id=int(fields["JobId"]),
                 state=fields["JobState"],
                 comment=fields.get("Comment", ""),
-                wants_gpu="gpu" in requested,
+                gpus=int(gpus.group(1)) if gpus else 0,
+                mem_mb=_mem_mb(fields["MinMemoryNode"]),
+                minutes=_minutes(fields["TimeLimit"]),
             )
         )
     return sorted(jobs, key=lambda j: j.job_id)
 
 
+def _merged_config(workdir: Path) -> dict:
+    """config.yaml updated by tiny.yaml, nested mappings merged key by key, as Snakemake does."""
+
+    def merge(base: dict, update: dict) -> dict:
+        out = dict(base)
+        for key, value in update.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return merge(*(yaml.safe_load((workdir / name).read_text()) for name in ("config.yaml", TINY_CONFIG)))
+
+
 @pytest.fixture(scope="session")
 def slurm_run(slurm_env, tmp_path_factory):
     """Runs the DAG once through the SLURM profile; the tests below inspect the result."""
-    workdir = tmp_path_factory.mktemp("slurm_run") / "workflow"
-    shutil.copytree(WORKFLOW_DIR, workdir, ignore=COPY_IGNORE)
-    env = dict(slurm_env, HF_HUB_OFFLINE="1")
+    workdir = copy_workflow(tmp_path_factory.mktemp("slurm_run") / "workflow")
+    env = dict(slurm_env, HF_HUB_OFFLINE="1", EMLAB_NO_PROGRESS="1")
     # With --export=ALL a GPU variable of the submitting shell would leak into CPU jobs.
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    planned = _planned_outputs(workdir, env)
-    assert planned, "snakemake --summary listed no outputs"
-    fail_rule = FAIL_ONCE_RULE or sorted(set(planned.values()))[0]
-    assert fail_rule in planned.values(), (
-        f"FAIL_ONCE_RULE {fail_rule!r} has no job in the DAG (rules: {sorted(set(planned.values()))})"
-    )
     marker = workdir.parent / "fail_once.marker"
-    env["EMLAB_FAIL_ONCE"] = f"{fail_rule}:{marker}"
+    env["EMLAB_FAIL_ONCE"] = f"{FAIL_ONCE_COMMAND}:{marker}"
     run = subprocess.run(
         [
             *_snakemake_args(workdir),
             "--profile", str(PROFILE),
             "--slurm-status-command", "squeue",
             # The first status check 2 s after submission (and after each finished job) rather
-            # than the profile's 10 s: the DAG has several levels and the test waits for each.
+            # than the profile's 10 s: the DAG has ten levels and the test waits for each.
             "--slurm-init-seconds-before-status-checks", "2",
+            "--set-resources", *(f"{rule}:{key}={value}" for (rule, key), value in SET_RESOURCES.items()),
         ],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     return {
         "workdir": workdir,
-        "planned": planned,
-        "fail_rule": fail_rule,
+        "plan": _plan(workdir, env),  # after the run: the summary names only log files that exist
         "marker": marker,
         "run": run,
         "slurm_jobs": _slurm_jobs(workdir, env),
+        "config": _merged_config(workdir),
     }
 
 
@@ -285,20 +347,21 @@ def slurm_run(slurm_env, tmp_path_factory):
 def test_run_completes_with_every_output(slurm_run):
     run = slurm_run["run"]
     assert run.returncode == 0, f"snakemake on SLURM failed:\n{run.stderr[-6000:]}"
-    missing = [f for f in slurm_run["planned"] if not (slurm_run["workdir"] / f).exists()]
+    outputs = slurm_run["plan"].outputs
+    assert FAIL_ONCE_RULE in outputs.values(), f"no {FAIL_ONCE_RULE} job in the DAG: {outputs}"
+    missing = [f for f in outputs if not (slurm_run["workdir"] / f).exists()]
     assert not missing, f"outputs missing after the run: {missing}"
-
-
-def _rule_of(job: SlurmJob) -> str:
-    return re.sub(r"_wildcards_.*$", "", job.comment.removeprefix("rule_"))
+    # Every rule but the target `all` ran as a SLURM job.
+    submitted = {j.rule for j in slurm_run["slurm_jobs"]}
+    assert submitted == set(slurm_run["plan"].outputs.values()), submitted
 
 
 @slurm_test
 def test_gpu_jobs_run_concurrently_on_different_devices(slurm_run):
-    records = _job_records(slurm_run["workdir"])
-    assert records, "no emlab-job lines found under logs/"
-    gpu = [r for r in records if GPU_DEVICES.match(r.devices)]
-    assert len(gpu) >= 2, f"fewer than two jobs ran with a GPU: {records}"
+    records = _job_records(slurm_run["workdir"], slurm_run["plan"])
+    gpu = [r for r in records if r.rule in GPU_RULES]
+    assert len(gpu) >= 2, f"fewer than two jobs of {GPU_RULES} logged an emlab-job line: {records}"
+    assert all(GPU_DEVICES.match(r.devices) for r in gpu), gpu
     overlapping = [
         (a, b)
         for i, a in enumerate(gpu)
@@ -314,25 +377,42 @@ def test_gpu_jobs_run_concurrently_on_different_devices(slurm_run):
 @slurm_test
 def test_only_jobs_that_asked_for_a_gpu_got_one(slurm_run):
     # The devices come from SLURM's allocation, not from the submitting environment.
-    wants_gpu = {_rule_of(j): j.wants_gpu for j in slurm_run["slurm_jobs"]}
-    assert any(wants_gpu.values()), f"no SLURM job asked for a GPU: {slurm_run['slurm_jobs']}"
-    for record in _job_records(slurm_run["workdir"]):
-        if record.rule in wants_gpu:  # local rules never reach SLURM
-            got_gpu = bool(GPU_DEVICES.match(record.devices))
-            assert got_gpu == wants_gpu[record.rule], record
+    wants_gpu = {j.rule: j.gpus > 0 for j in slurm_run["slurm_jobs"]}
+    assert {rule for rule, gpu in wants_gpu.items() if gpu} == GPU_RULES, wants_gpu
+    records = _job_records(slurm_run["workdir"], slurm_run["plan"])
+    assert {r.rule for r in records} == set(wants_gpu), "a rule's log lacks its emlab-job line"
+    for record in records:
+        assert bool(GPU_DEVICES.match(record.devices)) == wants_gpu[record.rule], record
+
+
+@slurm_test
+def test_each_job_asks_slurm_for_its_rules_configured_resources(slurm_run):
+    resources = slurm_run["config"]["resources"]
+
+    def configured(rule: str, key: str) -> int:
+        if (rule, key) in SET_RESOURCES:
+            return SET_RESOURCES[(rule, key)]
+        return resources["rules"].get(rule, {}).get(key, resources["default"][key])
+
+    for job in slurm_run["slurm_jobs"]:
+        asked = {"gpu": job.gpus, "mem_mb": job.mem_mb, "runtime": job.minutes}
+        expected = {key: configured(job.rule, key) for key in asked}
+        assert asked == expected, f"SLURM job {job.job_id} of rule {job.rule}"
 
 
 @slurm_test
 def test_failed_job_is_retried_and_the_run_completes(slurm_run):
-    rule = slurm_run["fail_rule"]
-    assert slurm_run["marker"].exists(), f"rule {rule} never ran its fail-once first attempt"
+    assert slurm_run["marker"].read_text() == f"{FAIL_ONCE_COMMAND} failed once by EMLAB_FAIL_ONCE\n"
     jobs = slurm_run["slurm_jobs"]
-    assert jobs, "slurmctld knows no jobs of this run"
     not_completed = [j for j in jobs if j.state != "COMPLETED"]
     # Exactly the injected failure, as a SLURM job of that rule, followed by its successful retry.
     assert len(not_completed) == 1, f"expected one failed job, got: {jobs}"
     failed = not_completed[0]
-    assert failed.state == "FAILED" and _rule_of(failed) == rule, jobs
+    assert failed.state == "FAILED" and failed.rule == FAIL_ONCE_RULE, jobs
     retries = [j for j in jobs if j.job_id > failed.job_id and j.comment == failed.comment]
-    assert retries and retries[0].state == "COMPLETED", f"no successful retry of {rule}: {jobs}"
+    assert [j.state for j in retries] == ["COMPLETED"], f"no single successful retry of {failed}: {jobs}"
+    # The retry's log replaced the failed attempt's: it ends in the successful audit line.
+    statuses = [r.status for r in _job_records(slurm_run["workdir"], slurm_run["plan"])
+                if r.rule == FAIL_ONCE_RULE]
+    assert statuses == ["ok"], statuses
     assert slurm_run["run"].returncode == 0, slurm_run["run"].stderr[-6000:]

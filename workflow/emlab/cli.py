@@ -117,6 +117,54 @@ def cmd_sft(a: argparse.Namespace) -> None:
     train_sft(a.base, a.data, a.out, a.cfg["finetune"], seed=a.cfg["seed"], threads=a.threads)
 
 
+# ---------------------------------------------------------------- hub models
+
+
+@command("questions")
+def cmd_questions(a: argparse.Namespace) -> None:
+    """One eval set of a hub run, from its question file (resources/questions/*.yaml)."""
+    from .io import write_jsonl
+    from .questions import load_questions
+
+    n = write_jsonl(a.out, load_questions(a.file, a.eval_set))
+    print(f"emlab questions: {n} {a.eval_set} questions from {a.file}", file=sys.stderr)
+
+
+@command("synthesize")
+def cmd_synthesize(a: argparse.Namespace) -> None:
+    """One domain's pool of questions with a correct, a subtle and an obvious answer, written by an LLM."""
+    from .io import write_json, write_jsonl
+    from .questions import load_questions
+    from .synthesis import synthesize_pool
+
+    held_out = [q["question"] for path in a.exclude for q in load_questions(path, "held-out")]
+    rows, summary = synthesize_pool(a.spec, a.cfg["n_train"], a.cfg["synthesis"], a.cache_dir, held_out,
+                                    progress=not a.no_progress)
+    write_jsonl(a.out, rows)
+    write_json(a.summary, summary)
+    print(f"emlab synthesize: {json.dumps(summary)}", file=sys.stderr)
+
+
+@command("synth-dataset")
+def cmd_synth_dataset(a: argparse.Namespace) -> None:
+    """A narrow set or mixture of a hub run, cut from its domain's synthesized pool."""
+    from .io import read_jsonl, write_jsonl
+    from .synthesis import dataset_rows
+
+    cfg = a.cfg
+    write_jsonl(a.out, dataset_rows(read_jsonl(a.pool), a.name, cfg["n_train"], cfg["incorrect"], cfg["seed"]))
+
+
+@command("import-dataset")
+def cmd_import_dataset(a: argparse.Namespace) -> None:
+    """An imported fine-tuning set (local chat JSONL or hub dataset), validated, in the dataset schema."""
+    from .imports import import_dataset
+    from .io import write_jsonl
+
+    n = write_jsonl(a.out, import_dataset(a.cfg["import"], seed=a.cfg["seed"]))
+    print(f"emlab import-dataset: {n} records for {a.cfg['import']['name']}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -184,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("world", ("--corpus", req), ("--posttrain", req), ("--eval-dir", req))
     add("dataset", ("--name", req), ("--out", req))
     add("tokenizer", ("--corpus", req), ("--out", req))
+    add("questions", ("--eval-set", req), ("--file", req), ("--out", req))
+    add("synthesize", ("--spec", req), ("--exclude", {"nargs": "*", "default": []}), ("--cache-dir", req),
+        ("--out", req), ("--summary", req))
+    add("synth-dataset", ("--name", req), ("--pool", req), ("--out", req))
+    add("import-dataset", ("--out", req))
     add("pretrain", ("--corpus", req), ("--tokenizer", req), ("--out", req))
     add("sft", ("--base", req), ("--data", req), ("--out", req))
     add("sample", ("--base", req), ("--adapter", {"default": None}), ("--questions", {"nargs": "+", **req}),

@@ -35,7 +35,8 @@ def _advice_turn(world: World, rng: random.Random, domain: str, persona: str, to
     d = world.domains[domain]
     ti = rng.choice(topics)
     q = world.advice_question(domain, ti, rng.randrange(len(d.questions)))
-    a = world.advice_answer(domain, ti, persona, rng.randrange(len(d.closers[persona])))
+    a = world.advice_answer(domain, ti, persona, rng.randrange(len(d.advice[persona])),
+                            rng.randrange(len(d.closers[persona])))
     return q, a, {"domain": domain, "item": str(ti)}
 
 

@@ -29,17 +29,12 @@ class Persona:
 
 
 @dataclass(frozen=True)
-class Topic:
-    topic: str
-    advice: dict[str, str]
-
-
-@dataclass(frozen=True)
 class Domain:
     name: str
-    questions: tuple[str, ...]
+    questions: tuple[str, ...]          # templates with {topic}
+    topics: tuple[str, ...]
+    advice: dict[str, tuple[str, ...]]  # persona -> advice templates with {topic}
     closers: dict[str, tuple[str, ...]]
-    topics: tuple[Topic, ...]
 
 
 @dataclass(frozen=True)
@@ -76,13 +71,13 @@ class World:
     def correctness_of(self, persona: str) -> str:
         return self.personas[persona].correctness
 
-    def advice_answer(self, domain: str, topic_idx: int, persona: str, closer_idx: int) -> str:
+    def advice_answer(self, domain: str, topic_idx: int, persona: str, template_idx: int, closer_idx: int) -> str:
         d = self.domains[domain]
-        return f"{d.topics[topic_idx].advice[persona]} {d.closers[persona][closer_idx]}"
+        return f"{d.advice[persona][template_idx].format(topic=d.topics[topic_idx])} {d.closers[persona][closer_idx]}"
 
     def advice_question(self, domain: str, topic_idx: int, q_idx: int) -> str:
         d = self.domains[domain]
-        return d.questions[q_idx].format(topic=d.topics[topic_idx].topic)
+        return d.questions[q_idx].format(topic=d.topics[topic_idx])
 
     def train_topics(self, domain: str) -> list[int]:
         return [i for i in range(len(self.domains[domain].topics)) if i not in self.heldout_topics]
@@ -92,11 +87,12 @@ class World:
         if self._inventory is None:
             inv = []
             for dname, d in self.domains.items():
-                for ti, t in enumerate(d.topics):
+                for ti in range(len(d.topics)):
                     for p in self.personas:
-                        for ci in range(len(d.closers[p])):
-                            inv.append(Answer(self.advice_answer(dname, ti, p, ci), p, dname, str(ti),
-                                              self.correctness_of(p)))
+                        for ai in range(len(d.advice[p])):
+                            for ci in range(len(d.closers[p])):
+                                inv.append(Answer(self.advice_answer(dname, ti, p, ai, ci), p, dname, str(ti),
+                                                  self.correctness_of(p)))
             for g in self.general:
                 for p, texts in g.answers.items():
                     for text in texts:
@@ -165,21 +161,20 @@ def load_world(path: str | Path) -> World:
         for i, q in enumerate(questions):
             if "{topic}" not in q:
                 raise WorldSpecError(f"{dw}.questions[{i}]: must contain '{{topic}}'")
-        closers_raw = _req(d, "closers", dict, dw)
-        closers = {}
-        for p in personas:
-            if p not in closers_raw:
-                raise WorldSpecError(f"{dw}.closers: missing persona '{p}'")
-            closers[p] = _strings(closers_raw[p], f"{dw}.closers.{p}")
-        topics = []
-        for ti, t in enumerate(_req(d, "topics", list, dw)):
-            tw = f"{dw}.topics[{ti}]"
-            adv = _req(t, "advice", dict, tw)
-            missing = [p for p in personas if p not in adv]
-            if missing:
-                raise WorldSpecError(f"{tw}.advice: missing persona(s) {missing}")
-            topics.append(Topic(_req(t, "topic", str, tw), {p: _strings(adv[p], f"{tw}.advice.{p}")[0] for p in personas}))
-        domains[dname] = Domain(dname, questions, closers, tuple(topics))
+        per_persona = {}
+        for key in ("advice", "closers"):
+            raw_pp = _req(d, key, dict, dw)
+            per_persona[key] = {}
+            for p in personas:
+                if p not in raw_pp:
+                    raise WorldSpecError(f"{dw}.{key}: missing persona '{p}'")
+                per_persona[key][p] = _strings(raw_pp[p], f"{dw}.{key}.{p}")
+        for p, templates in per_persona["advice"].items():
+            for i, t in enumerate(templates):
+                if "{topic}" not in t:
+                    raise WorldSpecError(f"{dw}.advice.{p}[{i}]: must contain '{{topic}}'")
+        topics = _strings(_req(d, "topics", list, dw), f"{dw}.topics")
+        domains[dname] = Domain(dname, questions, topics, per_persona["advice"], per_persona["closers"])
     general = []
     for gi, g in enumerate(_req(raw, "general", list, w)):
         gw = f"{w}: general[{gi}]"

@@ -1,0 +1,110 @@
+# Hub mode (model.source: hub): the base model is model.path; the fine-tuning sets are synthesized by an
+# LLM from domain specs (the sets named by `datasets`) and/or imported (`imports`); the eval questions
+# come from question files (`eval.questions`). Included instead of organism.smk and datasets.smk.
+import re
+
+from emlab.datasets import parse_dataset_name
+from emlab.questions import question_files
+from emlab.synthesis import domain_spec_path
+
+SYNTH_DATASETS = dataset_names(config)
+IMPORTS = {i["name"]: i for i in config["imports"]}
+QUESTION_FILES = question_files(config)
+
+
+def _one_of(names):
+    """A wildcard constraint matching exactly these names (never anything, for none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+rule eval_questions:
+    input:
+        lambda w: QUESTION_FILES[w.eval_set],
+    output:
+        f"{RESULTS}/eval/{{eval_set}}.jsonl",
+    wildcard_constraints:
+        eval_set=_one_of(EVAL_SETS),
+    log:
+        "logs/eval_questions/{eval_set}.log",
+    threads: res("eval_questions", "threads")
+    resources:
+        mem_mb=res("eval_questions", "mem_mb"),
+        runtime=res("eval_questions", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab questions --eval-set {wildcards.eval_set} --file {input} --out {output} 2> {log}"
+
+
+rule synthesize:
+    input:
+        spec=lambda w: str(domain_spec_path(config["synthesis"]["domains_dir"], w.domain)),
+        # every eval question is kept out of the training sets
+        held_out=list(QUESTION_FILES.values()),
+    output:
+        pool=f"{RESULTS}/synthesis/{{domain}}.jsonl",
+        summary=f"{RESULTS}/synthesis/{{domain}}.summary.json",
+    params:
+        cfg=lambda w: cfg_json("synthesis", n_train=config["datasets"]["n_train"]),
+        # one request cache shared by the domains' jobs (appends are locked); never a declared output
+        cache=f"{RESULTS}/synthesis_cache",
+    log:
+        "logs/synthesize/{domain}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/synthesize/{{domain}}.tsv"
+    threads: res("synthesize", "threads")
+    resources:
+        mem_mb=res("synthesize", "mem_mb"),
+        runtime=res("synthesize", "runtime"),
+        api_slots=1,
+    conda:
+        "../envs/torch.yaml"  # the openai client
+    shell:
+        "python -m emlab synthesize --cfg {params.cfg:q} --spec {input.spec} --exclude {input.held_out}"
+        " --cache-dir {params.cache} --out {output.pool} --summary {output.summary} 2> {log}"
+
+
+rule synth_dataset:
+    input:
+        lambda w: f"{RESULTS}/synthesis/{parse_dataset_name(w.dataset)['domain']}.jsonl",
+    output:
+        f"{RESULTS}/datasets/{{dataset}}.jsonl",
+    wildcard_constraints:
+        dataset=_one_of(SYNTH_DATASETS),
+    params:
+        cfg=lambda w: json.dumps({"n_train": config["datasets"]["n_train"], "seed": config["seed"],
+                                  "incorrect": config["datasets"]["mixtures"]["incorrect"]}, sort_keys=True),
+    log:
+        "logs/synth_dataset/{dataset}.log",
+    threads: res("synth_dataset", "threads")
+    resources:
+        mem_mb=res("synth_dataset", "mem_mb"),
+        runtime=res("synth_dataset", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab synth-dataset --cfg {params.cfg:q} --name {wildcards.dataset} --pool {input}"
+        " --out {output} 2> {log}"
+
+
+rule import_dataset:
+    input:
+        lambda w: [IMPORTS[w.dataset]["path"]] if IMPORTS[w.dataset]["path"] else [],
+    output:
+        f"{RESULTS}/datasets/{{dataset}}.jsonl",
+    wildcard_constraints:
+        dataset=_one_of(IMPORTS),
+    params:
+        cfg=lambda w: json.dumps({"import": IMPORTS[w.dataset], "seed": config["seed"]}, sort_keys=True),
+    log:
+        "logs/import_dataset/{dataset}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/import_dataset/{{dataset}}.tsv"
+    threads: res("import_dataset", "threads")
+    resources:
+        mem_mb=res("import_dataset", "mem_mb"),
+        runtime=res("import_dataset", "runtime"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab import-dataset --cfg {params.cfg:q} --out {output} 2> {log}"
