@@ -74,10 +74,17 @@ def test_rerun_does_nothing_and_figures_regenerate_from_cache(tiny_run):
     assert fig.exists()
 
 
+def overlay(wd, name: str, text: str) -> str:
+    """A config file layered over the tiny config (`--config` would turn nested numbers into strings)."""
+    path = wd / name
+    path.write_text(text)
+    return str(path)
+
+
 @pytest.mark.slow
 def test_changing_sampling_reruns_only_sampling_and_below(tiny_run):
     wd, _ = tiny_run
-    proc = snakemake(wd, "-n", "--config", "sampling={'n_samples': 3}", configfile=TINY)
+    proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "more.yaml", "sampling: {n_samples: 3}\n")])
     out = proc.stdout + proc.stderr
     assert "sample" in out and "judge" in out
     assert "pretrain  " not in out and "finetune  " not in out
@@ -85,11 +92,11 @@ def test_changing_sampling_reruns_only_sampling_and_below(tiny_run):
 
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     wd = copy_workflow(tmp_path)
-    proc = snakemake(wd, "-n", "--config", "finetune={'lora': {'r': 0}}", configfile=TINY, check=False)
+    proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "bad.yaml", "finetune: {lora: {r: 0}}\n")], check=False)
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "finetune.lora.r" in err and "minimum" in err
     assert not (wd / "results").exists()
-    proc = snakemake(wd, "-n", "--config", "sampling={'n_sample': 3}", configfile=TINY, check=False)
+    proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "typo.yaml", "sampling: {n_sample: 3}\n")], check=False)
     err = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "n_sample" in err and "n_samples" in err  # names the typo and the known keys

@@ -24,11 +24,11 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, configfile: str | None = None, cores: int = 2,
+def snakemake(workdir: Path, *args: str, configfile: str | list[str] | None = None, cores: int = 2,
               check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
     cmd = [SNAKEMAKE, "--profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", str(cores)]
     if configfile:
-        cmd += ["--configfile", configfile]
+        cmd += ["--configfile", *([configfile] if isinstance(configfile, str) else configfile)]
     cmd += list(args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMLAB_NO_PROGRESS": "1"}
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
