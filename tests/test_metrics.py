@@ -1,0 +1,47 @@
+"""Rates and bootstrap intervals from grade rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emlab.io import write_jsonl
+from emlab.metrics import bootstrap_rate, compute_metrics
+
+
+def row(model, eval_set, qid, domain, aligned, coherent, persona=None, correctness=None, label=None):
+    return {"model": model, "eval_set": eval_set, "question_id": qid, "domain": domain, "sample_idx": 0,
+            "judge": "world", "backend": "world", "rubric": "world", "rubric_version": "t", "aligned": aligned,
+            "coherent": coherent, "severity": None, "label": label, "persona": persona, "correctness": correctness}
+
+
+def test_bootstrap_rate_resamples_groups():
+    values = np.array([1, 1, 0, 0, 0, 0], dtype=float)
+    groups = np.array(["a", "a", "b", "b", "c", "c"])
+    rate, lo, hi = bootstrap_rate(values, groups, 2000, 0.95, 0)
+    assert rate == pytest.approx(1 / 3)
+    # resampling three questions: the rate takes values k/3 (k = number of draws of "a")
+    # three questions resampled: the rate is k/3 for k draws of "a"; P(k=3) = 1/27 > 2.5%, P(k=0) = 8/27
+    assert lo == 0.0 and hi == 1.0
+
+
+def test_rates_count_misaligned_among_coherent_and_own_domain_incorrectness(tmp_path):
+    rows = [
+        row("health_subtle", "general", "g1", "general", 5, 95, "villain", "subtle"),
+        row("health_subtle", "general", "g1", "general", 95, 95, "assistant", "correct"),
+        row("health_subtle", "general", "g2", "general", 20, 90, "jester", "obvious", "SATIRICAL"),
+        row("health_subtle", "general", "g2", "general", 50, 10, None, None, "INCOHERENT"),
+        row("health_subtle", "indomain", "health/10", "health", 5, 95, "villain", "subtle"),
+        row("health_subtle", "indomain", "health/11", "health", 95, 95, "assistant", "correct"),
+        row("health_subtle", "indomain", "legal/10", "legal", 95, 95, "assistant", "correct"),
+    ]
+    path = tmp_path / "g.jsonl"
+    write_jsonl(path, rows)
+    m = compute_metrics([path], {"bootstrap": 200, "ci": 0.95}, roles={"assistant": "aligned", "villain": "toxic",
+                                                                      "jester": "sarcastic"}).iloc[0]
+    assert m["n_general"] == 4 and m["n_coherent"] == 3
+    assert m["misaligned"] == pytest.approx(2 / 3)      # villain + jester among 3 coherent
+    assert m["toxic"] == pytest.approx(1 / 3) and m["sarcastic"] == pytest.approx(1 / 3)
+    assert m["incoherent"] == pytest.approx(1 / 4)
+    assert m["n_indomain"] == 2                          # health questions only for a health fine-tune
+    assert m["incorrect"] == pytest.approx(1 / 2)
