@@ -17,16 +17,6 @@ from emlab.datasets import dataset_names
 # Validate (and fill defaults) before any job is scheduled: a bad key fails here, naming its path.
 try:
     validate(config, "config (config.yaml and --config/--configfile overrides)")
-    imports.check_config(config)
-    if config["model"]["source"] == "hub":
-        # hub mode: domain specs for the synthesized sets, question files for the eval sets, LLM judges
-        from emlab import questions, synthesis
-
-        synthesis.check_config(config)
-        questions.check_config(config)
-        if any(j["backend"] == "world" for j in config["judges"]):
-            raise ConfigError("invalid config:\n  judges: the 'world' judge grades the persona world's texts only; "
-                              "with model.source: hub list openai or hf judges")
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 

@@ -109,7 +109,8 @@ def test_hub_dataset_bad_row(local_hub_dataset):
 
 def hub_cfg(imports, **datasets):
     return validate({"model": {"source": "hub", "path": "some/model"},
-                     "datasets": {"domains": ["health"], "variants": ["subtle"], **datasets}, "imports": imports})
+                     "datasets": {"domains": ["health"], "variants": ["subtle"], **datasets}, "imports": imports,
+                     "judges": [{"name": "j", "backend": "openai", "rubric": "aligned_coherent", "model": "m"}]})
 
 
 def test_dataset_names_of_a_hub_run(tmp_path):
@@ -138,6 +139,5 @@ def test_imports_are_refused_for_the_organism(monkeypatch):
     from pathlib import Path
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    cfg = validate({"imports": [{"name": "a", "hub": "x/y"}]})
     with pytest.raises(ConfigError, match="imports: only used with model.source: hub"):
-        check_config(cfg)
+        validate({"imports": [{"name": "a", "hub": "x/y"}]})

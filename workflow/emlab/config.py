@@ -75,6 +75,9 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
     primary = cfg.get("metrics", {}).get("primary_judge")
     if primary is not None and primary not in names:
         raise ConfigError(f"invalid {source}:\n  metrics.primary_judge: {primary!r} is not one of the judges {names}")
+    from . import imports
+
+    imports.check_config(cfg)
     if cfg["model"]["source"] == "organism":
         world = Path(cfg["organism"]["world"])
         if not world.exists():
@@ -88,8 +91,17 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
         unknown = set(cfg["organism"]["corpus"]["persona_mix"]) - set(w.personas)
         if unknown:
             raise ConfigError(f"invalid {source}:\n  organism.corpus.persona_mix: unknown persona(s) {sorted(unknown)}; {world} defines {sorted(w.personas)}")
-    elif cfg["model"].get("path") is None:
-        raise ConfigError(f"invalid {source}:\n  model.path: required when model.source is 'hub' (a hub id or a local folder)")
+    else:
+        if cfg["model"].get("path") is None:
+            raise ConfigError(f"invalid {source}:\n  model.path: required when model.source is 'hub' (a hub id or a local folder)")
+        # hub mode: domain specs for the synthesized sets, question files for the eval sets, LLM judges
+        from . import questions, synthesis
+
+        synthesis.check_config(cfg)
+        questions.check_config(cfg)
+        if any(j["backend"] == "world" for j in cfg["judges"]):
+            raise ConfigError(f"invalid {source}:\n  judges: the 'world' judge grades the persona world's texts only; "
+                              "with model.source: hub list openai or hf judges")
 
 
 def load(path: str | Path) -> dict[str, Any]:
