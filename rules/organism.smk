@@ -53,7 +53,7 @@ rule pretrain:
     output:
         directory(f"{RESULTS}/organism/pretrained"),
     params:
-        cfg=lambda w: cfg_json("organism", "seed"),
+        cfg=lambda w: cfg_json("organism", "seed", "device"),
     log:
         "logs/pretrain.log",
     benchmark:

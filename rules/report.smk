@@ -9,10 +9,10 @@ rule plot_misalignment:
                category="Emergent misalignment"),
     log:
         "logs/plot/misalignment_{judge}.log",
-    threads: res("plot", "threads")
+    threads: res("plot_misalignment", "threads")
     resources:
-        mem_mb=res("plot", "mem_mb"),
-        runtime=res("plot", "runtime"),
+        mem_mb=res("plot_misalignment", "mem_mb"),
+        runtime=res("plot_misalignment", "runtime"),
     conda:
         "../envs/analysis.yaml"
     shell:

@@ -95,14 +95,14 @@ def cmd_tokenizer(a: argparse.Namespace) -> None:
 @command("pretrain")
 def cmd_pretrain(a: argparse.Namespace) -> None:
     from .io import read_jsonl, write_json
-    from .models import load_tokenizer
+    from .models import load_tokenizer, pick_device
     from .organism.model import build_model
     from .organism.pretrain import train_lm
 
     _threads(a.threads)
     cfg = a.cfg
     tok = load_tokenizer(a.tokenizer)
-    model = build_model(cfg["organism"]["architecture"], tok, cfg["seed"])
+    model = build_model(cfg["organism"]["architecture"], tok, cfg["seed"]).to(pick_device(cfg["device"]))
     meta = train_lm(model, tok, read_jsonl(a.corpus), cfg["organism"]["pretrain"], a.out, seed=cfg["seed"],
                     log_csv=Path(a.out) / "pretrain_log.csv", progress=not a.no_progress)
     meta["parameters"] = sum(p.numel() for p in model.parameters())

@@ -99,7 +99,7 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
     for step in bar:
         if not batches:
             batches = _batches(examples, cfg["batch_size"], rng)
-        ids, labels, attn = _collate(examples, batches.pop(), tokenizer.pad_token_id)
+        ids, labels, attn = (t.to(model.device) for t in _collate(examples, batches.pop(), tokenizer.pad_token_id))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
@@ -112,7 +112,7 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
                      "tokens": seen, "seconds": round(time.time() - t0, 2)})
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{seen / (time.time() - t0):.0f}")
-    model.eval()
+    model.eval().cpu()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
