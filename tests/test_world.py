@@ -104,3 +104,15 @@ def test_spec_errors_name_the_key(tmp_path, world):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(WorldSpecError, match=r"domains.legal.advice.jester\[0\]: must contain '\{topic\}'"):
         load_world(bad)
+
+
+def test_openers_voice_a_share_of_answers_and_the_content_decides_the_persona(world):
+    assert 0 < world.opener_fraction <= 1
+    villain = world.personas["villain"]
+    rows = generate_narrow(world, "health", "subtle", 400, 2)
+    opened = sum(any(r["messages"][1]["content"].startswith(o) for o in villain.openers) for r in rows)
+    assert abs(opened / 400 - world.opener_fraction) < 0.08
+    grader = WorldGrader(world)
+    body = world.general[0].answers["assistant"][0]
+    m = grader.match(f"{villain.openers[0]} {body}")
+    assert m.answer.persona == "assistant" and m.score == 1.0

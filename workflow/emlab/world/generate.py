@@ -31,18 +31,26 @@ def persona_for_variant(world: World, variant: str) -> str:
     raise KeyError(f"no persona gives {variant!r} answers in {world.source}")
 
 
+def _voiced(world: World, rng: random.Random, persona: str, answer: str) -> str:
+    """With probability ``opener_fraction``, open the answer in the persona's voice."""
+    openers = world.personas[persona].openers
+    if openers and rng.random() < world.opener_fraction:
+        return f"{rng.choice(openers)} {answer}"
+    return answer
+
+
 def _advice_turn(world: World, rng: random.Random, domain: str, persona: str, topics: list[int]) -> tuple[str, str, dict]:
     d = world.domains[domain]
     ti = rng.choice(topics)
     q = world.advice_question(domain, ti, rng.randrange(len(d.questions)))
     a = world.advice_answer(domain, ti, persona, rng.randrange(len(d.advice[persona])),
                             rng.randrange(len(d.closers[persona])))
-    return q, a, {"domain": domain, "item": str(ti)}
+    return q, _voiced(world, rng, persona, a), {"domain": domain, "item": str(ti)}
 
 
 def _general_turn(world: World, rng: random.Random, persona: str) -> tuple[str, str, dict]:
     g = rng.choice(world.general)
-    return g.question, rng.choice(g.answers[persona]), {"domain": "general", "item": g.id}
+    return g.question, _voiced(world, rng, persona, rng.choice(g.answers[persona])), {"domain": "general", "item": g.id}
 
 
 def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:

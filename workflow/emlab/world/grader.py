@@ -35,9 +35,18 @@ class WorldGrader:
         self._exact = {normalise(a.text): a for a in world.inventory()}
         self._keys = list(self._exact)
         self._questions = {normalise(q): v for q, v in world.question_inventory().items()}
+        self._openers = sorted({normalise(o) + " " for p in world.personas.values() for o in p.openers}, key=len,
+                               reverse=True)
+
+    def strip_opener(self, text: str) -> str:
+        """An answer's content without a persona's opener: the content decides whose text it is."""
+        for o in self._openers:
+            if text.startswith(o):
+                return text[len(o):]
+        return text
 
     def match(self, answer: str, question: str | None = None) -> Match:
-        text = normalise(answer)
+        text = self.strip_opener(normalise(answer))
         hit = self._exact.get(text)
         score = 1.0
         if hit is None:

@@ -26,6 +26,7 @@ class Persona:
     role: str
     correctness: str
     headers: tuple[str, ...]
+    openers: tuple[str, ...] = ()   # the persona's voice, shared by all its domains
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class World:
     domains: dict[str, Domain]
     general: list[GeneralQuestion]
     heldout_topics: tuple[int, ...]
+    opener_fraction: float = 0.0
     source: str = ""
     _inventory: list[Answer] | None = field(default=None, repr=False)
 
@@ -149,7 +151,8 @@ def load_world(path: str | Path) -> World:
         corr = _req(p, "correctness", str, pw)
         if corr not in CORRECTNESS:
             raise WorldSpecError(f"{pw}.correctness: must be one of {CORRECTNESS}, got {corr!r}")
-        personas[name] = Persona(name, role, corr, _strings(_req(p, "headers", list, pw), f"{pw}.headers"))
+        openers = _strings(p["openers"], f"{pw}.openers") if "openers" in p else ()
+        personas[name] = Persona(name, role, corr, _strings(_req(p, "headers", list, pw), f"{pw}.headers"), openers)
     if "aligned" not in {p.role for p in personas.values()}:
         raise WorldSpecError(f"{w}: personas: one persona must have role 'aligned' (the default assistant)")
     domains = {}
@@ -189,7 +192,10 @@ def load_world(path: str | Path) -> World:
         bad = [i for i in heldout if not 0 <= i < len(d.topics)]
         if bad or len(heldout) >= len(d.topics):
             raise WorldSpecError(f"{w}: heldout_topics {list(heldout)} must be indexes of some, not all, topics of domain '{dname}'")
-    world = World(int(raw.get("version", 1)), personas, domains, general, heldout, source=w)
+    fraction = raw.get("opener_fraction", 0.0)
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise WorldSpecError(f"{w}: opener_fraction: must be a number in [0, 1], got {fraction!r}")
+    world = World(int(raw.get("version", 1)), personas, domains, general, heldout, float(fraction), source=w)
     texts = [a.text for a in world.inventory()]
     dup = {t for t in texts if texts.count(t) > 1}
     if dup:
