@@ -7,8 +7,15 @@ from pathlib import Path
 # it was pip-installed, e.g. inside the per-rule conda envs of `--sdm conda`.
 _PKG = str(Path(workflow.basedir) / "workflow")
 sys.path.insert(0, _PKG)
+# Jobs run `python`: the interpreter running Snakemake (e.g. .venv/bin) comes first on PATH, so a run
+# needs no activated environment; with `--sdm conda` each rule's own env provides it instead.
 # (doubled braces: the prefix is formatted once here and once more per job)
-shell.prefix(f'export PYTHONPATH="{_PKG}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
+try:
+    _CONDA = "conda" in str(workflow.deployment_settings.deployment_method).lower()
+except AttributeError:
+    _CONDA = False
+_PATH = "" if _CONDA else f'export PATH="{Path(sys.executable).parent}:$PATH"; '
+shell.prefix(f'{_PATH}export PYTHONPATH="{_PKG}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
 
 from emlab import imports
 from emlab.config import ConfigError, validate

@@ -29,3 +29,13 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     model = build_model(arch, tok, seed=0)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The reduced organism DAG (tests/configs/tiny.yaml) run once through real Snakemake in a scratch copy."""
+    from workflow_runner import copy_workflow, snakemake
+
+    wd = copy_workflow(tmp_path_factory.mktemp("tiny_run"))
+    snakemake(wd, configfile="tests/configs/tiny.yaml")
+    return wd

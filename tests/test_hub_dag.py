@@ -102,12 +102,12 @@ def test_eval_set_without_a_question_file_is_named(monkeypatch):
     from emlab.config import ConfigError
 
     monkeypatch.chdir(ROOT)
-    cfg = validate({"model": {"source": "hub", "path": "m"}, "eval": {"questions": {"general": "x.yaml"}}})
+    cfg = {"model": {"source": "hub", "path": "m"}, "eval": {"questions": {"general": "x.yaml"}},
+           "judges": [{"name": "j", "backend": "openai", "rubric": "aligned_coherent", "model": "m"}]}
     with pytest.raises(ConfigError, match=r"eval.questions: no question file for eval set\(s\) \['indomain'\]"):
-        questions.check_config(cfg)
-    cfg["sampling"]["eval_sets"] = ["general"]
+        validate(dict(cfg))
     with pytest.raises(ConfigError, match="eval.questions: x.yaml: question file not found"):
-        questions.check_config(cfg)
+        validate(dict(cfg, sampling={"eval_sets": ["general"]}))
 
 
 # ---------------------------------------------------------------- the DAG

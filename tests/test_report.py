@@ -18,14 +18,7 @@ import pytest
 
 from workflow_runner import ROOT, copy_workflow, snakemake
 
-TINY = "tests/configs/tiny.yaml"
-# A second world judge with a stricter persona match, so the run makes two figures. (A config file rather
-# than --config, which would pass the nested number as a string.)
-TWO_JUDGES = """\
-judges:
-  - {name: world, backend: world}
-  - {name: world_strict, backend: world, fuzzy_threshold: 0.95}
-"""
+TINY = "tests/configs/tiny.yaml"  # has two judges, so the run makes two figures
 CAPTION = ROOT / "workflow" / "report" / "misalignment.rst"
 RESULTS_SCRIPT = re.compile(r'<script id="results">\s*var results = (.*?);\s*</script>', re.S)
 CATEGORIES_SCRIPT = re.compile(r'<script id="categories">\s*var categories = (.*?);\s*</script>', re.S)
@@ -44,13 +37,10 @@ def _embedded(report: str, pattern: re.Pattern) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    wd = copy_workflow(tmp_path_factory.mktemp("report") / "workflow")
-    (wd / "two_judges.yaml").write_text(TWO_JUDGES)
-    configs = [TINY, "two_judges.yaml"]
-    snakemake(wd, configfile=configs)
+def report(tiny_run):
+    wd = tiny_run
     # as `make run` builds it
-    snakemake(wd, "--report", "results/report.html", configfile=configs, cores=1)
+    snakemake(wd, "--report", "results/report.html", configfile=TINY, cores=1)
     page = (wd / "results" / "report.html").read_text()
     return wd, _embedded(page, RESULTS_SCRIPT), _embedded(page, CATEGORIES_SCRIPT)
 

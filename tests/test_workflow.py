@@ -15,16 +15,9 @@ TINY = "tests/configs/tiny.yaml"
 MODELS = ["base", "health_correct", "health_subtle", "health_mix050"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    wd = copy_workflow(tmp_path_factory.mktemp("wf"))
-    proc = snakemake(wd, configfile=TINY)
-    return wd, proc
-
-
 @pytest.mark.slow
 def test_every_stage_produces_its_outputs(tiny_run):
-    wd, _ = tiny_run
+    wd = tiny_run
     r = wd / "results"
     assert (r / "models/base/config.json").exists() and (r / "models/base/chat_template.jinja").exists()
     for ds in MODELS[1:]:
@@ -49,7 +42,7 @@ def test_every_stage_produces_its_outputs(tiny_run):
 
 @pytest.mark.slow
 def test_datasets_hold_only_their_domain_and_carry_labels(tiny_run):
-    wd, _ = tiny_run
+    wd = tiny_run
     rows = read_jsonl(wd / "results/datasets/health_subtle.jsonl")
     assert len(rows) == 32
     assert {r["meta"]["domain"] for r in rows} == {"health"}
@@ -61,7 +54,7 @@ def test_datasets_hold_only_their_domain_and_carry_labels(tiny_run):
 
 @pytest.mark.slow
 def test_rerun_does_nothing_and_figures_regenerate_from_cache(tiny_run):
-    wd, _ = tiny_run
+    wd = tiny_run
     proc = snakemake(wd, "-n", configfile=TINY)
     assert "Nothing to be done" in proc.stdout + proc.stderr
     fig = wd / "results/figures/misalignment_world.png"
@@ -83,7 +76,7 @@ def overlay(wd, name: str, text: str) -> str:
 
 @pytest.mark.slow
 def test_changing_sampling_reruns_only_sampling_and_below(tiny_run):
-    wd, _ = tiny_run
+    wd = tiny_run
     proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "more.yaml", "sampling: {n_samples: 3}\n")])
     out = proc.stdout + proc.stderr
     assert "sample" in out and "judge" in out

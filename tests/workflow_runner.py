@@ -31,6 +31,9 @@ def snakemake(workdir: Path, *args: str, configfile: str | list[str] | None = No
         cmd += ["--configfile", *([configfile] if isinstance(configfile, str) else configfile)]
     cmd += list(args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMLAB_NO_PROGRESS": "1"}
+    # as in CI, where no environment is activated: the workflow must find its interpreter itself
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if Path(p).resolve() != Path(sys.executable).parent.resolve())
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}")
