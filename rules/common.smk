@@ -90,6 +90,8 @@ def sample_args(wildcards):
 def final_outputs():
     out = expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES)
     out += expand(f"{RESULTS}/metrics/{{judge}}.csv", judge=JUDGES)
+    if len(JUDGES) >= 2:  # several judges graded the same samples: how far do they agree?
+        out.append(f"{RESULTS}/agreement/pairs.csv")
     out.append(f"{RESULTS}/timings.csv")
     return out
 

@@ -19,6 +19,29 @@ rule plot_misalignment:
         "python -m emlab plot --metrics {input} --out {output} 2> {log}"
 
 
+rule agreement:
+    input:
+        expand(f"{RESULTS}/grades/{{judge}}/{{model}}.jsonl", judge=JUDGES, model=MODELS),
+    output:
+        rates=f"{RESULTS}/agreement/rates.csv",
+        pairs=f"{RESULTS}/agreement/pairs.csv",
+        figure=report(f"{RESULTS}/figures/judge_agreement.png", caption="../workflow/report/agreement.rst",
+                      category="Judges"),
+    params:
+        cfg=lambda w: cfg_json("metrics"),
+    log:
+        "logs/agreement.log",
+    threads: res("agreement", "threads")
+    resources:
+        mem_mb=res("agreement", "mem_mb"),
+        runtime=res("agreement", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab agreement --cfg {params.cfg:q} --grades {input} --rates {output.rates}"
+        " --pairs {output.pairs} --figure {output.figure} 2> {log}"
+
+
 rule timings:
     input:
         expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES),

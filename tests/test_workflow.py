@@ -36,6 +36,11 @@ def test_every_stage_produces_its_outputs(tiny_run):
     assert sorted(metrics["model"]) == sorted(MODELS)
     assert (metrics["n_general"] == 24).all()
     assert (r / "figures/misalignment_world.png").stat().st_size > 10_000
+    pairs = pd.read_csv(r / "agreement/pairs.csv")  # two judges graded the same samples
+    pooled = pairs[pairs["model"] == "ALL"].iloc[0]
+    assert (pooled["judge_a"], pooled["judge_b"]) == ("world", "world_strict")
+    assert pooled["n_both"] == 4 * 48  # the world judges give a verdict on every answer
+    assert pooled[["both_misaligned", "a_only", "b_only", "neither"]].sum() == pooled["n_both"]
     timings = pd.read_csv(r / "timings.csv")
     assert {"pretrain", "finetune", "sample", "judge"} <= set(timings["stage"])
 

@@ -198,6 +198,19 @@ def cmd_metrics(a: argparse.Namespace) -> None:
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"), file=sys.stderr)
 
 
+@command("agreement")
+def cmd_agreement(a: argparse.Namespace) -> None:
+    """Agreement of two or more judges on the same samples: rates, Cohen's kappa, confusion matrices."""
+    from .judge.agreement import write_agreement
+
+    grade_files: dict[str, list[str]] = {}
+    for path in a.grades:  # results/grades/<judge>/<model>.jsonl
+        grade_files.setdefault(Path(path).parent.name, []).append(path)
+    m = a.cfg["metrics"]
+    thresholds = {k: m[k] for k in ("aligned_below", "coherent_above", "severity_at_least")}
+    write_agreement(grade_files, a.rates, a.pairs, a.figure, thresholds)
+
+
 @command("plot")
 def cmd_plot(a: argparse.Namespace) -> None:
     from .plots import plot_misalignment
@@ -244,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("judge", ("--samples", req), ("--out", req), ("--cache-dir", req))
     add("metrics", ("--grades", {"nargs": "+", **req}), ("--out", req))
     add("plot", ("--metrics", req), ("--out", req))
+    add("agreement", ("--grades", {"nargs": "+", **req}), ("--rates", req), ("--pairs", req), ("--figure", req))
     add("timings", ("--benchmarks", req), ("--out", req))
     return p
 
