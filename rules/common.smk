@@ -102,3 +102,14 @@ def posttrain_cfg_json():
     ft = dict(config["finetune"], method="full", lr=p["lr"], epochs=p["epochs"], batch_size=p["batch_size"],
               max_steps=None, warmup_ratio=0.05)
     return json.dumps({"finetune": ft, "seed": config["seed"]}, sort_keys=True)
+
+
+def sft_launcher(rule_name):
+    """`python` for one device; `accelerate launch` with one process per GPU when a rule gets several
+    (data-parallel; `finetune.accelerate_config` may name an accelerate config file, e.g. for FSDP)."""
+    gpus = res(rule_name, "gpu")
+    if gpus <= 1:
+        return "python"
+    extra = config["finetune"].get("accelerate_config")
+    cfg = f" --config_file {extra}" if extra else ""
+    return f"accelerate launch{cfg} --num_processes {gpus}"

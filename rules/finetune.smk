@@ -10,6 +10,7 @@ rule finetune:
     params:
         cfg=lambda w: cfg_json("finetune", "seed"),
         base=base_param,
+        launcher=sft_launcher("finetune"),
     log:
         "logs/finetune/{dataset}.log",
     benchmark:
@@ -23,5 +24,5 @@ rule finetune:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {params.base} --data {input.data}"
+        "{params.launcher} -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {params.base} --data {input.data}"
         " --out {output} 2> {log}"

@@ -79,6 +79,7 @@ rule posttrain:
         directory(f"{RESULTS}/models/base"),
     params:
         cfg=lambda w: posttrain_cfg_json(),
+        launcher=sft_launcher("posttrain"),
     log:
         "logs/posttrain.log",
     benchmark:
@@ -92,5 +93,5 @@ rule posttrain:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {input.model} --data {input.data}"
+        "{params.launcher} -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {input.model} --data {input.data}"
         " --out {output} 2> {log}"

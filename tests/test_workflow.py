@@ -98,3 +98,13 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "typo.yaml", "sampling: {n_sample: 3}\n")], check=False)
     err = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "n_sample" in err and "n_samples" in err  # names the typo and the known keys
+
+
+def test_training_jobs_with_several_gpus_launch_one_process_per_gpu(tmp_path):
+    wd = copy_workflow(tmp_path)
+    two = overlay(wd, "two_gpus.yaml", "resources: {rules: {finetune: {gpu: 2}}}\n"
+                                       "finetune: {accelerate_config: configs/accelerate/fsdp.yaml}\n")
+    proc = snakemake(wd, "-n", "-p", "results/finetunes/health_subtle", configfile=[TINY, two])
+    out = proc.stdout + proc.stderr
+    assert "accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m emlab sft" in out
+    assert "python -m emlab sft" in out  # posttrain keeps one process (gpu: 0)

@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     # GPU only: a CPU always trains in fp32 without checkpointing (bf16 matmuls are far slower there).
     "bf16": True,
     "gradient_checkpointing": True,
+    # read by the workflow's launcher (accelerate launch --config_file) when a job gets several GPUs
+    "accelerate_config": None,
 }
 METHODS = ("lora", "full")
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm")
@@ -276,7 +278,9 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
-    trainer.save_model(str(out))  # adapter or full model, plus the tokenizer
+    trainer.save_model(str(out))  # adapter or full model, plus the tokenizer (main process only)
+    if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the logs
+        return {}
 
     rows = log_rows(trainer.state.log_history)
     write_train_log(out / "train_log.csv", rows)
