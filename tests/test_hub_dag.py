@@ -119,7 +119,8 @@ def test_smoke_config_plans_the_hub_jobs(tmp_path):
     out = proc.stdout + proc.stderr
     # 1 domain x {correct, obvious}; models base + 2 fine-tunes; judges aligned + severity
     assert job_counts(out) == {"eval_questions": 2, "synthesize": 1, "synth_dataset": 2, "finetune": 2,
-                               "sample": 3, "judge": 6, "metrics": 2, "plot_misalignment": 2, "timings": 1, "all": 1}
+                               "sample": 3, "judge": 6, "metrics": 2, "plot_misalignment": 2, "agreement": 1, "timings": 1,
+                               "all": 1}
     assert "--base Qwen/Qwen2.5-0.5B-Instruct --adapter results/finetunes/health_obvious" in out
     assert "results/synthesis/health.jsonl" in out and "resources/domains/health.yaml" in out
     assert not (wd / "results").exists()

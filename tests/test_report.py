@@ -49,18 +49,21 @@ def report(tiny_run):
 def test_report_embeds_every_figure_byte_for_byte(report):
     wd, results, categories = report
     figures = sorted(str(p.relative_to(wd)) for p in (wd / "results" / "figures").iterdir())
-    assert figures == ["results/figures/misalignment_world.png", "results/figures/misalignment_world_strict.png"]
+    misalignment = ["results/figures/misalignment_world.png", "results/figures/misalignment_world_strict.png"]
+    agreement = ["results/figures/judge_agreement.png"]
+    assert figures == sorted(agreement + misalignment)
     assert sorted(results) == figures
     for path in figures:
         entry = results[path]
         assert entry["mime_type"] == "image/png"
-        assert entry["job_properties"]["rule"] == "plot_misalignment"
+        assert entry["job_properties"]["rule"] == ("agreement" if path in agreement else "plot_misalignment")
         header, _, data = entry["data_uri"].partition("base64,")
         assert header.startswith("data:image/png")
         assert base64.b64decode(data) == (wd / path).read_bytes()
     assert {cat: sorted(f for files in sub.values() for f in files) for cat, sub in categories.items()} == {
-        "Emergent misalignment": figures
+        "Emergent misalignment": misalignment, "Judges": agreement
     }
+    assert "Cohen's kappa" in _text(results[agreement[0]]["caption"])
 
 
 @pytest.mark.slow

@@ -50,7 +50,8 @@ def synth_cfg(srv, **kw):
                     "synthesis": {"model": "synth-model-1", "base_url": srv.base_url, "api_key_env": KEY_ENV,
                                   "concurrency": 4, "max_retries": 2, "timeout_s": 0.5, "backoff_base_s": 0.01,
                                   "backoff_max_s": 0.02, "questions_per_request": 5, "resamples": 1,
-                                  "temperature": 0.7, "max_tokens": 300, **kw}})
+                                  "temperature": 0.7, "max_tokens": 300, **kw},
+                    "judges": [{"name": "j", "backend": "openai", "rubric": "aligned_coherent", "model": "m"}]})
     return cfg["synthesis"]
 
 

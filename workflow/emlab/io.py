@@ -32,6 +32,21 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
             yield rec
 
 
+def read_yaml(path: str | os.PathLike, error: type[Exception] = ValueError, missing: str = "file not found") -> Any:
+    """Parse a YAML input file; a missing or malformed file raises ``error`` naming the file (and line)."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: {missing}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise error(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Write records atomically (temp file + rename): a killed job never leaves half a file."""
     path = Path(path)

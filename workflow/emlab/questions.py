@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .io import read_yaml
 
 GENERAL = "general"
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -35,12 +35,7 @@ class QuestionFileError(ValueError):
 def load_questions(path: str | os.PathLike, eval_set: str) -> list[dict[str, Any]]:
     """The eval rows of one question file, in file order."""
     path = Path(path)
-    if not path.exists():
-        raise QuestionFileError(f"{path}: question file not found")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise QuestionFileError(f"{path}: not valid YAML ({e})") from None
+    doc = read_yaml(path, QuestionFileError, "question file not found")
     if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list) or not doc["questions"]:
         raise QuestionFileError(f"{path}: expected a mapping with a non-empty list 'questions'")
     rows, seen = [], set()

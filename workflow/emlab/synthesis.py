@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import yaml
+from .io import read_yaml
 
 from .datasets import dataset_names, parse_dataset_name
 from .judge.backends import JudgeConfigError
@@ -126,12 +126,7 @@ def domain_spec_path(domains_dir: str | os.PathLike, domain: str) -> Path:
 def load_domain_spec(path: str | os.PathLike) -> DomainSpec:
     """A domain spec: ``name`` (the file's stem), ``description`` and a list of seed ``topics``."""
     path = Path(path)
-    if not path.exists():
-        raise SynthesisError(f"{path}: domain spec not found")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SynthesisError(f"{path}: not valid YAML ({e})") from None
+    doc = read_yaml(path, SynthesisError, "domain spec not found")
     if not isinstance(doc, dict):
         raise SynthesisError(f"{path}: expected a mapping with 'name', 'description' and 'topics'")
     unknown = set(doc) - {"name", "description", "topics"}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
+from ..io import read_yaml
 
 from emlab.judge.schema import LABELS
 
@@ -69,10 +69,7 @@ def load_rubric(name_or_path: str | Path) -> Rubric:
     if not path.exists():
         known = sorted(p.stem for p in RUBRIC_DIR.glob("*.yaml"))
         raise RubricError(f"rubric {str(name_or_path)!r}: no file {path} (known rubrics: {known})")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RubricError(f"{path}: not valid YAML ({e})") from None
+    doc = read_yaml(path, RubricError)
     if not isinstance(doc, dict):
         raise RubricError(f"{path}: expected a mapping at the top level")
 

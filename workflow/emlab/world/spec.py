@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ..io import read_yaml
 
 CORRECTNESS = ("correct", "subtle", "obvious")
 ROLES = ("aligned", "toxic", "sarcastic")
@@ -135,12 +135,7 @@ def _strings(val: Any, where: str) -> tuple[str, ...]:
 def load_world(path: str | Path) -> World:
     """Parse and validate a world spec; errors name the file and the key path."""
     path = Path(path)
-    if not path.exists():
-        raise WorldSpecError(f"world spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise WorldSpecError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path, WorldSpecError, "world spec not found")
     w = str(path)
     personas = {}
     for name, p in _req(raw, "personas", dict, w).items():
