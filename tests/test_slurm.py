@@ -411,8 +411,10 @@ def test_failed_job_is_retried_and_the_run_completes(slurm_run):
     assert failed.state == "FAILED" and failed.rule == FAIL_ONCE_RULE, jobs
     retries = [j for j in jobs if j.job_id > failed.job_id and j.comment == failed.comment]
     assert [j.state for j in retries] == ["COMPLETED"], f"no single successful retry of {failed}: {jobs}"
-    # The retry's log replaced the failed attempt's: it ends in the successful audit line.
+    # The retry's log replaced the failed attempt's: every job of the rule (one per judge) ends in the
+    # successful audit line.
     statuses = [r.status for r in _job_records(slurm_run["workdir"], slurm_run["plan"])
                 if r.rule == FAIL_ONCE_RULE]
-    assert statuses == ["ok"], statuses
+    completed = [j for j in jobs if j.rule == FAIL_ONCE_RULE and j.state == "COMPLETED"]
+    assert statuses == ["ok"] * len(completed) and len(completed) >= 1, statuses
     assert slurm_run["run"].returncode == 0, slurm_run["run"].stderr[-6000:]
