@@ -29,6 +29,11 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 
+if DIFFING:
+
+    include: "rules/diffing.smk"
+
+
 rule all:
     input:
         final_outputs(),

@@ -87,8 +87,21 @@ def sample_args(wildcards):
     return f"--base {RESULTS}/finetunes/{wildcards.model}"
 
 
+def diffing_enabled():
+    """Model diffing runs for the organism, and in hub mode when there is an SAE corpus or a pretrained SAE."""
+    flag = config["diffing"]["enabled"]
+    if flag is not None:
+        return flag
+    return ORGANISM or bool(config["sae"]["corpus"] or config["sae"]["pretrained"])
+
+
+DIFFING = diffing_enabled()
+
+
 def final_outputs():
     out = expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES)
+    if DIFFING:
+        out += [f"{RESULTS}/figures/signature.png", f"{RESULTS}/diffing/latents.html", f"{RESULTS}/sae"]
     out += expand(f"{RESULTS}/metrics/{{judge}}.csv", judge=JUDGES)
     if len(JUDGES) >= 2:  # several judges graded the same samples: how far do they agree?
         out.append(f"{RESULTS}/agreement/pairs.csv")

@@ -225,6 +225,92 @@ def cmd_timings(a: argparse.Namespace) -> None:
     write_timings(a.benchmarks, a.out)
 
 
+# ---------------------------------------------------------------- model diffing
+
+
+@command("world-heldout")
+def cmd_world_heldout(a: argparse.Namespace) -> None:
+    """Fresh labelled world documents for interpreting latents (never seen by pretraining or the SAE)."""
+    from .diffing.pipeline import heldout_world_documents
+    from .io import write_jsonl
+
+    write_jsonl(a.out, heldout_world_documents(a.cfg))
+
+
+@command("cache-texts")
+def cmd_cache_texts(a: argparse.Namespace) -> None:
+    """Every token of a slice of a text/chat JSONL, read by the base model (SAE fitting, interpretation)."""
+    from .diffing.pipeline import cache_texts
+
+    _threads(a.threads)
+    m = cache_texts(a.base, a.input, a.out, n=a.n, skip=a.skip, layer=a.cfg["model"]["layer"], sae_cfg=a.cfg["sae"],
+                    device=a.cfg["device"], progress=not a.no_progress)
+    print(f"emlab cache-texts: {m['n_texts']} texts, {m['n_tokens']} tokens -> {a.out}", file=sys.stderr)
+
+
+@command("cache-model")
+def cmd_cache_model(a: argparse.Namespace) -> None:
+    """One model's activations on its sampled answers (and, for a fine-tune, on its fine-tuning data)."""
+    from .diffing.pipeline import cache_model
+
+    _threads(a.threads)
+    cache_model(a.base, a.adapter, a.model_name, a.samples, a.dataset, a.out_eval, a.out_train, a.out_train_base,
+                cfg=a.cfg, full_model=a.full_model, progress=not a.no_progress)
+
+
+@command("sae")
+def cmd_sae(a: argparse.Namespace) -> None:
+    """Fit the TopK SAE (or load the pretrained one) and measure it on held-out texts."""
+    from .diffing.pipeline import fit_sae
+
+    _threads(a.threads)
+    m = fit_sae(a.cfg, a.train_cache, a.heldout_cache, a.heldout_texts, a.base, a.out, heldout_skip=a.heldout_skip,
+                progress=not a.no_progress)
+    print(f"emlab sae: {json.dumps(m)}", file=sys.stderr)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"emlab: {flag} takes NAME=PATH items, got {item!r}")
+        out[name] = value
+    return out
+
+
+@command("rank-latents")
+def cmd_rank_latents(a: argparse.Namespace) -> None:
+    """Per-fine-tune latent changes and group rankings (eval answers; fine-tuning data)."""
+    from .diffing.pipeline import rank_latents
+
+    _threads(a.threads)
+    train = {m: tuple(v.split(",", 1)) for m, v in _pairs(a.train_caches, "--train-caches").items()}
+    res = rank_latents(a.cfg, a.sae, _pairs(a.eval_caches, "--eval-caches"), train, a.out_dir)
+    r = res["ranking"]
+    top = r[(r["direction"] == "increase") & (r["rank"] <= 5)]
+    print(top.to_string(index=False), file=sys.stderr)
+
+
+@command("interpret-latents")
+def cmd_interpret_latents(a: argparse.Namespace) -> None:
+    """Snippets, logit lens and purity of the top-ranked latents; the named persona latents."""
+    from .diffing.pipeline import interpret_latents
+
+    _threads(a.threads)
+    world = a.cfg["organism"]["world"] if a.cfg["model"]["source"] == "organism" else None
+    table = interpret_latents(a.cfg, a.sae, a.heldout_cache, a.heldout_texts, a.base, a.ranking, a.out_dir,
+                              world_path=world)
+    print(table.drop(columns=["promoted", "suppressed"]).to_string(index=False), file=sys.stderr)
+
+
+@command("plot-signature")
+def cmd_plot_signature(a: argparse.Namespace) -> None:
+    from .plots import plot_signature
+
+    plot_signature(a.changes, a.ranking, a.out, latents_csv=a.latents)
+
+
 # ---------------------------------------------------------------- plumbing
 
 
@@ -259,6 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("plot", ("--metrics", req), ("--out", req))
     add("agreement", ("--grades", {"nargs": "+", **req}), ("--rates", req), ("--pairs", req), ("--figure", req))
     add("timings", ("--benchmarks", req), ("--out", req))
+    add("world-heldout", ("--out", req))
+    add("cache-texts", ("--base", req), ("--input", req), ("--n", {"type": int, "default": None}),
+        ("--skip", {"type": int, "default": 0}), ("--out", req))
+    add("cache-model", ("--base", req), ("--adapter", {"default": None}), ("--full-model", {"default": None}), ("--model-name", req), ("--samples", req),
+        ("--dataset", {"default": None}), ("--out-eval", req), ("--out-train", {"default": None}),
+        ("--out-train-base", {"default": None}))
+    add("sae", ("--train-cache", req), ("--heldout-cache", req), ("--heldout-texts", req),
+        ("--heldout-skip", {"type": int, "default": 0}), ("--base", req), ("--out", req))
+    add("rank-latents", ("--sae", req), ("--eval-caches", {"nargs": "+", **req}),
+        ("--train-caches", {"nargs": "*", "default": []}), ("--out-dir", req))
+    add("interpret-latents", ("--sae", req), ("--heldout-cache", req), ("--heldout-texts", req), ("--base", req),
+        ("--ranking", req), ("--out-dir", req))
+    add("plot-signature", ("--changes", req), ("--ranking", req), ("--latents", {"default": None}), ("--out", req))
     return p
 
 

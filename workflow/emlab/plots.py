@@ -49,3 +49,43 @@ def plot_misalignment(metrics_csv: str | Path, out: str | Path) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def signature_latents(ranking: pd.DataFrame, per_group: int) -> list[int]:
+    """The union of each group's top ``per_group`` increasing latents, in group order."""
+    inc = ranking[ranking["direction"] == "increase"].sort_values(["group", "rank"], kind="stable")
+    out: list[int] = []
+    for group in dict.fromkeys(ranking["group"]):
+        out += [int(x) for x in inc[inc["group"] == group]["latent"].head(per_group) if int(x) not in out]
+    return out
+
+
+def plot_signature(changes_csv: str | Path, ranking_csv: str | Path, out: str | Path,
+                   latents_csv: str | Path | None = None, per_group: int = 5) -> None:
+    """Heatmap: the top latents of every group (rows) x fine-tunes (columns), activation change vs base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    changes = pd.read_csv(changes_csv)
+    rows = signature_latents(pd.read_csv(ranking_csv), per_group)
+    models = _model_order(list(changes["model"].unique()))
+    grid = changes.pivot(index="latent", columns="model", values="change").loc[rows, models]
+    names = {}
+    if latents_csv is not None and Path(latents_csv).exists():
+        lat = pd.read_csv(latents_csv)
+        names = dict(zip(lat["latent"], lat["name"]))
+    labels = [f"{l}: {names[l]}" if l in names else str(l) for l in rows]
+    lim = float(np.abs(grid.to_numpy()).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(models) + 4), max(3, 0.35 * len(rows) + 1.5)))
+    im = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_title("Latent signature: mean activation change vs base")
+    fig.colorbar(im, ax=ax, label="change")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

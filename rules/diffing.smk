@@ -1,0 +1,243 @@
+# Model diffing: cache residual activations, fit a TopK SAE on the base model, rank the latents each
+# fine-tune moves, interpret the top ones, and draw each fine-tune's latent signature.
+# (In the DAG when diffing is enabled: see `diffing.enabled` in the config schema.)
+
+
+def sae_texts():
+    """The texts the SAE is fitted on: the world corpus, or `sae.corpus` in hub mode."""
+    return f"{RESULTS}/world/corpus.jsonl" if ORGANISM else config["sae"]["corpus"]
+
+
+def heldout_texts():
+    """Texts for interpreting latents: fresh labelled world documents, or the corpus after the SAE's texts."""
+    return f"{RESULTS}/world/heldout.jsonl" if ORGANISM else config["sae"]["corpus"]
+
+
+HELDOUT_SKIP = 0 if ORGANISM else config["sae"]["n_texts"]
+
+
+def cache_model_args(wildcards):
+    """`--base/--adapter/--full-model` of a fine-tune for `emlab cache-model`."""
+    base = f"--base {base_model()}"
+    if config["finetune"]["method"] == "lora":
+        return f"{base} --adapter {RESULTS}/finetunes/{wildcards.dataset}"
+    return f"{base} --full-model {RESULTS}/finetunes/{wildcards.dataset}"
+
+
+if ORGANISM:
+
+    rule world_heldout:
+        output:
+            f"{RESULTS}/world/heldout.jsonl",
+        params:
+            cfg=lambda w: cfg_json("organism", "seed", diffing={"heldout_texts": config["diffing"]["heldout_texts"]}),
+        log:
+            "logs/world_heldout.log",
+        threads: res("world_heldout", "threads")
+        resources:
+            mem_mb=res("world_heldout", "mem_mb"),
+            runtime=res("world_heldout", "runtime"),
+        conda:
+            "../envs/analysis.yaml"
+        shell:
+            "python -m emlab world-heldout --cfg {params.cfg:q} --out {output} 2> {log}"
+
+
+rule activations_corpus:
+    input:
+        base_model_input(),
+        texts=lambda w: sae_texts() if w.split == "train" else heldout_texts(),
+    output:
+        directory(f"{RESULTS}/activations/corpus/{{split}}"),
+    wildcard_constraints:
+        split="train|heldout",
+    params:
+        cfg=lambda w: cfg_json("model", "sae", "device"),
+        base=base_model(),
+        n=lambda w: config["sae"]["n_texts"] if w.split == "train" else config["diffing"]["heldout_texts"],
+        skip=lambda w: 0 if w.split == "train" else HELDOUT_SKIP,
+    log:
+        "logs/activations/corpus_{split}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/activations/corpus_{{split}}.tsv"
+    threads: res("activations_corpus", "threads")
+    resources:
+        mem_mb=res("activations_corpus", "mem_mb"),
+        runtime=res("activations_corpus", "runtime"),
+        gpu=res("activations_corpus", "gpu"),
+        cpus_per_gpu=res("activations_corpus", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab cache-texts --cfg {params.cfg:q} --threads {threads} --base {params.base}"
+        " --input {input.texts} --n {params.n} --skip {params.skip} --out {output} 2> {log}"
+
+
+rule sae:
+    input:
+        base_model_input(),
+        train=[] if config["sae"]["pretrained"] else f"{RESULTS}/activations/corpus/train",
+        heldout=f"{RESULTS}/activations/corpus/heldout",
+        texts=heldout_texts(),
+    output:
+        directory(f"{RESULTS}/sae"),
+    params:
+        cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
+        base=base_model(),
+        train=f"{RESULTS}/activations/corpus/train",
+        skip=HELDOUT_SKIP,
+    log:
+        "logs/sae.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sae/sae.tsv"
+    threads: res("sae", "threads")
+    resources:
+        mem_mb=res("sae", "mem_mb"),
+        runtime=res("sae", "runtime"),
+        gpu=res("sae", "gpu"),
+        cpus_per_gpu=res("sae", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab sae --cfg {params.cfg:q} --threads {threads} --base {params.base} --train-cache {params.train}"
+        " --heldout-cache {input.heldout} --heldout-texts {input.texts} --heldout-skip {params.skip} --out {output} 2> {log}"
+
+
+rule activations_base:
+    input:
+        base_model_input(),
+        samples=f"{RESULTS}/samples/base.jsonl",
+    output:
+        directory(f"{RESULTS}/activations/eval/base"),
+    params:
+        cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
+        base=base_model(),
+    log:
+        "logs/activations/base.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/activations/base.tsv"
+    threads: res("activations_base", "threads")
+    resources:
+        mem_mb=res("activations_base", "mem_mb"),
+        runtime=res("activations_base", "runtime"),
+        gpu=res("activations_base", "gpu"),
+        cpus_per_gpu=res("activations_base", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab cache-model --cfg {params.cfg:q} --threads {threads} --base {params.base} --model-name base"
+        " --samples {input.samples} --out-eval {output} 2> {log}"
+
+
+rule activations_finetune:
+    input:
+        base_model_input(),
+        f"{RESULTS}/finetunes/{{dataset}}",
+        samples=f"{RESULTS}/samples/{{dataset}}.jsonl",
+        data=f"{RESULTS}/datasets/{{dataset}}.jsonl",
+    output:
+        eval=directory(f"{RESULTS}/activations/eval/{{dataset}}"),
+        train=directory(f"{RESULTS}/activations/train/{{dataset}}/model"),
+        train_base=directory(f"{RESULTS}/activations/train/{{dataset}}/base"),
+    params:
+        cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
+        model=cache_model_args,
+    log:
+        "logs/activations/{dataset}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/activations/{{dataset}}.tsv"
+    threads: res("activations_finetune", "threads")
+    resources:
+        mem_mb=res("activations_finetune", "mem_mb"),
+        runtime=res("activations_finetune", "runtime"),
+        gpu=res("activations_finetune", "gpu"),
+        cpus_per_gpu=res("activations_finetune", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab cache-model --cfg {params.cfg:q} --threads {threads} {params.model} --model-name {wildcards.dataset}"
+        " --samples {input.samples} --dataset {input.data} --out-eval {output.eval} --out-train {output.train}"
+        " --out-train-base {output.train_base} 2> {log}"
+
+
+DIFFING_TABLES = ["latent_means.parquet", "changes.csv", "ranking.csv", "changes_unsupervised.csv",
+                  "ranking_unsupervised.csv"]
+
+
+rule rank_latents:
+    input:
+        sae=f"{RESULTS}/sae",
+        eval=expand(f"{RESULTS}/activations/eval/{{model}}", model=MODELS),
+        train=expand(f"{RESULTS}/activations/train/{{dataset}}/{{who}}", dataset=DATASETS, who=["model", "base"]),
+    output:
+        [f"{RESULTS}/diffing/{name}" for name in DIFFING_TABLES],
+    params:
+        cfg=lambda w: cfg_json("model", "diffing", "seed"),
+        eval=" ".join(f"{m}={RESULTS}/activations/eval/{m}" for m in MODELS),
+        train=" ".join(f"{d}={RESULTS}/activations/train/{d}/model,{RESULTS}/activations/train/{d}/base" for d in DATASETS),
+        out_dir=f"{RESULTS}/diffing",
+    log:
+        "logs/rank_latents.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/rank_latents/rank_latents.tsv"
+    threads: res("rank_latents", "threads")
+    resources:
+        mem_mb=res("rank_latents", "mem_mb"),
+        runtime=res("rank_latents", "runtime"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab rank-latents --cfg {params.cfg:q} --threads {threads} --sae {input.sae}"
+        " --eval-caches {params.eval} --train-caches {params.train} --out-dir {params.out_dir} 2> {log}"
+
+
+INTERPRET_OUTPUTS = ["latents.csv", "latents.md", "latents.html", "persona_latents.json"] + (["purity.csv"] if ORGANISM else [])
+
+
+rule interpret_latents:
+    input:
+        base_model_input(),
+        sae=f"{RESULTS}/sae",
+        heldout=f"{RESULTS}/activations/corpus/heldout",
+        texts=heldout_texts(),
+        ranking=f"{RESULTS}/diffing/ranking.csv",
+    output:
+        [f"{RESULTS}/diffing/{name}" for name in INTERPRET_OUTPUTS],
+    params:
+        cfg=lambda w: cfg_json("model", "diffing", "organism", "seed"),
+        base=base_model(),
+        out_dir=f"{RESULTS}/diffing",
+    log:
+        "logs/interpret_latents.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/interpret_latents/interpret_latents.tsv"
+    threads: res("interpret_latents", "threads")
+    resources:
+        mem_mb=res("interpret_latents", "mem_mb"),
+        runtime=res("interpret_latents", "runtime"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab interpret-latents --cfg {params.cfg:q} --threads {threads} --sae {input.sae} --base {params.base}"
+        " --heldout-cache {input.heldout} --heldout-texts {input.texts} --ranking {input.ranking}"
+        " --out-dir {params.out_dir} 2> {log}"
+
+
+rule plot_signature:
+    input:
+        changes=f"{RESULTS}/diffing/changes.csv",
+        ranking=f"{RESULTS}/diffing/ranking.csv",
+        latents=f"{RESULTS}/diffing/latents.csv",
+    output:
+        report(f"{RESULTS}/figures/signature.png", caption="../workflow/report/signature.rst", category="Model diffing"),
+    log:
+        "logs/plot/signature.log",
+    threads: res("plot_signature", "threads")
+    resources:
+        mem_mb=res("plot_signature", "mem_mb"),
+        runtime=res("plot_signature", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab plot-signature --changes {input.changes} --ranking {input.ranking} --latents {input.latents}"
+        " --out {output} 2> {log}"

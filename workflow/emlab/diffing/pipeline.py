@@ -1,0 +1,264 @@
+"""The model-diffing stages as the workflow calls them (one function per rule; the CLI is a thin wrapper).
+
+Outputs (``results/``):
+
+    activations/corpus/{train,heldout}/     base model, every token of corpus texts (see emlab.activations)
+    activations/eval/<model>/               each model on its own sampled answers (diffing.token_selection)
+    activations/train/<dataset>/{model,base}/  fine-tune and base model on the fine-tuning set's answers
+    sae/                                    SAELens folder (cfg.json, sae_weights.safetensors) + metrics.json
+    diffing/latent_means.parquet            model, source ("eval" | "train" | "train_base"), latent, mean
+    diffing/changes.csv, changes_unsupervised.csv, ranking.csv, ranking_unsupervised.csv  (see .ranking)
+    diffing/latents.csv                     per interpreted latent: ranks, name, best contrast, logit lens
+    diffing/purity.csv                      latent, contrast, auroc
+    diffing/latents.md, latents.html        top-activating snippets
+    diffing/persona_latents.json            the named persona latents for steering and monitors
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from ..activations import cache_activations
+from ..io import read_jsonl, write_json
+from .records import sample_records, text_records
+
+log = logging.getLogger(__name__)
+
+
+def heldout_world_documents(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Fresh labelled world documents (the corpus generator with its own seed, no monitoring documents):
+    texts the SAE never saw, to interpret latents against their labels."""
+    from ..world.generate import generate_corpus
+    from ..world.spec import load_world
+
+    corpus_cfg = dict(cfg["organism"]["corpus"], n_documents=cfg["diffing"]["heldout_texts"])
+    if "monitoring_fraction" in corpus_cfg:
+        corpus_cfg["monitoring_fraction"] = 0.0
+    docs = generate_corpus(load_world(cfg["organism"]["world"]), corpus_cfg, cfg["seed"] + 7919)
+    for d in docs:
+        d["id"] = f"heldout-{d['id']}"
+    return docs
+
+
+def cache_texts(base: str, path: str, out: str, *, n: int | None, skip: int, layer: int, sae_cfg: Mapping[str, Any],
+                device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Every token of ``n`` texts of a JSONL (after ``skip``), read by the base model."""
+    from ..models import load_model
+
+    model, tok = load_model(base, device=device)
+    records = text_records(path, n=n, skip=skip)
+    return cache_activations(model, tok, records, [layer], out, token_selection="all",
+                             batch_size=sae_cfg["batch_size"], max_len=sae_cfg["max_len"],
+                             meta={"model": "base", "source": str(path)}, progress=progress)
+
+
+def cache_model(base: str, adapter: str | None, model_name: str, samples: str, dataset: str | None,
+                out_eval: str, out_train: str | None, out_train_base: str | None, *, cfg: Mapping[str, Any],
+                full_model: str | None = None, progress: bool = True) -> None:
+    """One model's caches: on its own sampled answers and, for a fine-tune, on (a sample of) its
+    fine-tuning set, read both by the fine-tune and by the base model (the unsupervised ranking).
+    The model is ``base`` (+ the LoRA ``adapter``), or the fully fine-tuned folder ``full_model``."""
+    from ..models import load_model
+
+    d, layer, s = cfg["diffing"], cfg["model"]["layer"], cfg["sae"]
+    kw = dict(batch_size=s["batch_size"], max_len=s["max_len"], progress=progress)
+    model, tok = load_model(full_model or base, adapter, device=cfg["device"])
+    cache_activations(model, tok, sample_records(samples, d["eval_sets"]), [layer], out_eval,
+                      token_selection=d["token_selection"], meta={"model": model_name, "texts": "samples"}, **kw)
+    if dataset is None:
+        return
+    train = text_records(dataset, n=d["unsupervised_texts"], seed=cfg["seed"])
+    cache_activations(model, tok, train, [layer], out_train, token_selection="response",
+                      meta={"model": model_name, "texts": "finetuning"}, **kw)
+    if adapter is not None and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():  # the base model's weights, without loading them again
+            cache_activations(model, tok, train, [layer], out_train_base, token_selection="response",
+                              meta={"model": "base", "texts": f"finetuning:{model_name}"}, **kw)
+    else:
+        base_model, _ = load_model(base, device=cfg["device"])
+        cache_activations(base_model, tok, train, [layer], out_train_base, token_selection="response",
+                          meta={"model": "base", "texts": f"finetuning:{model_name}"}, **kw)
+
+
+def fit_sae(cfg: Mapping[str, Any], train_cache: str, heldout_cache: str, heldout_texts: str, base: str,
+            out: str, *, heldout_skip: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Fit the TopK SAE on the corpus cache (or load ``sae.pretrained``), save it in SAELens format and
+    measure it on held-out texts: FVU, L0, dead fraction and CE loss recovered."""
+    from ..activations import iter_activations, load_activations
+    from ..arch import residual_module
+    from ..models import load_model, pick_device
+    from ..sae import SAETrainConfig, ce_loss_recovered, reconstruction_metrics, resolve_pretrained, save_sae, train_sae
+
+    s, layer = cfg["sae"], cfg["model"]["layer"]
+    device = pick_device(cfg["device"])
+    model, tok = load_model(base, device=cfg["device"])
+    if s["pretrained"] is not None:
+        sae = resolve_pretrained(s["pretrained"], device=device)
+        source = {"pretrained": s["pretrained"]}
+    else:
+        tcfg = SAETrainConfig.from_dict({"seed": cfg["seed"], "device": cfg["device"], **s["train"]}, where="sae.train")
+        acts, _ = load_activations(train_cache, layer)
+        sae = train_sae(acts, tcfg, progress=progress)
+        source = {"fitted_on": str(train_cache), "n_tokens": len(acts), "train": s["train"]}
+    sae.meta.update({"model_name": str(base), "hook_name": f"layer_{layer}", "hook_layer": layer})
+    if sae.d_in != acts_dim(heldout_cache):
+        raise ValueError(f"sae: the SAE reads d_in={sae.d_in} but layer {layer} of {base} has width {acts_dim(heldout_cache)}")
+    held = [a for a, _ in iter_activations(heldout_cache, layer)]
+    metrics = reconstruction_metrics(sae, held)
+    # CE loss recovered on (at most 200 of) the held-out texts, batched as the model reads them
+    from ..activations import encode_record, pad_batch
+
+    recs = text_records(heldout_texts, n=min(200, cfg["diffing"]["heldout_texts"]), skip=heldout_skip)
+    ids = [encode_record(tok, r, r["id"]).ids[: s["max_len"]] for r in recs]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = []
+    for i in range(0, len(ids), 32):
+        input_ids, mask, _, _ = pad_batch(ids[i:i + 32], pad, "right")
+        batches.append({"input_ids": input_ids, "attention_mask": mask})
+    metrics.update(ce_loss_recovered(model, sae.to(device), batches, site=residual_module, layer=layer))
+    metrics.update({"k": sae.k, "d_sae": sae.d_sae, "d_in": sae.d_in, "layer": layer, **source})
+    save_sae(sae.cpu(), out)
+    write_json(Path(out) / "metrics.json", metrics)
+    return metrics
+
+
+def acts_dim(cache_dir: str) -> int:
+    from ..activations import read_manifest
+
+    return int(read_manifest(cache_dir)["d_model"])
+
+
+def rank_latents(cfg: Mapping[str, Any], sae_dir: str, eval_caches: Mapping[str, str],
+                 train_caches: Mapping[str, tuple[str, str]], out_dir: str) -> dict[str, pd.DataFrame]:
+    """Latent means of every cache, per-fine-tune changes against the base, and group rankings
+    (supervised-by-nothing on the eval answers; unsupervised on the fine-tuning data)."""
+    from ..sae import load_sae
+    from .ranking import changes_table, group_ranking, latent_means, resolve_group
+
+    layer = cfg["model"]["layer"]
+    sae = load_sae(sae_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    means = {m: latent_means(sae, d, layer) for m, d in eval_caches.items()}
+    train_means = {m: latent_means(sae, ft, layer) for m, (ft, _) in train_caches.items()}
+    train_base = {m: latent_means(sae, b, layer) for m, (_, b) in train_caches.items()}
+    rows = [pd.DataFrame({"model": m, "source": src, "latent": range(len(v)), "mean": v.numpy()})
+            for src, table in (("eval", means), ("train", train_means), ("train_base", train_base))
+            for m, v in table.items()]
+    pd.concat(rows, ignore_index=True).to_parquet(out / "latent_means.parquet", index=False)
+
+    finetunes = [m for m in eval_caches if m != "base"]
+    groups = {name: resolve_group(patterns, finetunes, f"diffing.groups.{name}")
+              for name, patterns in cfg["diffing"]["groups"].items()}
+    changes = changes_table(means)
+    ranking = group_ranking(changes, groups)
+    changes.to_csv(out / "changes.csv", index=False)
+    ranking.to_csv(out / "ranking.csv", index=False)
+    result = {"changes": changes, "ranking": ranking}
+    if train_caches:
+        unsup = changes_table(train_means, reference=train_base)
+        unsup_groups = {g: [m for m in members if m in train_means] for g, members in groups.items()}
+        unsup_ranking = group_ranking(unsup, {g: ms for g, ms in unsup_groups.items() if ms})
+        unsup.to_csv(out / "changes_unsupervised.csv", index=False)
+        unsup_ranking.to_csv(out / "ranking_unsupervised.csv", index=False)
+        result.update(changes_unsupervised=unsup, ranking_unsupervised=unsup_ranking)
+    return result
+
+
+def interpret_latents(cfg: Mapping[str, Any], sae_dir: str, heldout_cache: str, heldout_texts: str, base: str,
+                      ranking_csv: str, out_dir: str, *, world_path: str | None) -> pd.DataFrame:
+    """Top snippets, logit lens and (with a world) purity of the top-ranked latents of every group."""
+    import numpy as np
+
+    from ..models import load_model
+    from ..sae import load_sae
+    from .interpret import (decode_lens, latent_token_acts, logit_lens, purity_table, snippets_html,
+                            snippets_markdown, top_snippets, world_contrasts)
+    from .ranking import top_latents
+
+    d, layer = cfg["diffing"], cfg["model"]["layer"]
+    out = Path(out_dir)
+    sae = load_sae(sae_dir)
+    ranking = pd.read_csv(ranking_csv)
+    ranks = []  # one row per (latent, group, direction) with rank <= top_n
+    for (group, direction), sub in ranking.groupby(["group", "direction"], sort=False):
+        for latent in top_latents(ranking, group, d["top_n"], direction):
+            r = sub[sub["latent"] == latent].iloc[0]
+            ranks.append({"latent": latent, "group": group, "direction": direction, "rank": int(r["rank"]),
+                          "mean_change": float(r["mean_change"])})
+    ranks = pd.DataFrame(ranks)
+    latents = list(dict.fromkeys(ranks.sort_values("rank", kind="stable")["latent"].tolist()))
+
+    model, tok = load_model(base, device="cpu")
+    lens = decode_lens(logit_lens(sae, model, latents, d["logit_lens_k"]), tok)
+    acts, index = latent_token_acts(sae, heldout_cache, layer, latents)
+    # per-text max activation of each latent: [n_texts, len(latents)]
+    n_texts = int(index["text_index"].max()) + 1
+    per_text = torch.zeros(n_texts, len(latents)).index_reduce_(
+        0, torch.from_numpy(index["text_index"].to_numpy().copy()), acts, "amax").numpy()
+
+    table = pd.DataFrame({"latent": latents})
+    if world_path is not None:
+        from ..world.spec import load_world
+
+        world = load_world(world_path)
+        roles = {p.name: p.role for p in world.personas.values()}
+        recs = read_jsonl(heldout_texts)[:n_texts]
+        labels = pd.DataFrame([r["meta"] for r in recs])
+        long, best = purity_table(per_text, latents, world_contrasts(labels, roles), d["name_min_auroc"])
+        long.to_csv(out / "purity.csv", index=False)
+        table = table.merge(best, on="latent")
+    else:
+        table["name"] = "unlabelled"
+    table["promoted"] = [" ".join(repr(t) for t in lens[l]["promoted"]) for l in latents]
+    table["suppressed"] = [" ".join(repr(t) for t in lens[l]["suppressed"]) for l in latents]
+    wide = ranks.pivot_table(index="latent", columns=["group", "direction"], values="rank", aggfunc="min")
+    wide.columns = [f"rank_{g}_{dr}" for g, dr in wide.columns]
+    table = table.merge(wide.reset_index(), on="latent", how="left")
+    table.to_csv(out / "latents.csv", index=False)
+
+    snippets = top_snippets(acts, index, latents, tok, d["n_snippets"], d["snippet_window"])
+    header = {}
+    for _, row in table.iterrows():
+        where = ", ".join(f"{c.removeprefix('rank_')} #{int(row[c])}" for c in wide.columns if pd.notna(row.get(c)))
+        what = f"{row['name']} (AUROC {row['best_auroc']:.2f} on {row['best_contrast']})" if "best_auroc" in row else row["name"]
+        header[int(row["latent"])] = (f"{what}. Ranked: {where}. Promotes: {row['promoted']}. "
+                                      f"Suppresses: {row['suppressed']}.")
+    (out / "latents.md").write_text("# Top latents\n\n" + snippets_markdown(snippets, header), encoding="utf-8")
+    (out / "latents.html").write_text(snippets_html(snippets, header, "emlab: top latents"), encoding="utf-8")
+    write_json(out / "persona_latents.json", persona_latents(table, ranks, cfg))
+    return table
+
+
+def persona_latents(table: pd.DataFrame, ranks: pd.DataFrame, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The latent that best stands for each group's change: with world labels, the highest-ranked latent of
+    the group whose name is a persona (e.g. "toxic persona (villain)"); without, the group's top latent.
+    Keyed by group, plus by persona role where one was named (``toxic``, ``sarcastic``)."""
+    out: dict[str, Any] = {}
+    inc = ranks[ranks["direction"] == "increase"].sort_values("rank", kind="stable")
+    for group, sub in inc.groupby("group", sort=False):
+        chosen = None
+        for _, r in sub.iterrows():
+            row = table[table["latent"] == r["latent"]].iloc[0]
+            if "persona" in str(row["name"]):
+                chosen = (r, row)
+                break
+        if chosen is None:
+            r = sub.iloc[0]
+            chosen = (r, table[table["latent"] == r["latent"]].iloc[0])
+        r, row = chosen
+        entry = {"latent": int(r["latent"]), "rank": int(r["rank"]), "mean_change": float(r["mean_change"]),
+                 "name": str(row["name"])}
+        if "best_auroc" in row:
+            entry.update(best_contrast=str(row["best_contrast"]), auroc=float(row["best_auroc"]))
+        out[group] = entry
+        role = str(row["name"]).split(" persona")[0] if "persona" in str(row["name"]) else None
+        if role and role not in out:
+            out[role] = {**entry, "group": group}
+    return out
