@@ -34,6 +34,11 @@ if DIFFING:
     include: "rules/diffing.smk"
 
 
+if STEERING:
+
+    include: "rules/steering.smk"
+
+
 rule all:
     input:
         final_outputs(),

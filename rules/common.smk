@@ -1,4 +1,5 @@
 # Shared helpers of the rules: config validation, model and dataset lists, paths, resources.
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -96,12 +97,18 @@ def diffing_enabled():
 
 
 DIFFING = diffing_enabled()
+STEERING = DIFFING if config["steer"]["enabled"] is None else config["steer"]["enabled"]
+if STEERING and not DIFFING:
+    raise WorkflowError("steer.enabled: steering needs model diffing (its candidates are ranked SAE latents); "
+                        "enable diffing or leave steer.enabled unset")
 
 
 def final_outputs():
     out = expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES)
     if DIFFING:
         out += [f"{RESULTS}/figures/signature.png", f"{RESULTS}/diffing/latents.html", f"{RESULTS}/sae"]
+    if STEERING:
+        out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
     out += expand(f"{RESULTS}/metrics/{{judge}}.csv", judge=JUDGES)
     if len(JUDGES) >= 2:  # several judges graded the same samples: how far do they agree?
         out.append(f"{RESULTS}/agreement/pairs.csv")

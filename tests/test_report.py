@@ -51,18 +51,23 @@ def test_report_embeds_every_figure_byte_for_byte(report):
     figures = sorted(str(p.relative_to(wd)) for p in (wd / "results" / "figures").iterdir())
     misalignment = ["results/figures/misalignment_world.png", "results/figures/misalignment_world_strict.png"]
     agreement = ["results/figures/judge_agreement.png"]
-    assert figures == sorted(agreement + misalignment)
+    signature, sweep = ["results/figures/signature.png"], ["results/figures/steering_sweep.png"]
+    assert figures == sorted(agreement + misalignment + signature + sweep)
     assert sorted(results) == figures
+    rule = {**{p: "plot_misalignment" for p in misalignment}, agreement[0]: "agreement", signature[0]: "plot_signature",
+            sweep[0]: "steer_sweep"}
     for path in figures:
         entry = results[path]
         assert entry["mime_type"] == "image/png"
-        assert entry["job_properties"]["rule"] == ("agreement" if path in agreement else "plot_misalignment")
+        assert entry["job_properties"]["rule"] == rule[path]
         header, _, data = entry["data_uri"].partition("base64,")
         assert header.startswith("data:image/png")
         assert base64.b64decode(data) == (wd / path).read_bytes()
     assert {cat: sorted(f for files in sub.values() for f in files) for cat, sub in categories.items()} == {
-        "Emergent misalignment": misalignment, "Judges": agreement
+        "Emergent misalignment": misalignment, "Judges": agreement, "Model diffing": signature, "Steering": sweep
     }
+    assert "layer 1" in _text(results[signature[0]]["caption"])  # rendered from the run's config
+    assert "mean residual-stream norm" in _text(results[sweep[0]]["caption"])
     assert "Cohen's kappa" in _text(results[agreement[0]]["caption"])
 
 

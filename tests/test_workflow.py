@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -45,6 +46,34 @@ def test_every_stage_produces_its_outputs(tiny_run):
     assert {"pretrain", "finetune", "sample", "judge"} <= set(timings["stage"])
 
 
+def test_diffing_and_steering_stages_write_their_tables(tiny_run):
+    import json
+
+    from emlab.sae import load_sae
+
+    r = tiny_run / "results"
+    sae = load_sae(r / "sae")
+    assert (sae.d_in, sae.d_sae, sae.k) == (32, 64, 4)
+    metrics = json.loads((r / "sae/metrics.json").read_text())
+    assert {"fvu", "l0", "dead_frac", "ce_recovered"} <= set(metrics) and metrics["l0"] == pytest.approx(4, abs=0.01)
+    ranking = pd.read_csv(r / "diffing/ranking.csv")
+    # the default groups: "obvious" matches no fine-tune of this run and is skipped
+    assert set(ranking["group"]) == {"subtle"} and len(ranking) == 2 * 64
+    changes = pd.read_csv(r / "diffing/changes.csv")
+    assert sorted(changes["model"].unique()) == sorted(m for m in MODELS if m != "base")
+    assert set(pd.read_csv(r / "diffing/changes_unsupervised.csv")["model"]) == set(changes["model"])
+    latents = pd.read_csv(r / "diffing/latents.csv")
+    assert len(latents) >= 3 and {"name", "best_contrast", "best_auroc", "promoted"} <= set(latents.columns)
+    assert "subtle" in json.loads((r / "diffing/persona_latents.json").read_text())
+    assert "<h2 id='latent-" in (r / "diffing/latents.html").read_text()
+    screen = pd.read_csv(r / "steering/screen.csv")
+    assert len(screen) == 2 and {"kept", "health_subtle_cut", "base_misaligned"} <= set(screen.columns)
+    sweep = pd.read_csv(r / "steering/sweep.csv")
+    assert set(sweep["target"]) == {"base", "health_subtle"} and set(sweep["alpha"]) == {-1, 0, 1}
+    assert (r / "figures/signature.png").stat().st_size > 10_000
+    assert (r / "figures/steering_sweep.png").stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_datasets_hold_only_their_domain_and_carry_labels(tiny_run):
     wd = tiny_run
@@ -62,14 +91,17 @@ def test_rerun_does_nothing_and_figures_regenerate_from_cache(tiny_run):
     wd = tiny_run
     proc = snakemake(wd, "-n", configfile=TINY)
     assert "Nothing to be done" in proc.stdout + proc.stderr
-    fig = wd / "results/figures/misalignment_world.png"
-    fig.unlink()
+    figs = [wd / f"results/figures/{name}.png" for name in ("misalignment_world", "signature", "steering_sweep")]
+    for fig in figs:
+        fig.unlink()
     proc = snakemake(wd, configfile=TINY)
     out = proc.stdout + proc.stderr
-    assert "rule plot_misalignment" in out or "localrule plot_misalignment" in out
-    for expensive in ("rule pretrain", "rule finetune", "rule sample", "rule judge"):
+    for plot in ("plot_misalignment", "plot_signature", "steer_sweep"):
+        assert f"rule {plot}:" in out, plot
+    for expensive in ("rule pretrain", "rule finetune", "rule sample", "rule judge", "rule activations",
+                      "rule sae", "rule steer_sample", "rule judge_steering", "rule rank_latents"):
         assert expensive not in out
-    assert fig.exists()
+    assert all(fig.exists() for fig in figs)
 
 
 def overlay(wd, name: str, text: str) -> str:
@@ -84,8 +116,9 @@ def test_changing_sampling_reruns_only_sampling_and_below(tiny_run):
     wd = tiny_run
     proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "more.yaml", "sampling: {n_samples: 3}\n")])
     out = proc.stdout + proc.stderr
-    assert "sample" in out and "judge" in out
-    assert "pretrain  " not in out and "finetune  " not in out
+    jobs = set(re.findall(r"^(\w+)\s+\d+$", out, flags=re.M))  # the job stats table
+    assert {"sample", "judge", "activations_base", "activations_finetune", "rank_latents"} <= jobs
+    assert not jobs & {"pretrain", "finetune", "posttrain", "activations_corpus", "sae"}
 
 
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):

@@ -311,6 +311,50 @@ def cmd_plot_signature(a: argparse.Namespace) -> None:
     plot_signature(a.changes, a.ranking, a.out, latents_csv=a.latents)
 
 
+# ---------------------------------------------------------------- steering
+
+
+@command("steer-directions")
+def cmd_steer_directions(a: argparse.Namespace) -> None:
+    """Candidate latent directions, the mean-difference direction and random controls."""
+    from .steer.stages import build_directions
+
+    info = build_directions(a.cfg, a.sae, a.ranking, a.caches, a.grades, a.out, a.out_json)
+    print(f"emlab steer-directions: {json.dumps(info)}", file=sys.stderr)
+
+
+@command("steer-sample")
+def cmd_steer_sample(a: argparse.Namespace) -> None:
+    """Steered answers of one target model for one steering stage (screen_add, screen_sub, sweep)."""
+    from .steer.stages import sample_stage
+
+    _threads(a.threads)
+    r = sample_stage(a.cfg, a.stage, a.target, a.base, a.adapter, a.directions, a.directions_json, a.questions,
+                     a.out, screen_add_grades=a.screen_add_grades, screen_json=a.screen,
+                     progress=not a.no_progress)
+    print(f"emlab steer-sample: {json.dumps(r)}", file=sys.stderr)
+
+
+@command("steer-screen")
+def cmd_steer_screen(a: argparse.Namespace) -> None:
+    """The screen: latents that raise misalignment in the base model and lower it in the fine-tunes."""
+    from .steer.stages import write_screen
+
+    t = write_screen(a.cfg, a.directions_json, a.add_grades, a.sub_grades, a.targets, a.out, a.out_json)
+    print(t.to_string(index=False), file=sys.stderr)
+
+
+@command("steer-sweep")
+def cmd_steer_sweep(a: argparse.Namespace) -> None:
+    """Misalignment and incoherence against steering strength, per direction and target."""
+    from .steer.stages import write_sweep
+
+    grades: dict[str, list[str]] = {}
+    for path in a.grades:  # .../<stage>/<target>.jsonl
+        grades.setdefault(Path(path).stem, []).append(path)
+    write_sweep(a.cfg, a.directions_json, a.screen, grades, a.out, a.figure)
+
+
 # ---------------------------------------------------------------- plumbing
 
 
@@ -357,6 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("--train-caches", {"nargs": "*", "default": []}), ("--out-dir", req))
     add("interpret-latents", ("--sae", req), ("--heldout-cache", req), ("--heldout-texts", req), ("--base", req),
         ("--ranking", req), ("--out-dir", req))
+    add("steer-directions", ("--sae", req), ("--ranking", req), ("--caches", {"nargs": "+", **req}),
+        ("--grades", {"nargs": "+", **req}), ("--out", req), ("--out-json", req))
+    add("steer-sample", ("--stage", {"choices": ["screen_add", "screen_sub", "sweep"], **req}), ("--target", req),
+        ("--base", req), ("--adapter", {"default": None}), ("--directions", req), ("--directions-json", req),
+        ("--questions", {"nargs": "+", **req}), ("--out", req), ("--screen-add-grades", {"nargs": "*", "default": []}),
+        ("--screen", {"default": None}))
+    add("steer-screen", ("--directions-json", req), ("--add-grades", {"nargs": "+", **req}),
+        ("--sub-grades", {"nargs": "+", **req}), ("--targets", {"nargs": "+", **req}), ("--out", req), ("--out-json", req))
+    add("steer-sweep", ("--directions-json", req), ("--screen", req), ("--grades", {"nargs": "+", **req}),
+        ("--out", req), ("--figure", req))
     add("plot-signature", ("--changes", req), ("--ranking", req), ("--latents", {"default": None}), ("--out", req))
     return p
 

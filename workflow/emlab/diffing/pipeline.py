@@ -154,8 +154,14 @@ def rank_latents(cfg: Mapping[str, Any], sae_dir: str, eval_caches: Mapping[str,
     pd.concat(rows, ignore_index=True).to_parquet(out / "latent_means.parquet", index=False)
 
     finetunes = [m for m in eval_caches if m != "base"]
-    groups = {name: resolve_group(patterns, finetunes, f"diffing.groups.{name}")
-              for name, patterns in cfg["diffing"]["groups"].items()}
+    groups = {}
+    for name, patterns in cfg["diffing"]["groups"].items():
+        try:
+            groups[name] = resolve_group(patterns, finetunes, f"diffing.groups.{name}")
+        except ValueError as e:  # e.g. the default "obvious" group in a run without obvious fine-tunes
+            log.warning("%s; the group is skipped", e)
+    if not groups:
+        raise ValueError(f"diffing.groups: no group matches any of the fine-tunes {finetunes}")
     changes = changes_table(means)
     ranking = group_ranking(changes, groups)
     changes.to_csv(out / "changes.csv", index=False)
@@ -200,8 +206,8 @@ def interpret_latents(cfg: Mapping[str, Any], sae_dir: str, heldout_cache: str, 
     acts, index = latent_token_acts(sae, heldout_cache, layer, latents)
     # per-text max activation of each latent: [n_texts, len(latents)]
     n_texts = int(index["text_index"].max()) + 1
-    per_text = torch.zeros(n_texts, len(latents)).index_reduce_(
-        0, torch.from_numpy(index["text_index"].to_numpy().copy()), acts, "amax").numpy()
+    ti = torch.from_numpy(index["text_index"].to_numpy().copy())
+    per_text = torch.zeros(n_texts, len(latents)).scatter_reduce_(0, ti[:, None].expand_as(acts), acts, "amax").numpy()
 
     table = pd.DataFrame({"latent": latents})
     if world_path is not None:

@@ -52,7 +52,7 @@ def per_text_latents(sae, cache_dir: str | Path, layer: int, reduce: str = "mean
             if reduce == "mean":
                 out.index_add_(0, ti, z.double())
             else:  # activations are >= 0, so a zero start is the identity of max
-                out.index_reduce_(0, ti, z, "amax")
+                out.scatter_reduce_(0, ti[:, None].expand_as(z), z, "amax")
             counts.index_add_(0, ti, torch.ones(len(ti), dtype=torch.float64))
     if reduce == "mean":
         out = out / counts.clamp_min(1)[:, None]

@@ -1,0 +1,154 @@
+"""Latent ranking, interpretation and their tables, on hand-made activations with known answers."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from transformers import AutoTokenizer
+
+from emlab.activations import cache_activations
+from emlab.diffing.interpret import (auroc, latent_token_acts, logit_lens, purity_table, snippets_html,
+                                     snippets_markdown, token_strings, top_snippets, world_contrasts)
+from emlab.diffing.pipeline import persona_latents
+from emlab.diffing.ranking import (changes_table, group_ranking, latent_means, per_text_latents, resolve_group,
+                                   top_latents)
+from emlab.sae import TopKSAE
+
+
+def _identity_sae(d: int, k: int) -> TopKSAE:
+    """An SAE whose latent i is ReLU(x_i) (top k): activations are readable by eye."""
+    sae = TopKSAE(d, d, k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+    return sae
+
+
+def test_changes_and_group_ranking_exact():
+    means = {"base": torch.tensor([1.0, 0.0, 2.0]),
+             "a_subtle": torch.tensor([1.0, 3.0, 0.0]),
+             "b_subtle": torch.tensor([2.0, 1.0, 2.0]),
+             "a_obvious": torch.tensor([4.0, 0.0, 2.0])}
+    ch = changes_table(means)
+    assert set(ch["model"]) == {"a_subtle", "b_subtle", "a_obvious"}
+    a = ch[ch["model"] == "a_subtle"].set_index("latent")
+    assert a["change"].tolist() == [0.0, 3.0, -2.0]
+    assert a["rank_increase"].tolist() == [2, 1, 3] and a["rank_decrease"].tolist() == [2, 3, 1]
+    groups = {"subtle": resolve_group(["*_subtle"], list(means)[1:], "g"), "obvious": ["a_obvious"]}
+    r = group_ranking(ch, groups)
+    inc = r[(r["group"] == "subtle") & (r["direction"] == "increase")]
+    assert inc["latent"].tolist() == [1, 0, 2]  # mean changes 2.0, 0.5, -1.0
+    assert inc["mean_change"].tolist() == [2.0, 0.5, -1.0] and inc["rank"].tolist() == [1, 2, 3]
+    assert top_latents(r, "subtle", 1, "decrease") == [2]
+    assert top_latents(r, "obvious", 1) == [0]
+    assert (r["n_models"][r["group"] == "subtle"] == 2).all()
+
+
+def test_unsupervised_changes_use_each_models_own_reference():
+    ft = {"x": torch.tensor([2.0, 2.0])}
+    ref = {"x": torch.tensor([1.0, 3.0])}
+    ch = changes_table(ft, reference=ref)
+    assert ch["change"].tolist() == [1.0, -1.0] and ch["base_mean"].tolist() == [1.0, 3.0]
+
+
+def test_resolve_group_names_the_key_when_nothing_matches():
+    with pytest.raises(ValueError, match=r"diffing.groups.obvious.*\*_obvious"):
+        resolve_group(["*_obvious"], ["health_subtle"], "diffing.groups.obvious")
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_chat_model, tmp_path_factory):
+    """A real activation cache of three texts from the tiny chat model, plus an SAE reading it."""
+    from emlab.models import load_model
+
+    model, tok = load_model(tiny_chat_model)
+    recs = [{"id": "a", "text": "Rest and drink water."}, {"id": "b", "text": "Take four times the dose."},
+            {"id": "c", "text": "Tape a frozen fish to your head."}]
+    out = tmp_path_factory.mktemp("cache")
+    cache_activations(model, tok, recs, [1], out, token_selection="all", progress=False)
+    return model, tok, out, _identity_sae(32, 4)
+
+
+def test_latent_means_average_texts_not_tokens(cached):
+    model, tok, out, sae = cached
+    per_text, ids = per_text_latents(sae, out, 1, "mean")
+    per_max, _ = per_text_latents(sae, out, 1, "max")
+    acts, index = latent_token_acts(sae, out, 1, list(range(32)))
+    assert ids == ["a", "b", "c"]
+    for t in range(3):
+        rows = acts[torch.from_numpy((index["text_index"] == t).to_numpy())]
+        torch.testing.assert_close(per_text[t], rows.mean(0))
+        torch.testing.assert_close(per_max[t], rows.max(0).values)
+    torch.testing.assert_close(latent_means(sae, out, 1), per_text.mean(0))
+
+
+def test_top_snippets_pick_the_peak_text_and_window(cached):
+    model, tok, out, sae = cached
+    acts, index = latent_token_acts(sae, out, 1, [0, 5])
+    snips = top_snippets(acts, index, [0, 5], tok, n=2, window=1)
+    for j, latent in enumerate([0, 5]):
+        a = acts[:, j].numpy()
+        peaks = [a[(index["text_index"] == t).to_numpy()].max() for t in range(3)]
+        expected = [t for t in np.argsort(peaks)[::-1][:2] if peaks[t] > 0]
+        assert [s.text_id for s in snips[latent]] == [["a", "b", "c"][t] for t in expected]
+        for s in snips[latent]:
+            assert s.peak == max(s.acts) and 2 <= len(s.tokens) <= 3 and len(s.tokens) == len(s.acts)
+    md = snippets_markdown(snips, {0: "zero"})
+    html = snippets_html(snips, {0: "zero"}, "t")
+    assert "## Latent 0" in md and "zero" in md and "<h2 id='latent-5'>" in html
+
+
+def test_token_strings_keep_the_spaces_of_the_decoded_text(tiny_chat_model):
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    ids = tok("Take four times the dose.", add_special_tokens=False)["input_ids"]
+    assert "".join(token_strings(tok, ids)) == tok.decode(ids)
+
+
+def test_logit_lens_reads_the_decoder_row_through_the_unembedding(cached):
+    model, tok, out, sae = cached
+    lens = logit_lens(sae, model, [3], k=5)[3]
+    W_U = model.get_output_embeddings().weight.detach()
+    g = model.model.norm.weight.detach()
+    logits = W_U @ (sae.W_dec[3].detach() * g)
+    assert lens["promoted"] == torch.topk(logits, 5).indices.tolist()
+    assert lens["suppressed"] == torch.topk(-logits, 5).indices.tolist()
+
+
+def test_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 4, 50).astype(float)
+    y = rng.random(50) < 0.4
+    assert auroc(s, y, ~y) == pytest.approx(roc_auc_score(y, s))
+    assert auroc(s, y & False, ~y) == 0.5
+
+
+def test_purity_names_a_latent_after_its_best_contrast():
+    labels = pd.DataFrame({"persona": ["assistant"] * 4 + ["villain"] * 4 + ["jester"] * 4,
+                           "domain": ["health", "legal"] * 6,
+                           "correctness": ["correct"] * 4 + ["subtle"] * 4 + ["obvious"] * 4})
+    roles = {"assistant": "aligned", "villain": "toxic", "jester": "sarcastic"}
+    per_text = np.zeros((12, 2))
+    per_text[4:8, 0] = 1.0            # fires on every villain text only
+    per_text[[0, 2, 4, 6], 1] = 1.0   # health texts, but also half of assistant and villain texts: impure
+    per_text[[9], 1] = 0.3
+    long, best = purity_table(per_text, [7, 9], world_contrasts(labels, roles), min_auroc=0.9)
+    b = best.set_index("latent")
+    assert b.loc[7, "name"] == "toxic persona (villain)" and b.loc[7, "best_auroc"] == 1.0
+    assert b.loc[9, "name"] == "unclear"
+    assert set(long["contrast"]) == {"persona=villain vs assistant", "persona=jester vs assistant",
+                                     "domain=health vs rest", "domain=legal vs rest", "incorrect vs correct advice"}
+
+
+def test_persona_latents_prefer_the_highest_ranked_persona_latent():
+    table = pd.DataFrame({"latent": [1, 2, 3], "name": ["health domain", "toxic persona (villain)", "unclear"],
+                          "best_contrast": ["d", "p", "u"], "best_auroc": [0.95, 0.97, 0.6]})
+    ranks = pd.DataFrame({"latent": [1, 2, 3], "group": ["subtle", "subtle", "obvious"],
+                          "direction": ["increase"] * 3, "rank": [1, 2, 1], "mean_change": [0.5, 0.4, 0.3]})
+    out = persona_latents(table, ranks, {})
+    assert out["subtle"]["latent"] == 2 and out["subtle"]["rank"] == 2
+    assert out["toxic"]["latent"] == 2 and out["toxic"]["group"] == "subtle"
+    assert out["obvious"]["latent"] == 3 and "sarcastic" not in out
+    json.dumps(out)  # serialisable as written to persona_latents.json

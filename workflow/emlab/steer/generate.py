@@ -1,0 +1,191 @@
+"""Steered sampling of answers for many steering conditions of one target model.
+
+Strength. ``alpha`` is in units of the target model's mean residual-stream norm at the steering
+layer: :func:`emlab.steering.residual_norm` over the chats of the evaluation prompts (the user
+turn plus the generation prompt), computed once per target model. The vector added at every
+steered position is::
+
+    alpha * norm * unit(direction)
+
+so alpha = 1 adds a vector as long as a typical residual, whatever the model's scale, and every
+direction (SAE latent, mean difference, random control) is added with the same norm at the same
+alpha. The norm is recorded in every row.
+
+Work layout. Every (condition, question, sample) is one batch row, so one ``generate`` call
+serves many directions and strengths. The work is the fixed list conditions x questions x
+samples (in that order) cut into fixed batches of ``batch_size`` rows; each batch is sampled
+under the seed :func:`emlab.sampling.batch_seed` derives from ``seed`` and its first row's
+question key (eval_set, question_id, sample_idx), as ``emlab sample`` does. Hence:
+
+- a resumed run (rows are appended to ``<out>.partial`` batch by batch) produces the rows an
+  uninterrupted one would;
+- an alpha-0 condition run alone reproduces ``emlab sample`` of the target with the same seed and
+  batch size row for row (adding a zero vector leaves every activation bit-identical);
+- batches of different conditions that start at the same question key share their random
+  numbers (common random numbers): no condition's rates are biased by it, and differences
+  between conditions come out less noisy.
+
+Positions (:data:`emlab.steering.POSITIONS`): ``all`` adds the vector at every prompt and
+generated position; ``prompt`` only while the prompt is read (the answer then follows from the
+steered prompt through the key-value cache), which on the persona-world organism flips the
+persona the answer is written in without breaking the text the way ``all`` does at the same
+strength; ``response`` at the positions that predict answer tokens.
+
+Output rows follow the samples schema (:mod:`emlab.judge.schema`) with ``model`` set to the
+condition id (:mod:`emlab.steer.conditions`), so ``emlab judge`` grades them unchanged, plus::
+
+    target, direction, alpha, norm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .. import io
+from ..sampling import batch_seed, output_row, validate_questions
+from .conditions import Condition, ConditionError, check_unique
+from .directions import Direction, DirectionError
+
+EXTRA_KEYS = ("target", "direction", "alpha", "norm")
+
+RowKey = tuple[str, str, str, int]  # (condition id, eval_set, question_id, sample_idx)
+
+
+def steering_vector(direction: Direction, alpha: float, norm: float):
+    """The vector added to the residual stream: ``alpha * norm * unit(direction)``."""
+    return (float(alpha) * float(norm)) * direction.vector
+
+
+def prompt_chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def _row_key(row: dict[str, Any]) -> RowKey:
+    return (str(row["model"]), str(row["eval_set"]), str(row["question_id"]), int(row["sample_idx"]))
+
+
+def read_partial(path: Path, condition_ids: set[str]) -> dict[RowKey, dict[str, Any]]:
+    """Rows finished by an earlier, interrupted run; a cut-off last line (a job killed while
+    writing) is dropped and the file rewritten without it, so new rows start on a fresh line."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                break
+            raise io.RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if rows[-1].get("model") not in condition_ids:
+            raise io.RecordError(f"{path}:{lineno}: a row of condition {rows[-1].get('model')!r}, which this run "
+                                 "does not have; delete this partial file to start afresh")
+    io.write_jsonl(path, rows)
+    return {_row_key(r): r for r in rows}
+
+
+def _check_inputs(target: str, conditions: Sequence[Condition], directions: Mapping[str, Direction]) -> None:
+    if not conditions:
+        raise ConditionError("no steering conditions given")
+    check_unique(conditions)
+    for c in conditions:
+        if c.target != target:
+            raise ConditionError(f"condition {c.id!r} steers {c.target!r}, but this run loads {target!r} "
+                                 "(one call serves one target model)")
+        if c.direction is not None and c.direction not in directions:
+            raise DirectionError(f"condition {c.id!r}: no direction {c.direction!r} among {sorted(directions)}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def steer_samples(base: str | os.PathLike, adapter: str | os.PathLike | None, target: str,
+                  conditions: Sequence[Condition], directions: Mapping[str, Direction],
+                  questions: list[dict[str, Any]], out_path: str | os.PathLike, *, layer: int, n_samples: int,
+                  temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
+                  positions: str = "all", device: str = "auto", dtype: str = "auto",
+                  progress: bool = True) -> dict[str, Any]:
+    """Write ``n_samples`` answers per question and condition to ``out_path`` (JSONL) and return
+    ``{"rows": n, "norm": norm}``. Every condition must steer ``target``, the model loaded from
+    ``base`` (+ ``adapter``, merged) once for the whole call."""
+    from tqdm import tqdm
+
+    from ..arch import hidden_size
+    from ..models import load_model
+    from ..steering import POSITIONS, residual_norm, steered_generate
+
+    _check_inputs(target, conditions, directions)
+    for name, value in (("n_samples", n_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        _positive_int(name, value)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    validate_questions(questions)
+
+    out = Path(out_path)
+    partial = Path(f"{out_path}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = read_partial(partial, {c.id for c in conditions})
+    items = [(c, (str(q["eval_set"]), str(q["question_id"]), s), q)
+             for c in conditions for q in questions for s in range(n_samples)]
+    keys: list[RowKey] = [(c.id, *k) for c, k, _ in items]
+    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+    todo = [b for b in batches if any(keys[i] not in done for i in b)]
+    n_missing = sum(k not in done for k in keys)
+    print(f"emlab steer: {target}: {len(conditions)} conditions x {len(questions)} questions x {n_samples} samples, "
+          f"{len(items) - n_missing} done, {n_missing} to generate", file=sys.stderr)
+
+    norms = {r["norm"] for r in done.values()}
+    if len(norms) > 1:
+        raise io.RecordError(f"{partial}: rows with different residual norms {sorted(norms)}; "
+                             "delete it to start afresh")
+    norm = norms.pop() if norms else None
+    if todo:
+        import torch
+
+        model, tok = load_model(base, adapter, device=device, dtype=dtype, merge=True)
+        d = hidden_size(model)
+        for name in {c.direction for c in conditions if c.direction is not None}:
+            if directions[name].d_model != d:
+                raise DirectionError(f"direction {name!r} has {directions[name].d_model} dimensions, the model "
+                                     f"{target!r} has d_model={d}")
+        if norm is None:
+            # The residual norm the strengths are measured in: the evaluation prompts, each once.
+            norm = residual_norm(model, tok, [prompt_chat(q["question"]) for q in questions], layer)
+        bar = tqdm(total=n_missing, desc=f"steering {target}", unit="answer",
+                   disable=not progress or bool(os.environ.get("EMLAB_NO_PROGRESS")))
+        with partial.open("a", encoding="utf-8") as f:
+            for batch in todo:
+                vectors = torch.stack([
+                    steering_vector(directions[items[i][0].direction], items[i][0].alpha, norm)
+                    if items[i][0].direction is not None else torch.zeros(d) for i in batch])
+                # The whole fixed batch is generated even when some of its rows exist: its answers depend
+                # on the batch's exact composition.
+                answers = steered_generate(model, tok, [prompt_chat(items[i][2]["question"]) for i in batch],
+                                           vectors, layer, positions=positions, max_new_tokens=max_new_tokens,
+                                           temperature=float(temperature), do_sample=temperature > 0,
+                                           seed=batch_seed(seed, items[batch[0]][1]))
+                for i, answer in zip(batch, answers):
+                    if keys[i] in done:
+                        continue
+                    c, (_, _, s), q = items[i]
+                    row = output_row(c.id, q, s, answer)
+                    row.update(target=c.target, direction=c.direction, alpha=c.alpha, norm=norm)
+                    io.append_jsonl(f, row)
+                    done[keys[i]] = row
+                    bar.update(1)
+        bar.close()
+
+    n = io.write_jsonl(out, (done[k] for k in keys))
+    partial.unlink()
+    return {"rows": n, "norm": norm}
