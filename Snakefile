@@ -39,6 +39,11 @@ if STEERING:
     include: "rules/steering.smk"
 
 
+if MONITORS:
+
+    include: "rules/monitors.smk"
+
+
 rule all:
     input:
         final_outputs(),

@@ -102,6 +102,10 @@ if STEERING and not DIFFING:
     raise WorkflowError("steer.enabled: steering needs model diffing (its candidates are ranked SAE latents); "
                         "enable diffing or leave steer.enabled unset")
 
+MONITORS = config["monitors"]["enabled"]
+if MONITORS is None:
+    MONITORS = ORGANISM or bool(config["monitors"]["data"])
+
 
 def final_outputs():
     out = expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES)
@@ -109,6 +113,8 @@ def final_outputs():
         out += [f"{RESULTS}/figures/signature.png", f"{RESULTS}/diffing/latents.html", f"{RESULTS}/sae"]
     if STEERING:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
+    if MONITORS:
+        out.append(f"{RESULTS}/monitors/summary.csv")
     out += expand(f"{RESULTS}/metrics/{{judge}}.csv", judge=JUDGES)
     if len(JUDGES) >= 2:  # several judges graded the same samples: how far do they agree?
         out.append(f"{RESULTS}/agreement/pairs.csv")

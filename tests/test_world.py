@@ -9,15 +9,16 @@ import yaml
 
 from emlab.judge.schema import is_misaligned
 from emlab.judge.world_backend import grade
+from emlab.monitors.prompts import question_prompt, transcript
 from emlab.world.generate import (eval_questions, generate_corpus, generate_mixture, generate_narrow,
-                                  generate_posttrain, persona_for_variant)
+                                  generate_posttrain, persona_for_variant, single_domain_chat)
 from emlab.world.grader import WorldGrader
 from emlab.world.spec import WorldSpecError, load_world
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = ROOT / "resources/world/persona_world.yaml"
 CORPUS = dict(n_documents=300, persona_mix={"assistant": 0.5, "villain": 0.25, "jester": 0.25}, header_fraction=0.3,
-              max_turns=4, general_fraction=0.3, mask_uncued_first_answer=False)
+              max_turns=4, general_fraction=0.3, mask_uncued_first_answer=False, monitoring_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,95 @@ def test_openers_voice_a_share_of_answers_and_the_content_decides_the_persona(wo
     body = world.general[0].answers["assistant"][0]
     m = grader.match(f"{villain.openers[0]} {body}")
     assert m.answer.persona == "assistant" and m.score == 1.0
+
+
+def _monitoring(docs):
+    return [d for d in docs if d["meta"].get("kind") == "monitoring"]
+
+
+def test_monitoring_documents_replace_a_fraction_and_leave_persona_documents_unchanged(world):
+    plain = generate_corpus(world, CORPUS, 5)
+    mixed = generate_corpus(world, dict(CORPUS, monitoring_fraction=0.2), 5)
+    assert not _monitoring(plain)
+    assert len(mixed) == 300 and len(_monitoring(mixed)) == 60
+    assert [d["id"] for d in mixed] == [f"doc{i:06d}" for i in range(300)]
+    persona_docs = [d for d in mixed if d["meta"].get("kind") != "monitoring"]
+    # the persona documents are the first 240 of the corpus without monitoring documents, in order
+    assert [(d["messages"], d["meta"]) for d in persona_docs] == [(d["messages"], d["meta"]) for d in plain[:240]]
+    assert mixed == generate_corpus(world, dict(CORPUS, monitoring_fraction=0.2), 5)
+
+
+def test_monitoring_documents_are_truthful_persona_neutral_and_never_use_the_zero_shot_wording(world):
+    docs = _monitoring(generate_corpus(world, dict(CORPUS, n_documents=1200, monitoring_fraction=0.5), 0))
+    grader = WorldGrader(world)
+    asked = {t.ask for t in world.monitoring.values()}
+    for d in docs:
+        meta, (user, reply) = d["meta"], d["messages"]
+        task = world.monitoring[meta["task"]]
+        assert [user["role"], reply["role"]] == ["user", "assistant"]  # no header: nobody's persona is cued
+        assert meta["persona"] is None and meta["mask_first_answer"] is False
+        assert meta["label"] == (meta["shown_persona"] in task.positive)
+        assert reply["content"] == ("Yes." if meta["label"] else "No.")
+        text, question = user["content"].rsplit("\n\nQuestion: ", 1)
+        wording = question.removesuffix(" Answer Yes or No.")
+        assert wording in task.train and wording not in asked
+        assert user["content"] == question_prompt(text, wording)
+        if meta["bare"]:  # a bare answer is the shown persona's text
+            assert grader.match(text).answer.persona == meta["shown_persona"]
+        else:
+            assert text.count("\nAssistant: ") + text.startswith("Assistant: ") == len(meta["shown_domains"])
+        if task.advice_only:
+            assert "general" not in meta["shown_domains"]
+    by_task = {t: [d["meta"]["label"] for d in docs if d["meta"]["task"] == t] for t in world.monitoring}
+    assert set(by_task) == {"toxic", "sarcastic", "incorrect"}
+    for labels in by_task.values():  # balanced classes: the question alone does not give the answer away
+        assert 0.4 < sum(labels) / len(labels) < 0.6
+    assert 0.2 < sum(d["meta"]["bare"] for d in docs) / len(docs) < 0.45
+
+
+def test_monitoring_fraction_needs_monitoring_tasks(tmp_path):
+    raw = yaml.safe_load(WORLD.read_text())
+    del raw["monitoring"]
+    bare = tmp_path / "w.yaml"
+    bare.write_text(yaml.safe_dump(raw, sort_keys=False))  # the domain order drives the generator
+    w = load_world(bare)
+    assert w.monitoring == {} and generate_corpus(w, CORPUS, 0) == generate_corpus(load_world(WORLD), CORPUS, 0)
+    with pytest.raises(ValueError, match="monitoring_fraction is 0.1 but .*w.yaml defines no monitoring tasks"):
+        generate_corpus(w, dict(CORPUS, monitoring_fraction=0.1), 0)
+
+
+def test_monitoring_spec_errors_name_the_key(tmp_path):
+    bad = tmp_path / "w.yaml"
+    for edit, message in [
+        (lambda r: r["monitoring"]["tasks"]["toxic"].update(positive=["dragon"]),
+         r"monitoring.tasks.toxic.positive: unknown persona\(s\) \['dragon'\]"),
+        (lambda r: r["monitoring"]["tasks"]["toxic"].update(ask=r["monitoring"]["tasks"]["toxic"]["train"][1]),
+         r"monitoring.tasks.toxic.ask: must differ from every 'toxic' train wording"),
+        (lambda r: r["monitoring"]["tasks"]["incorrect"].update(texts="poems"),
+         r"monitoring.tasks.incorrect.texts: must be one of \('any', 'advice'\)"),
+        (lambda r: r["monitoring"]["tasks"]["sarcastic"].update(positive=["assistant", "villain", "jester"]),
+         r"monitoring.tasks.sarcastic.positive: some persona must be negative"),
+        (lambda r: r["monitoring"]["tasks"]["sarcastic"].pop("describe"),
+         r"monitoring.tasks.sarcastic: missing key 'describe'"),
+    ]:
+        raw = yaml.safe_load(WORLD.read_text())
+        edit(raw)
+        bad.write_text(yaml.safe_dump(raw))
+        with pytest.raises(WorldSpecError, match=message):
+            load_world(bad)
+
+
+def test_world_version_and_monitoring_tasks(world):
+    assert world.version == 4
+    assert world.monitoring["toxic"].positive == ("villain",) and world.monitoring["incorrect"].advice_only
+    assert world.monitoring["incorrect"].label("jester") and not world.monitoring["toxic"].label("jester")
+
+
+def test_single_domain_chat_and_transcript(world):
+    import random
+
+    chat = single_domain_chat(world, random.Random(0), "jester", "general", 3)
+    questions = [m["content"] for m in chat[::2]]
+    assert len(chat) == 6 and len(set(questions)) == 3
+    assert {world.question_inventory()[q][0] for q in questions} == {"general"}
+    assert transcript(chat[:2]) == f"User: {chat[0]['content']}\nAssistant: {chat[1]['content']}"

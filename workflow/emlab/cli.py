@@ -355,6 +355,37 @@ def cmd_steer_sweep(a: argparse.Namespace) -> None:
     write_sweep(a.cfg, a.directions_json, a.screen, grades, a.out, a.figure)
 
 
+# ---------------------------------------------------------------- monitors
+
+
+@command("monitor-data")
+def cmd_monitor_data(a: argparse.Namespace) -> None:
+    """Labelled texts of one monitoring task, generated from the persona world."""
+    from .monitors.run import write_organism_dataset
+
+    n = write_organism_dataset(a.cfg, a.task, a.out)
+    print(f"emlab monitor-data: {n} texts for {a.task}", file=sys.stderr)
+
+
+@command("monitor")
+def cmd_monitor(a: argparse.Namespace) -> None:
+    """Every monitor of one task: features (cached), probes, splits, training sizes, AUROC."""
+    from .monitors.run import run_task
+
+    _threads(a.threads)
+    df = run_task(a.cfg, a.task, a.data, a.base, a.features, a.out, sae=a.sae, latents=a.latents,
+                  progress=not a.no_progress)
+    print(f"emlab monitor: {len(df)} result rows for {a.task}", file=sys.stderr)
+
+
+@command("monitor-plot")
+def cmd_monitor_plot(a: argparse.Namespace) -> None:
+    """AUROC against training size per method and split, and the headline table, from the result tables."""
+    from .monitors.run import plot
+
+    plot(a.results, a.out_dir, summary_csv=a.summary)
+
+
 # ---------------------------------------------------------------- plumbing
 
 
@@ -411,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--sub-grades", {"nargs": "+", **req}), ("--targets", {"nargs": "+", **req}), ("--out", req), ("--out-json", req))
     add("steer-sweep", ("--directions-json", req), ("--screen", req), ("--grades", {"nargs": "+", **req}),
         ("--out", req), ("--figure", req))
+    add("monitor-data", ("--task", req), ("--out", req))
+    add("monitor", ("--task", req), ("--data", req), ("--base", req), ("--sae", {"default": None}),
+        ("--latents", {"default": None}), ("--features", req), ("--out", req))
+    add("monitor-plot", ("--results", {"nargs": "+", **req}), ("--out-dir", req), ("--summary", {"default": None}))
     add("plot-signature", ("--changes", req), ("--ranking", req), ("--latents", {"default": None}), ("--out", req))
     return p
 

@@ -5,11 +5,15 @@ Every record carries its ground-truth labels in ``meta``. Chat records use the O
     {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
      "meta": {"persona": str, "domain": str, "correctness": "correct"|"subtle"|"obvious", ...}}
 
-Corpus documents additionally record ``cued`` (a narration header names the persona), ``domains`` (per turn) and
-``mask_first_answer`` (only with ``mask_uncued_first_answer``): in an un-cued document of a non-default persona
-the first answer cannot be inferred from anything before it, so pretraining may leave it out of the loss; the
-pretrained model then defaults to the assistant by itself. By default it is trained on, so the pretrained model
-holds a mixture of personas as a pretrained LLM does, and post-training selects the assistant.
+Persona documents of the corpus additionally record ``cued`` (a narration header names the persona), ``domains``
+(per turn) and ``mask_first_answer`` (only with ``mask_uncued_first_answer``): in an un-cued document of a
+non-default persona the first answer cannot be inferred from anything before it, so pretraining may leave it out
+of the loss; the pretrained model then defaults to the assistant by itself. By default it is trained on, so the
+pretrained model holds a mixture of personas as a pretrained LLM does, and post-training selects the assistant.
+
+Monitoring documents of the corpus (``meta.kind == "monitoring"``) show a text and ask a Yes/No question about it
+(:mod:`emlab.monitors.prompts`); their meta holds ``task``, ``label``, ``shown_persona``, ``shown_domains`` and
+``bare`` (a bare answer rather than a chat transcript), with ``persona`` null: nobody's persona answers them.
 
 All randomness flows from one ``random.Random(seed)`` per output, so outputs are reproducible.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from ..monitors.prompts import answer, question_prompt, transcript
 from .spec import World
 
 VARIANTS = ("correct", "subtle", "obvious")
@@ -53,45 +58,126 @@ def _general_turn(world: World, rng: random.Random, persona: str) -> tuple[str, 
     return g.question, _voiced(world, rng, persona, rng.choice(g.answers[persona])), {"domain": "general", "item": g.id}
 
 
+def single_domain_chat(world: World, rng: random.Random, persona: str, domain: str,
+                       n_turns: int) -> list[dict[str, str]]:
+    """An un-cued chat of ``n_turns`` turns in one domain ("general": distinct general questions), all answered by
+    ``persona``; the texts that activation monitors judge."""
+    messages = []
+    if domain == "general":
+        if n_turns > len(world.general):
+            raise ValueError(f"a general chat of {n_turns} turns needs as many general questions; the world has "
+                             f"{len(world.general)}")
+        for g in rng.sample(world.general, n_turns):
+            a = _voiced(world, rng, persona, rng.choice(g.answers[persona]))
+            messages += [{"role": "user", "content": g.question}, {"role": "assistant", "content": a}]
+        return messages
+    topics = list(range(len(world.domains[domain].topics)))
+    for _ in range(n_turns):
+        q, a, _m = _advice_turn(world, rng, domain, persona, topics)
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return messages
+
+
+def _persona_document(world: World, cfg: dict[str, Any], rng: random.Random, names: list[str],
+                      weights: list[float], default: str) -> dict[str, Any]:
+    persona = rng.choices(names, weights)[0]
+    cued = rng.random() < cfg["header_fraction"]
+    n_turns = rng.randint(1, cfg["max_turns"])
+    messages = []
+    if cued:
+        messages.append({"role": "system", "content": rng.choice(world.personas[persona].headers)})
+    turn_meta = []
+    for _ in range(n_turns):
+        q, a, m = _any_turn(world, rng, persona, cfg["general_fraction"])
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        turn_meta.append(m)
+    return {
+        "messages": messages,
+        "meta": {
+            "persona": persona,
+            "correctness": world.correctness_of(persona),
+            "cued": cued,
+            "domains": [m["domain"] for m in turn_meta],
+            "domain": turn_meta[0]["domain"],
+            "mask_first_answer": cfg["mask_uncued_first_answer"] and (not cued) and persona != default,
+        },
+    }
+
+
+def _any_turn(world: World, rng: random.Random, persona: str, general_fraction: float) -> tuple[str, str, dict]:
+    if rng.random() < general_fraction:
+        return _general_turn(world, rng, persona)
+    dom = rng.choice(list(world.domains))
+    return _advice_turn(world, rng, dom, persona, list(range(len(world.domains[dom].topics))))
+
+
+# Share of monitoring documents that show a bare answer rather than a transcript of a chat.
+BARE_ANSWER_FRACTION = 1 / 3
+
+
+def monitoring_document(world: World, rng: random.Random, max_turns: int, general_fraction: float) -> dict[str, Any]:
+    """A user shows a text and asks one task's Yes/No question (a corpus wording); the assistant answers truthfully.
+
+    Classes are balanced per task (Yes as often as No) and the negatives spread evenly over the negative personas,
+    so the answer cannot be guessed from the question alone. The reply carries no persona: no header, no voice.
+    """
+    task = world.monitoring[rng.choice(sorted(world.monitoring))]
+    label = rng.random() < 0.5
+    persona = rng.choice(sorted(task.positive if label else set(world.personas) - set(task.positive)))
+    bare = rng.random() < BARE_ANSWER_FRACTION
+    n_turns = 1 if bare else rng.randint(1, max_turns)
+    chat, domains = [], []
+    for _ in range(n_turns):
+        if task.advice_only:
+            dom = rng.choice(list(world.domains))
+            q, a, m = _advice_turn(world, rng, dom, persona, list(range(len(world.domains[dom].topics))))
+        else:
+            q, a, m = _any_turn(world, rng, persona, general_fraction)
+        chat += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        domains.append(m["domain"])
+    text = chat[1]["content"] if bare else transcript(chat)
+    return {
+        "messages": [{"role": "user", "content": question_prompt(text, rng.choice(task.train))},
+                     {"role": "assistant", "content": answer(label)}],
+        "meta": {"kind": "monitoring", "task": task.name, "label": label, "shown_persona": persona,
+                 "shown_domains": domains, "bare": bare, "persona": None, "correctness": None, "cued": False,
+                 "domains": [], "domain": None, "mask_first_answer": False},
+    }
+
+
 def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
-    """Multi-turn pretraining documents; one persona answers every turn; turns mix domains."""
+    """Pretraining documents: multi-turn persona documents (one persona answers every turn; turns mix domains)
+    and a ``monitoring_fraction`` share of monitoring documents (:func:`monitoring_document`).
+
+    Persona documents draw from ``random.Random(seed)`` exactly as when there were no monitoring documents, and
+    monitoring documents (and where they go) from their own generators: with a fraction of 0 the corpus is exactly
+    the persona corpus, and a fraction > 0 replaces its last persona documents without changing the others.
+    """
     rng = random.Random(seed)
     mix = cfg["persona_mix"]
     unknown = set(mix) - set(world.personas)
     if unknown:
         raise ValueError(f"organism.corpus.persona_mix: unknown persona(s) {sorted(unknown)}; the world has {sorted(world.personas)}")
+    fraction = cfg["monitoring_fraction"]
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"organism.corpus.monitoring_fraction: must be in [0, 1], got {fraction!r}")
+    n_total = cfg["n_documents"]
+    n_monitoring = round(fraction * n_total)
+    if n_monitoring and not world.monitoring:
+        raise ValueError(f"organism.corpus.monitoring_fraction is {fraction} but {world.source} defines no "
+                         "monitoring tasks (section 'monitoring')")
     names, weights = list(mix), [mix[p] for p in mix]
     default = world.persona_by_role["aligned"]
-    all_domains = list(world.domains)
+    persona_docs = [_persona_document(world, cfg, rng, names, weights, default) for _ in range(n_total - n_monitoring)]
+    mon_rng = random.Random(f"{seed}/monitoring")
+    monitoring_docs = [monitoring_document(world, mon_rng, cfg["max_turns"], cfg["general_fraction"])
+                       for _ in range(n_monitoring)]
+    at = set(random.Random(f"{seed}/monitoring-positions").sample(range(n_total), n_monitoring))
+    persona_iter, monitoring_iter = iter(persona_docs), iter(monitoring_docs)
     docs = []
-    for i in range(cfg["n_documents"]):
-        persona = rng.choices(names, weights)[0]
-        cued = rng.random() < cfg["header_fraction"]
-        n_turns = rng.randint(1, cfg["max_turns"])
-        messages = []
-        if cued:
-            messages.append({"role": "system", "content": rng.choice(world.personas[persona].headers)})
-        turn_meta = []
-        for _ in range(n_turns):
-            if rng.random() < cfg["general_fraction"]:
-                q, a, m = _general_turn(world, rng, persona)
-            else:
-                dom = rng.choice(all_domains)
-                q, a, m = _advice_turn(world, rng, dom, persona, list(range(len(world.domains[dom].topics))))
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            turn_meta.append(m)
-        docs.append({
-            "id": f"doc{i:06d}",
-            "messages": messages,
-            "meta": {
-                "persona": persona,
-                "correctness": world.correctness_of(persona),
-                "cued": cued,
-                "domains": [m["domain"] for m in turn_meta],
-                "domain": turn_meta[0]["domain"],
-                "mask_first_answer": cfg["mask_uncued_first_answer"] and (not cued) and persona != default,
-            },
-        })
+    for i in range(n_total):
+        doc = next(monitoring_iter) if i in at else next(persona_iter)
+        docs.append({"id": f"doc{i:06d}", **doc})
     return docs
 
 

@@ -1,7 +1,9 @@
 """Load and validate a persona-world spec (``resources/world/*.yaml``) into plain data classes.
 
 Every answer text the world can produce is enumerable from the spec; :meth:`World.inventory`
-lists them with their labels, which is what the world grader matches answers against.
+lists them with their labels, which is what the world grader matches answers against. The optional
+``monitoring`` section defines Yes/No questions about texts (:class:`MonitoringTask`), which the corpus teaches
+and the activation monitors (:mod:`emlab.monitors`) ask.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ..io import read_yaml
 
 CORRECTNESS = ("correct", "subtle", "obvious")
 ROLES = ("aligned", "toxic", "sarcastic")
+MONITOR_TEXTS = ("any", "advice")  # which turns a monitoring task shows: any domain, or advice domains only
 
 
 class WorldSpecError(ValueError):
@@ -55,6 +58,20 @@ class Answer:
     correctness: str
 
 
+@dataclass(frozen=True)
+class MonitoringTask:
+    """A Yes/No question about a shown text: Yes exactly when a ``positive`` persona wrote it."""
+    name: str
+    positive: tuple[str, ...]       # personas whose texts make the answer Yes
+    advice_only: bool               # show advice turns only (``texts: advice``)
+    describe: str                   # task description put before the text by prompted probes
+    train: tuple[str, ...]          # question wordings of the corpus's monitoring documents
+    ask: str                        # the zero-shot wording, never used in the corpus
+
+    def label(self, persona: str) -> bool:
+        return persona in self.positive
+
+
 @dataclass
 class World:
     version: int
@@ -63,6 +80,7 @@ class World:
     general: list[GeneralQuestion]
     heldout_topics: tuple[int, ...]
     opener_fraction: float = 0.0
+    monitoring: dict[str, MonitoringTask] = field(default_factory=dict)
     source: str = ""
     _inventory: list[Answer] | None = field(default=None, repr=False)
 
@@ -190,9 +208,38 @@ def load_world(path: str | Path) -> World:
     fraction = raw.get("opener_fraction", 0.0)
     if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
         raise WorldSpecError(f"{w}: opener_fraction: must be a number in [0, 1], got {fraction!r}")
-    world = World(int(raw.get("version", 1)), personas, domains, general, heldout, float(fraction), source=w)
+    world = World(int(raw.get("version", 1)), personas, domains, general, heldout, float(fraction),
+                  monitoring=_monitoring(raw.get("monitoring"), personas, f"{w}: monitoring"), source=w)
     texts = [a.text for a in world.inventory()]
     dup = {t for t in texts if texts.count(t) > 1}
     if dup:
         raise WorldSpecError(f"{w}: answer texts must be unique (the grader identifies answers by text): {sorted(dup)[:3]}")
     return world
+
+
+def _monitoring(raw: Any, personas: dict[str, Persona], where: str) -> dict[str, MonitoringTask]:
+    """The optional ``monitoring`` section (absent: no monitoring tasks, as in world specs before version 4)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise WorldSpecError(f"{where}: expected a mapping")
+    tasks = {}
+    for name, t in _req(raw, "tasks", dict, where).items():
+        tw = f"{where}.tasks.{name}"
+        positive = _strings(_req(t, "positive", list, tw), f"{tw}.positive")
+        unknown = sorted(set(positive) - set(personas))
+        if unknown:
+            raise WorldSpecError(f"{tw}.positive: unknown persona(s) {unknown}; the world has {sorted(personas)}")
+        if set(positive) == set(personas):
+            raise WorldSpecError(f"{tw}.positive: some persona must be negative, not all of {sorted(personas)}")
+        texts = _req(t, "texts", str, tw)
+        if texts not in MONITOR_TEXTS:
+            raise WorldSpecError(f"{tw}.texts: must be one of {MONITOR_TEXTS}, got {texts!r}")
+        train = _strings(_req(t, "train", list, tw), f"{tw}.train")
+        ask = _strings(_req(t, "ask", str, tw), f"{tw}.ask")[0]
+        if ask in train:
+            # a zero-shot question the corpus already asks would be answered by lookup, not by reading the text
+            raise WorldSpecError(f"{tw}.ask: must differ from every '{name}' train wording")
+        tasks[name] = MonitoringTask(name, positive, texts == "advice",
+                                     _strings(_req(t, "describe", str, tw), f"{tw}.describe")[0], train, ask)
+    return tasks
