@@ -105,6 +105,8 @@ if STEERING and not DIFFING:
 MONITORS = config["monitors"]["enabled"]
 if MONITORS is None:
     MONITORS = ORGANISM or bool(config["monitors"]["data"])
+# monitoring tasks: the world's (organism) or those with labelled texts in monitors.data (hub)
+MON_TASKS = config["monitors"]["tasks"] if ORGANISM else list(config["monitors"]["data"])
 
 
 def final_outputs():
@@ -114,7 +116,7 @@ def final_outputs():
     if STEERING:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
     if MONITORS:
-        out.append(f"{RESULTS}/monitors/summary.csv")
+        out += [f"{RESULTS}/monitors/summary.csv"] + [f"{RESULTS}/figures/monitors_{t}.png" for t in MON_TASKS]
     out += expand(f"{RESULTS}/metrics/{{judge}}.csv", judge=JUDGES)
     if len(JUDGES) >= 2:  # several judges graded the same samples: how far do they agree?
         out.append(f"{RESULTS}/agreement/pairs.csv")

@@ -3,11 +3,6 @@
 # (In the DAG when monitors are enabled: see `monitors.enabled` in the config schema.)
 
 MON = config["monitors"]
-MON_TASKS = MON["tasks"] if ORGANISM else list(MON["data"])
-if not ORGANISM:
-    _missing = sorted(set(MON["tasks"]) - set(MON["data"])) if MON["tasks"] != ["toxic", "sarcastic", "incorrect"] else []
-    if _missing:
-        raise WorkflowError(f"monitors.tasks: {_missing} have no labelled texts in monitors.data (hub mode)")
 
 
 def monitor_data(task):

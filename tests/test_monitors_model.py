@@ -86,10 +86,15 @@ def test_features_equal_plain_forwards(tiny_chat_model, sae_dir, tmp_path, monke
     assert not np.array_equal(other.arrays["prompted_suffix"], feats.arrays["prompted_suffix"])
 
 
-def test_a_prompt_longer_than_max_len_is_an_error(tiny_chat_model, tmp_path):
-    with pytest.raises(Exception, match="no tokens left|more than monitors.max_len"):
-        compute_features(tiny_chat_model, RECORDS, tmp_path, layer=LAYER, ask=ASK, describe=DESCRIBE,
-                         max_len=30, device="cpu", progress=False)
+def test_prompts_longer_than_max_len_keep_their_end(tiny_chat_model, tmp_path):
+    """Prompted and zero-shot features read the last prompt token: a long text loses its start, not the question."""
+    short = compute_features(tiny_chat_model, RECORDS, tmp_path / "a", layer=LAYER, ask=ASK, describe=DESCRIBE,
+                             max_len=30, device="cpu", progress=False)
+    full = compute_features(tiny_chat_model, RECORDS, tmp_path / "b", layer=LAYER, ask=ASK, describe=DESCRIBE,
+                            max_len=512, device="cpu", progress=False)
+    assert set(short.arrays) == set(full.arrays)
+    for name, arr in short.arrays.items():
+        assert arr.shape == full.arrays[name].shape and np.isfinite(arr).all(), name
 
 
 def _cfg(tmp_path):

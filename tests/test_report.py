@@ -52,10 +52,11 @@ def test_report_embeds_every_figure_byte_for_byte(report):
     misalignment = ["results/figures/misalignment_world.png", "results/figures/misalignment_world_strict.png"]
     agreement = ["results/figures/judge_agreement.png"]
     signature, sweep = ["results/figures/signature.png"], ["results/figures/steering_sweep.png"]
-    assert figures == sorted(agreement + misalignment + signature + sweep)
+    monitors = [f"results/figures/monitors_{t}.png" for t in ("sarcastic", "toxic")]
+    assert figures == sorted(agreement + misalignment + signature + sweep + monitors)
     assert sorted(results) == figures
     rule = {**{p: "plot_misalignment" for p in misalignment}, agreement[0]: "agreement", signature[0]: "plot_signature",
-            sweep[0]: "steer_sweep"}
+            sweep[0]: "steer_sweep", **{p: "plot_monitors" for p in monitors}}
     for path in figures:
         entry = results[path]
         assert entry["mime_type"] == "image/png"
@@ -64,7 +65,8 @@ def test_report_embeds_every_figure_byte_for_byte(report):
         assert header.startswith("data:image/png")
         assert base64.b64decode(data) == (wd / path).read_bytes()
     assert {cat: sorted(f for files in sub.values() for f in files) for cat, sub in categories.items()} == {
-        "Emergent misalignment": misalignment, "Judges": agreement, "Model diffing": signature, "Steering": sweep
+        "Emergent misalignment": misalignment, "Judges": agreement, "Model diffing": signature, "Steering": sweep,
+        "Monitors": monitors,
     }
     assert "layer 1" in _text(results[signature[0]]["caption"])  # rendered from the run's config
     assert "mean residual-stream norm" in _text(results[sweep[0]]["caption"])

@@ -72,6 +72,17 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert set(sweep["target"]) == {"base", "health_subtle"} and set(sweep["alpha"]) == {-1, 0, 1}
     assert (r / "figures/signature.png").stat().st_size > 10_000
     assert (r / "figures/steering_sweep.png").stat().st_size > 10_000
+    mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])
+    methods = {"zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",
+               "stacked", "persona_latent"}
+    assert methods - {"persona_latent"} <= set(mon["method"]) <= methods
+    assert set(mon["split"]) == {"iid", "ood_domain", "ood_turns"} and mon["auroc"].between(0, 1).all()
+    # the same training subsets for every method: per (task, split, repeat, size), every method has a row
+    trained = mon[mon["train_size"] > 0]  # zero_shot and persona_latent train nothing (train_size 0)
+    sizes = trained.groupby(["task", "split", "repeat", "train_size"])["method"].nunique()
+    assert (sizes == sizes.max()).all()
+    assert (r / "monitors/summary.csv").exists()
+    assert (r / "figures/monitors_toxic.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
@@ -91,15 +102,16 @@ def test_rerun_does_nothing_and_figures_regenerate_from_cache(tiny_run):
     wd = tiny_run
     proc = snakemake(wd, "-n", configfile=TINY)
     assert "Nothing to be done" in proc.stdout + proc.stderr
-    figs = [wd / f"results/figures/{name}.png" for name in ("misalignment_world", "signature", "steering_sweep")]
+    figs = [wd / f"results/figures/{name}.png" for name in ("misalignment_world", "signature", "steering_sweep",
+                                                             "monitors_toxic")]
     for fig in figs:
         fig.unlink()
     proc = snakemake(wd, configfile=TINY)
     out = proc.stdout + proc.stderr
-    for plot in ("plot_misalignment", "plot_signature", "steer_sweep"):
+    for plot in ("plot_misalignment", "plot_signature", "steer_sweep", "plot_monitors"):
         assert f"rule {plot}:" in out, plot
     for expensive in ("rule pretrain", "rule finetune", "rule sample", "rule judge", "rule activations",
-                      "rule sae", "rule steer_sample", "rule judge_steering", "rule rank_latents"):
+                      "rule sae", "rule steer_sample", "rule judge_steering", "rule rank_latents", "rule monitor:"):
         assert expensive not in out
     assert all(fig.exists() for fig in figs)
 

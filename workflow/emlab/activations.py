@@ -148,7 +148,13 @@ def prepare_items(tokenizer, records: Sequence[dict[str, Any]], token_selection:
         seen[rid] = i
         enc = encode_record(tokenizer, rec, where)
         if len(enc.ids) > max_len:
-            truncated += 1  # truncation keeps the start: the prompt, then as much response as fits
+            truncated += 1
+            if token_selection == "last" and enc.prompt_len > max_len:
+                # The last prompt token is the point of a "last" selection (e.g. a task prompt wrapped around a
+                # long text): keep the end of the prompt rather than its start.
+                cut = enc.prompt_len - max_len
+                enc = Encoded(enc.ids[cut:enc.prompt_len], max_len)
+        # otherwise truncation keeps the start: the prompt, then as much response as fits
         positions = [p for p in select_positions(enc, token_selection) if p < max_len]
         if not positions:
             raise RecordError(f"{where}: no tokens left for token_selection={token_selection!r} "

@@ -86,11 +86,12 @@ def zero_shot_scores(model, tokenizer, records: Sequence[dict[str, Any]], batch_
     device = next(hf.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs = [encode_prompt(tokenizer, r["messages"]) for r in records]
-    for r, s in zip(records, seqs):
-        if len(s) > max_len:
-            # truncating would cut off the question, and the answer position with it
-            raise ValueError(f"monitoring prompt of text {r['id']!r} has {len(s)} tokens, more than "
-                             f"monitors.max_len={max_len}")
+    long = sum(len(s) > max_len for s in seqs)
+    if long:
+        # keep the end: the question and the answer position; the start of the shown text is cut
+        log.warning("zero-shot: %d of %d prompts are longer than monitors.max_len=%d tokens; their start is cut",
+                    long, len(seqs), max_len)
+        seqs = [s[-max_len:] for s in seqs]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out = np.zeros(len(seqs), dtype=np.float32)
     for start in tqdm(range(0, len(order), batch_size), desc="zero-shot", unit="batch",
