@@ -26,7 +26,7 @@ run: setup
 
 # Sets up and runs the whole test suite, slow end-to-end tests included.
 test: setup
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=12
 
 test-fast: setup
 	$(PY) -m pytest -ra -m "not slow and not slurm"

@@ -44,7 +44,8 @@ rule agreement:
 
 rule timings:
     input:
-        expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES),
+        # every other final output, so that the table covers every stage of the run
+        [f for f in final_outputs() if not f.endswith("timings.csv")],
     output:
         f"{RESULTS}/timings.csv",
     params:

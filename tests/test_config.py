@@ -97,3 +97,15 @@ def test_every_rule_names_an_existing_conda_env():
     for smk in (ROOT / "rules").glob("*.smk"):
         for env in re.findall(r'"\.\./envs/([\w.-]+)"', smk.read_text()):
             assert (ROOT / "envs" / env).exists(), f"{smk.name}: envs/{env} missing"
+
+
+def test_sae_and_diffing_settings_are_checked_before_any_job():
+    cfg = load("config.yaml")
+    cfg["sae"]["train"]["k_typo"] = 3
+    with pytest.raises(ConfigError, match=r"sae.train.*k_typo"):
+        validate(cfg)
+    cfg = load("config.yaml")
+    cfg["model"].update(source="hub", path="Qwen/Qwen2.5-0.5B-Instruct")
+    cfg["diffing"]["enabled"] = True
+    with pytest.raises(ConfigError, match="sae.corpus: required"):
+        validate(cfg)

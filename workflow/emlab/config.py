@@ -78,6 +78,7 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
     from . import imports
 
     imports.check_config(cfg)
+    _check_diffing(cfg, source)
     if cfg["model"]["source"] == "organism":
         world = Path(cfg["organism"]["world"])
         if not world.exists():
@@ -111,3 +112,21 @@ def load(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return validate(cfg, str(path))
+
+
+def _check_diffing(cfg: dict[str, Any], source: str) -> None:
+    """The SAE settings and, in hub mode, the texts the SAE is fitted on and latents are interpreted with."""
+    from .sae.train import SAEConfigError, SAETrainConfig
+
+    try:
+        SAETrainConfig.from_dict(cfg["sae"]["train"], where="sae.train")
+    except SAEConfigError as e:
+        raise ConfigError(f"invalid {source}:\n  {e}") from None
+    s, flag = cfg["sae"], cfg["diffing"]["enabled"]
+    if cfg["model"]["source"] != "organism":
+        wanted = flag or (flag is None and (s["corpus"] or s["pretrained"]))
+        if wanted and not s["corpus"]:
+            raise ConfigError(f"invalid {source}:\n  sae.corpus: required for model diffing in hub mode (a JSONL of "
+                              "texts or chats to fit the SAE on and to interpret its latents with)")
+    if s["corpus"] and not Path(s["corpus"]).exists():
+        raise ConfigError(f"invalid {source}:\n  sae.corpus: file not found: {s['corpus']}")
