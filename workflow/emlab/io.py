@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 class RecordError(ValueError):
@@ -45,6 +45,34 @@ def read_yaml(path: str | os.PathLike, error: type[Exception] = ValueError, miss
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise error(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def read_partial_jsonl(path: str | os.PathLike, check: Callable[[dict[str, Any]], str | None]) -> list[dict[str, Any]]:
+    """Rows finished by an earlier, interrupted run of a job that appends rows to ``path``.
+
+    A job killed while writing leaves at most a cut-off last line, which is dropped (its row is made
+    again); the file is then rewritten without it, so that new rows start on a fresh line. ``check``
+    returns why a row does not belong to this run (or None), which is raised naming file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                break
+            raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        problem = check(rows[-1])
+        if problem:
+            raise RecordError(f"{path}:{lineno}: {problem}; delete this partial file to start afresh")
+    write_jsonl(path, rows)
+    return rows
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:

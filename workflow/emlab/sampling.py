@@ -70,29 +70,12 @@ def batch_seed(seed: int, first_key: Key) -> int:
 
 
 def read_partial(path: Path, model_name: str) -> dict[Key, dict[str, Any]]:
-    """Rows finished by an earlier, interrupted run.
-
-    A job killed while writing leaves at most a cut-off last line, which is dropped (its row is
-    generated again). The file is then rewritten without it, so that new rows start on a fresh line.
-    """
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows: list[dict[str, Any]] = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):
-                break
-            raise io.RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if rows[-1].get("model") != model_name:
-            raise io.RecordError(f"{path}:{lineno}: a row of model {rows[-1].get('model')!r}, not "
-                                 f"{model_name!r}; delete this partial file to start afresh")
-    io.write_jsonl(path, rows)
-    return {row_key(r): r for r in rows}
+    """Rows finished by an earlier, interrupted run (see :func:`emlab.io.read_partial_jsonl`)."""
+    def check(row):
+        if row.get("model") != model_name:
+            return f"a row of model {row.get('model')!r}, not {model_name!r}"
+        return None
+    return {row_key(r): r for r in io.read_partial_jsonl(path, check)}
 
 
 def render_prompt_ids(tokenizer, question: str) -> list[int]:

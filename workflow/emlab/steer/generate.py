@@ -39,7 +39,6 @@ condition id (:mod:`emlab.steer.conditions`), so ``emlab judge`` grades them unc
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -69,26 +68,12 @@ def _row_key(row: dict[str, Any]) -> RowKey:
 
 
 def read_partial(path: Path, condition_ids: set[str]) -> dict[RowKey, dict[str, Any]]:
-    """Rows finished by an earlier, interrupted run; a cut-off last line (a job killed while
-    writing) is dropped and the file rewritten without it, so new rows start on a fresh line."""
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows: list[dict[str, Any]] = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):
-                break
-            raise io.RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if rows[-1].get("model") not in condition_ids:
-            raise io.RecordError(f"{path}:{lineno}: a row of condition {rows[-1].get('model')!r}, which this run "
-                                 "does not have; delete this partial file to start afresh")
-    io.write_jsonl(path, rows)
-    return {_row_key(r): r for r in rows}
+    """Rows finished by an earlier, interrupted run (see :func:`emlab.io.read_partial_jsonl`)."""
+    def check(row):
+        if row.get("model") not in condition_ids:
+            return f"a row of condition {row.get('model')!r}, which this run does not have"
+        return None
+    return {_row_key(r): r for r in io.read_partial_jsonl(path, check)}
 
 
 def _check_inputs(target: str, conditions: Sequence[Condition], directions: Mapping[str, Direction]) -> None:
