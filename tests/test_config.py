@@ -109,3 +109,16 @@ def test_sae_and_diffing_settings_are_checked_before_any_job():
     cfg["diffing"]["enabled"] = True
     with pytest.raises(ConfigError, match="sae.corpus: required"):
         validate(cfg)
+
+
+def test_monitor_tasks_need_a_question_and_texts(tmp_path):
+    cfg = load("config.yaml")
+    cfg["monitors"]["tasks"] = ["toxic", "flattery"]
+    with pytest.raises(ConfigError, match=r"monitors.tasks: \['flattery'\]"):
+        validate(cfg)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hi", "label": 1}\n')
+    cfg = load("configs/qwen2.5-7b-instruct.yaml")
+    cfg["monitors"]["data"] = {"flattery": str(data)}
+    with pytest.raises(ConfigError, match="monitors.questions.flattery: required"):
+        validate(cfg)

@@ -103,6 +103,7 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
         if any(j["backend"] == "world" for j in cfg["judges"]):
             raise ConfigError(f"invalid {source}:\n  judges: the 'world' judge grades the persona world's texts only; "
                               "with model.source: hub list openai or hf judges")
+    _check_monitors(cfg, source)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -130,3 +131,24 @@ def _check_diffing(cfg: dict[str, Any], source: str) -> None:
                               "texts or chats to fit the SAE on and to interpret its latents with)")
     if s["corpus"] and not Path(s["corpus"]).exists():
         raise ConfigError(f"invalid {source}:\n  sae.corpus: file not found: {s['corpus']}")
+
+
+def _check_monitors(cfg: dict[str, Any], source: str) -> None:
+    """Every monitoring task has its question and, in hub mode, its labelled texts."""
+    m = cfg["monitors"]
+    if cfg["model"]["source"] == "organism":
+        from .world.spec import load_world
+
+        world = load_world(cfg["organism"]["world"])
+        tasks = m["tasks"]
+        unknown = [t for t in tasks if t not in world.monitoring and t not in m["questions"]]
+        if unknown:
+            raise ConfigError(f"invalid {source}:\n  monitors.tasks: {unknown} are not monitoring tasks of "
+                              f"{cfg['organism']['world']} ({sorted(world.monitoring)}); give monitors.questions for them")
+        return
+    for task, path in m["data"].items():
+        if not Path(path).exists():
+            raise ConfigError(f"invalid {source}:\n  monitors.data.{task}: file not found: {path}")
+        if task not in m["questions"]:
+            raise ConfigError(f"invalid {source}:\n  monitors.questions.{task}: required in hub mode "
+                              "(ask: the zero-shot Yes/No question; describe: the task description for prompted probes)")
