@@ -147,8 +147,26 @@ def test_persona_latents_prefer_the_highest_ranked_persona_latent():
                           "best_contrast": ["d", "p", "u"], "best_auroc": [0.95, 0.97, 0.6]})
     ranks = pd.DataFrame({"latent": [1, 2, 3], "group": ["subtle", "subtle", "obvious"],
                           "direction": ["increase"] * 3, "rank": [1, 2, 1], "mean_change": [0.5, 0.4, 0.3]})
-    out = persona_latents(table, ranks, {})
+    out = persona_latents(table, ranks)
     assert out["subtle"]["latent"] == 2 and out["subtle"]["rank"] == 2
     assert out["toxic"]["latent"] == 2 and out["toxic"]["group"] == "subtle"
     assert out["obvious"]["latent"] == 3 and "sarcastic" not in out
     json.dumps(out)  # serialisable as written to persona_latents.json
+
+
+def test_sample_records_name_the_file_line_past_blank_lines(tmp_path):
+    from emlab.diffing.records import sample_records
+    from emlab.io import RecordError
+
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"question_id": "q", "sample_idx": 0, "question": "Q?", "answer": "A."}\n\n{"question_id": "q"}\n')
+    with pytest.raises(RecordError, match=r"s.jsonl:3: sample row lacks"):
+        sample_records(path)
+
+
+def test_top_snippets_refuse_a_cache_of_selected_tokens(cached):
+    model, tok, out, sae = cached
+    acts, index = latent_token_acts(sae, out, 1, [0])
+    keep = (index["token_position"] % 2 == 0).to_numpy()
+    with pytest.raises(ValueError, match="every token"):
+        top_snippets(acts[torch.from_numpy(keep)], index[keep].reset_index(drop=True), [0], tok)

@@ -18,6 +18,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    for _, rec in iter_jsonl_numbered(path):
+        yield rec
+
+
+def iter_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every non-blank line: callers validating records name the line in errors."""
     path = Path(path)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -29,7 +35,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield rec
+            yield lineno, rec
 
 
 def read_yaml(path: str | os.PathLike, error: type[Exception] = ValueError, missing: str = "file not found") -> Any:
@@ -128,21 +134,10 @@ def validate_chat_record(rec: dict[str, Any], where: str) -> None:
 
 def read_chat_dataset(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a chat-messages JSONL dataset, validating every record (errors name file and line)."""
-    path = Path(path)
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise RecordError(f"{where}: expected a JSON object")
-            validate_chat_record(rec, where)
-            out.append(rec)
+    for lineno, rec in iter_jsonl_numbered(path):
+        validate_chat_record(rec, f"{path}:{lineno}")
+        out.append(rec)
     if not out:
         raise RecordError(f"{path}: no records")
     return out

@@ -61,6 +61,9 @@ def top_snippets(acts: torch.Tensor, index: pd.DataFrame, latents: Sequence[int]
     either side of the peak. ``acts``/``index`` come from :func:`latent_token_acts` over an ``all``-token cache."""
     text_index = index["text_index"].to_numpy()
     positions = index["token_position"].to_numpy()
+    if len(positions) and (np.diff(positions)[text_index[1:] == text_index[:-1]] != 1).any():
+        raise ValueError("top_snippets needs a cache of every token (token_selection 'all'): the cached "
+                         "positions of a text are not consecutive")
     token_ids = index["token_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, text_index[1:] != text_index[:-1]])  # rows are in (text, position) order
     ends = np.r_[starts[1:], len(text_index)]
@@ -79,8 +82,6 @@ def top_snippets(acts: torch.Tensor, index: pd.DataFrame, latents: Sequence[int]
             snippets.append(Snippet(int(latent), index["text_id"].iloc[s], float(a[peak_row]),
                                     token_strings(tokenizer, [int(x) for x in token_ids[lo:hi]]),
                                     [float(x) for x in a[lo:hi]]))
-            assert all(positions[lo:hi] == np.arange(positions[lo], positions[lo] + hi - lo)), \
-                "snippets need an 'all'-token cache (consecutive positions)"
         out[int(latent)] = snippets
     return out
 
@@ -98,7 +99,6 @@ def logit_lens(sae, model, latents: Sequence[int], k: int = 10) -> dict[int, dic
     if type(norm).__name__.startswith("Gemma"):
         gain = 1.0 + gain
     out = {}
-    tok = getattr(model, "tokenizer", None)
     for latent in latents:
         d = sae.W_dec[latent].detach().float().cpu() * gain
         logits = W_U @ d

@@ -16,10 +16,10 @@ Outputs (``results/``):
 
 from __future__ import annotations
 
-import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import pandas as pd
 import torch
@@ -37,9 +37,7 @@ def heldout_world_documents(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     from ..world.generate import generate_corpus
     from ..world.spec import load_world
 
-    corpus_cfg = dict(cfg["organism"]["corpus"], n_documents=cfg["diffing"]["heldout_texts"])
-    if "monitoring_fraction" in corpus_cfg:
-        corpus_cfg["monitoring_fraction"] = 0.0
+    corpus_cfg = dict(cfg["organism"]["corpus"], n_documents=cfg["diffing"]["heldout_texts"], monitoring_fraction=0.0)
     docs = generate_corpus(load_world(cfg["organism"]["world"]), corpus_cfg, cfg["seed"] + 7919)
     for d in docs:
         d["id"] = f"heldout-{d['id']}"
@@ -77,12 +75,11 @@ def cache_model(base: str, adapter: str | None, model_name: str, samples: str, d
     cache_activations(model, tok, train, [layer], out_train, token_selection="response",
                       meta={"model": model_name, "texts": "finetuning"}, **kw)
     if adapter is not None and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():  # the base model's weights, without loading them again
-            cache_activations(model, tok, train, [layer], out_train_base, token_selection="response",
-                              meta={"model": "base", "texts": f"finetuning:{model_name}"}, **kw)
+        reference, as_base = model, model.disable_adapter()  # the base weights, without loading them again
     else:
-        base_model, _ = load_model(base, device=cfg["device"])
-        cache_activations(base_model, tok, train, [layer], out_train_base, token_selection="response",
+        reference, as_base = load_model(base, device=cfg["device"])[0], nullcontext()
+    with as_base:
+        cache_activations(reference, tok, train, [layer], out_train_base, token_selection="response",
                           meta={"model": "base", "texts": f"finetuning:{model_name}"}, **kw)
 
 
@@ -180,8 +177,6 @@ def rank_latents(cfg: Mapping[str, Any], sae_dir: str, eval_caches: Mapping[str,
 def interpret_latents(cfg: Mapping[str, Any], sae_dir: str, heldout_cache: str, heldout_texts: str, base: str,
                       ranking_csv: str, out_dir: str, *, world_path: str | None) -> pd.DataFrame:
     """Top snippets, logit lens and (with a world) purity of the top-ranked latents of every group."""
-    import numpy as np
-
     from ..models import load_model
     from ..sae import load_sae
     from .interpret import (decode_lens, latent_token_acts, logit_lens, purity_table, snippets_html,
@@ -238,11 +233,11 @@ def interpret_latents(cfg: Mapping[str, Any], sae_dir: str, heldout_cache: str, 
                                       f"Suppresses: {row['suppressed']}.")
     (out / "latents.md").write_text("# Top latents\n\n" + snippets_markdown(snippets, header), encoding="utf-8")
     (out / "latents.html").write_text(snippets_html(snippets, header, "emlab: top latents"), encoding="utf-8")
-    write_json(out / "persona_latents.json", persona_latents(table, ranks, cfg))
+    write_json(out / "persona_latents.json", persona_latents(table, ranks))
     return table
 
 
-def persona_latents(table: pd.DataFrame, ranks: pd.DataFrame, cfg: Mapping[str, Any]) -> dict[str, Any]:
+def persona_latents(table: pd.DataFrame, ranks: pd.DataFrame) -> dict[str, Any]:
     """The latent that best stands for each group's change: with world labels, the highest-ranked latent of
     the group whose name is a persona (e.g. "toxic persona (villain)"); without, the group's top latent.
     Keyed by group, plus by persona role where one was named (``toxic``, ``sarcastic``)."""

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..io import RecordError, iter_jsonl
+from ..io import RecordError, iter_jsonl_numbered
 
 
 def sample_id(row: dict[str, Any]) -> str:
@@ -23,7 +23,7 @@ def sample_records(path: str | Path, eval_sets: Iterable[str] | None = None) -> 
     """A model's sampled answers as single-turn chats (question, answer), optionally limited to some eval sets."""
     keep = set(eval_sets) if eval_sets is not None else None
     out = []
-    for i, row in enumerate(iter_jsonl(path), start=1):
+    for i, row in iter_jsonl_numbered(path):
         missing = [k for k in ("question_id", "sample_idx", "question", "answer") if k not in row]
         if missing:
             raise RecordError(f"{path}:{i}: sample row lacks {missing}")
@@ -42,8 +42,8 @@ def text_records(path: str | Path, n: int | None = None, skip: int = 0, seed: in
     Rows ``skip .. skip+n`` of the file, or, with ``seed``, ``n`` rows drawn at random from all rows
     after ``skip`` (a fine-tuning set is ordered by nothing, but a corpus may be)."""
     rows = []
-    for i, row in enumerate(iter_jsonl(path), start=1):
-        if i <= skip:
+    for n, (i, row) in enumerate(iter_jsonl_numbered(path)):
+        if n < skip:  # skip counts records, not lines
             continue
         if "id" not in row or not ("messages" in row or "text" in row):
             raise RecordError(f"{path}:{i}: a record needs 'id' and 'messages' or 'text'")

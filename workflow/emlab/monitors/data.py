@@ -13,13 +13,12 @@ read a meta key (``domain``, ``n_turns``) require it on every record of a user f
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 from typing import Any
 
-from ..io import RecordError, validate_chat_record
+from ..io import RecordError, iter_jsonl_numbered, validate_chat_record
 from ..world.spec import World
 
 
@@ -67,39 +66,30 @@ def read_monitor_dataset(path: str | os.PathLike, require_meta: tuple[str, ...] 
     """
     path = Path(path)
     out, seen = [], {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise RecordError(f"{where}: expected a JSON object")
-            if ("text" in rec) == ("messages" in rec):
-                raise RecordError(f"{where}: needs exactly one of 'text' or 'messages'")
-            if "text" in rec and not (isinstance(rec["text"], str) and rec["text"].strip()):
-                raise RecordError(f"{where}: 'text' must be a non-empty string")
-            if "messages" in rec:
-                _validate_messages(rec, where)
-            if "label" not in rec:
-                raise RecordError(f"{where}: missing 'label'")
-            meta = rec.get("meta", {})
-            if not isinstance(meta, dict):
-                raise RecordError(f"{where}: 'meta' must be an object")
-            missing = [k for k in require_meta if k not in meta]
-            if missing:
-                raise RecordError(f"{where}: meta lacks {missing} (needed by the configured splits)")
-            rid = rec.get("id", f"line{lineno}")
-            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                raise RecordError(f"{where}: 'id' must be a string or an integer")
-            if rid in seen:
-                raise RecordError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
-            seen[rid] = lineno
-            body = {"text": rec["text"]} if "text" in rec else {"messages": rec["messages"]}
-            out.append({"id": rid, **body, "label": _label(rec["label"], where), "meta": meta})
+    for lineno, rec in iter_jsonl_numbered(path):
+        where = f"{path}:{lineno}"
+        if ("text" in rec) == ("messages" in rec):
+            raise RecordError(f"{where}: needs exactly one of 'text' or 'messages'")
+        if "text" in rec and not (isinstance(rec["text"], str) and rec["text"].strip()):
+            raise RecordError(f"{where}: 'text' must be a non-empty string")
+        if "messages" in rec:
+            _validate_messages(rec, where)
+        if "label" not in rec:
+            raise RecordError(f"{where}: missing 'label'")
+        meta = rec.get("meta", {})
+        if not isinstance(meta, dict):
+            raise RecordError(f"{where}: 'meta' must be an object")
+        missing = [k for k in require_meta if k not in meta]
+        if missing:
+            raise RecordError(f"{where}: meta lacks {missing} (needed by the configured splits)")
+        rid = rec.get("id", f"line{lineno}")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise RecordError(f"{where}: 'id' must be a string or an integer")
+        if rid in seen:
+            raise RecordError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = lineno
+        body = {"text": rec["text"]} if "text" in rec else {"messages": rec["messages"]}
+        out.append({"id": rid, **body, "label": _label(rec["label"], where), "meta": meta})
     if not out:
         raise RecordError(f"{path}: no records")
     labels = {r["label"] for r in out}
