@@ -97,6 +97,8 @@ def diffing_enabled():
 
 
 DIFFING = diffing_enabled()
+if DIFFING and not any(fnmatch.fnmatchcase(d, p) for ps in config["diffing"]["groups"].values() for p in ps for d in DATASETS):
+    raise WorkflowError(f"diffing.groups: no pattern of {config['diffing']['groups']} matches any fine-tune {DATASETS}")
 STEERING = DIFFING if config["steer"]["enabled"] is None else config["steer"]["enabled"]
 if STEERING and not DIFFING:
     raise WorkflowError("steer.enabled: steering needs model diffing (its candidates are ranked SAE latents); "

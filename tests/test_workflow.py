@@ -143,6 +143,13 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "typo.yaml", "sampling: {n_sample: 3}\n")], check=False)
     err = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "n_sample" in err and "n_samples" in err  # names the typo and the known keys
+    groups = overlay(wd, "groups.yaml", "diffing: {groups: {x: ['*_nothing']}}\n")
+    proc = snakemake(wd, "-n", configfile=[TINY, groups], check=False)
+    assert proc.returncode != 0 and "diffing.groups: no pattern" in proc.stdout + proc.stderr
+    steer = overlay(wd, "steer.yaml", "steer: {screen: {group: obvious}}\n")  # the tiny run has no obvious fine-tune
+    proc = snakemake(wd, "-n", configfile=[TINY, steer], check=False)
+    assert proc.returncode != 0 and "steer.screen.targets" in proc.stdout + proc.stderr
+    assert not (wd / "results").exists()
 
 
 def test_training_jobs_with_several_gpus_launch_one_process_per_gpu(tmp_path):
