@@ -170,3 +170,16 @@ def test_top_snippets_refuse_a_cache_of_selected_tokens(cached):
     keep = (index["token_position"] % 2 == 0).to_numpy()
     with pytest.raises(ValueError, match="every token"):
         top_snippets(acts[torch.from_numpy(keep)], index[keep].reset_index(drop=True), [0], tok)
+
+
+def test_text_records_take_n_rows_after_skip_or_a_seeded_sample(tmp_path):
+    from emlab.diffing.records import text_records
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": f"t{i}", "text": f"text {i}"}) + "\n" for i in range(10)))
+    assert [r["id"] for r in text_records(path, n=3)] == ["t0", "t1", "t2"]
+    assert [r["id"] for r in text_records(path, n=3, skip=4)] == ["t4", "t5", "t6"]
+    assert [r["id"] for r in text_records(path, skip=8)] == ["t8", "t9"]
+    drawn = [r["id"] for r in text_records(path, n=4, skip=2, seed=0)]
+    assert len(drawn) == 4 and len(set(drawn)) == 4 and not {"t0", "t1"} & set(drawn)
+    assert drawn == [r["id"] for r in text_records(path, n=4, skip=2, seed=0)]

@@ -42,8 +42,8 @@ def text_records(path: str | Path, n: int | None = None, skip: int = 0, seed: in
     Rows ``skip .. skip+n`` of the file, or, with ``seed``, ``n`` rows drawn at random from all rows
     after ``skip`` (a fine-tuning set is ordered by nothing, but a corpus may be)."""
     rows = []
-    for n, (i, row) in enumerate(iter_jsonl_numbered(path)):
-        if n < skip:  # skip counts records, not lines
+    for record, (i, row) in enumerate(iter_jsonl_numbered(path)):
+        if record < skip:  # skip counts records, not lines
             continue
         if "id" not in row or not ("messages" in row or "text" in row):
             raise RecordError(f"{path}:{i}: a record needs 'id' and 'messages' or 'text'")
