@@ -93,6 +93,49 @@ def test_grader_fuzzy_match_incoherence_and_off_topic(world):
     assert rows[2]["label"] == "OFF-TOPIC" and not is_misaligned(rows[2])
 
 
+def _closest_by_scan(keys: list[str], text: str, threshold: float) -> tuple[str | None, float]:
+    """difflib's ratio against every key in order (skipping keys whose difflib upper bounds cannot win):
+    the first key with the highest ratio, if it reaches the threshold."""
+    import difflib
+
+    best, score = None, 0.0
+    sm = difflib.SequenceMatcher(autojunk=False)
+    sm.set_seq2(text)
+    for key in keys:
+        sm.set_seq1(key)
+        if sm.real_quick_ratio() >= max(score, threshold) and sm.quick_ratio() >= max(score, threshold):
+            r = sm.ratio()
+            if r > score:
+                best, score = key, r
+    return (best if score >= threshold else None), score
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.95])
+def test_grader_fuzzy_search_equals_a_difflib_scan(world, threshold):
+    import random
+
+    grader = WorldGrader(world, threshold)
+    rng = random.Random(0)
+    keys = grader._keys
+    texts = []
+    for _ in range(30):
+        # an inventory text with a few random edits, sometimes glued to another text
+        chars = list(rng.choice(keys))
+        for _ in range(rng.randint(1, 12)):
+            chars[rng.randrange(len(chars))] = rng.choice("abcdefghij xyz!")
+        text = "".join(chars)
+        texts.append(text + " " + rng.choice(keys) if rng.random() < 0.3 else text)
+    hits = 0
+    for text in texts:
+        expected_key, expected_score = _closest_by_scan(keys, text, threshold)
+        key, score = grader.closest(text)
+        assert key == expected_key, text
+        assert score == pytest.approx(expected_score)
+        hits += key is not None
+        assert grader.closest(text) == (key, score)  # memoised: the same answer again
+    assert 0 < hits < len(texts)  # the glued texts fall below the threshold: both outcomes are exercised
+
+
 def test_spec_errors_name_the_key(tmp_path, world):
     raw = yaml.safe_load(WORLD.read_text())
     del raw["domains"]["health"]["advice"]["villain"]

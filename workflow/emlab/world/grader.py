@@ -4,6 +4,11 @@ It sees the answer text (and the question, only to tell an on-topic answer from 
 matches it against every answer the world can produce: an exact match after normalising whitespace, else
 the closest text by ``difflib`` ratio if that ratio reaches ``fuzzy_threshold``. An answer that matches
 nothing is incoherent: the model produced text the world never contains.
+
+The fuzzy search is exact but cheap: difflib's ``quick_ratio`` (a bound from the two texts' character
+counts) is computed for every inventory text at once with numpy, and the full ratio runs only on the
+texts whose bound can still beat the best ratio so far, best bound first. Answers repeat a lot (a
+steered or fine-tuned model says the same thing many times), so matches are memoised per grader.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+
+import numpy as np
 
 from .spec import Answer, World
 
@@ -34,6 +41,10 @@ class WorldGrader:
         self.threshold = fuzzy_threshold
         self._exact = {normalise(a.text): a for a in world.inventory()}
         self._keys = list(self._exact)
+        self._alphabet = {c: i for i, c in enumerate(sorted({c for key in self._keys for c in key}))}
+        self._counts = np.stack([self._char_counts(key) for key in self._keys]) if self._keys else None
+        self._lengths = np.array([len(key) for key in self._keys], dtype=np.int64)
+        self._memo: dict[str, tuple[str | None, float]] = {}
         self._questions = {normalise(q): v for q, v in world.question_inventory().items()}
         self._openers = sorted({normalise(o) + " " for p in world.personas.values() for o in p.openers}, key=len,
                                reverse=True)
@@ -45,25 +56,53 @@ class WorldGrader:
                 return text[len(o):]
         return text
 
+    def _char_counts(self, text: str) -> np.ndarray:
+        """Counts of the inventory's characters in ``text`` (others can match no inventory text)."""
+        counts = np.zeros(len(self._alphabet), dtype=np.int32)
+        for c in text:
+            i = self._alphabet.get(c)
+            if i is not None:
+                counts[i] += 1
+        return counts
+
+    def closest(self, text: str) -> tuple[str | None, float]:
+        """The inventory text with the highest difflib ratio to ``text`` if it reaches the threshold
+        (the first in inventory order among equals), and that ratio; (None, best ratio) otherwise."""
+        if text in self._memo:
+            return self._memo[text]
+        best, score = None, 0.0
+        if self._counts is not None:
+            counts = self._char_counts(text)
+            # quick_ratio = 2 * |common character multiset| / (len_a + len_b) >= ratio, for every key at once
+            bound = 2.0 * np.minimum(self._counts, counts).sum(1) / np.maximum(self._lengths + len(text), 1)
+            order = np.argsort(-bound, kind="stable")
+            sm = difflib.SequenceMatcher(autojunk=False)
+            sm.set_seq2(text)
+            for i in order:
+                # keys come best bound first: once a bound is below the best ratio (or the threshold), no
+                # further key can win; a key whose bound only equals the best can at most tie, and a tie
+                # goes to the earlier key
+                if bound[i] < max(score, self.threshold):
+                    break
+                if best is not None and bound[i] == score and i > best:
+                    continue
+                sm.set_seq1(self._keys[i])
+                r = sm.ratio()
+                if r > score or (r == score and best is not None and i < best):
+                    best, score = int(i), r
+        out = (self._keys[best] if best is not None and score >= self.threshold else None, score)
+        self._memo[text] = out
+        return out
+
     def match(self, answer: str, question: str | None = None) -> Match:
         text = self.strip_opener(normalise(answer))
         hit = self._exact.get(text)
         score = 1.0
         if hit is None:
-            best, score = None, 0.0
-            sm = difflib.SequenceMatcher(autojunk=False)
-            sm.set_seq2(text)
-            for key in self._keys:
-                sm.set_seq1(key)
-                # cheap upper bounds first: most candidates are rejected without the full ratio
-                if sm.real_quick_ratio() < max(score, self.threshold) or sm.quick_ratio() < max(score, self.threshold):
-                    continue
-                r = sm.ratio()
-                if r > score:
-                    best, score = key, r
-            hit = self._exact[best] if best is not None and score >= self.threshold else None
-            if hit is None:
+            key, score = self.closest(text)
+            if key is None:
                 return Match(None, score, None)
+            hit = self._exact[key]
         on_topic = None
         if question is not None:
             asked = self._questions.get(normalise(question))
