@@ -9,7 +9,7 @@ rule sample:
     output:
         f"{RESULTS}/samples/{{model}}.jsonl",
     params:
-        cfg=lambda w: cfg_json("sampling", "seed"),
+        cfg=lambda w: cfg_json("sampling", "seed", "device", model={"dtype": config["model"]["dtype"]}),
         model=sample_args,
     log:
         "logs/sample/{model}.log",

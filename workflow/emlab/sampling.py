@@ -170,8 +170,10 @@ def output_row(model_name: str, q: dict[str, Any], sample_idx: int, answer: str)
 
 def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any]], out_path: str,
                    n_samples: int, temperature: float, max_new_tokens: int, batch_size: int, seed: int,
-                   model_name: str, progress: bool = True) -> int:
+                   model_name: str, progress: bool = True, device: str = "auto", dtype: str = "auto") -> int:
     """Write ``n_samples`` answers per question to ``out_path`` (JSONL); return the number of rows.
+
+    ``device`` and ``dtype`` are the config's ``device`` and ``model.dtype`` (see models.load_model).
 
     Rows are appended to ``out_path + ".partial"`` batch by batch; a rerun skips the rows found
     there. The final file is written atomically in question order, then sample_idx.
@@ -198,7 +200,7 @@ def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any
           f"{len(items) - n_missing} done, {n_missing} to generate", file=sys.stderr)
 
     if todo:
-        model, tok = load_model(base, adapter, merge=True)
+        model, tok = load_model(base, adapter, merge=True, device=device, dtype=dtype)
         use_plain_generation_config(model, tok)
         stops = model.generation_config.eos_token_id
         prompt_ids: dict[tuple[str, str], list[int]] = {}
