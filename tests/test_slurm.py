@@ -6,7 +6,10 @@ partition/account templating (dry run) and the default profile's retry of a fail
 The SLURM tests (markers slow, slurm): scripts/slurm/start-local-cluster.sh starts slurmctld,
 slurmd and munged (installing them with apt when missing) in a private state dir on free ports,
 with two fake GPUs; the reduced organism DAG (tests/configs/tiny.yaml, which gives the finetune
-and sample rules one GPU each) then runs through workflow/profiles/slurm, polling with squeue
+and sample rules one GPU each) then runs through workflow/profiles/slurm up to the misalignment
+figures and the SAE (SLURM_TARGETS: every kind of job a cluster run has, GPU and CPU, without the
+diffing/steering/monitor levels that test_workflow.py runs locally; each DAG level costs a status
+poll of 10-15 s here), polling with squeue
 (the test cluster has no accounting), with EMLAB_FAIL_ONCE making the `metrics` job fail on its
 first run. They check what a cluster user relies on: every output is made, GPU jobs share the node
 at the same time on different devices while CPU jobs get none, each job asks SLURM for the memory,
@@ -40,7 +43,11 @@ TINY_CONFIG = "tests/configs/tiny.yaml"  # relative to the scratch copy of the w
 # late in the DAG, so its retry is exercised after every other level has run through SLURM.
 FAIL_ONCE_COMMAND, FAIL_ONCE_RULE = "metrics", "metrics"
 # A per-rule override on the command line: it must reach sbatch for that rule only.
-SET_RESOURCES = {("timings", "mem_mb"): 1500}
+SET_RESOURCES = {("plot_misalignment", "mem_mb"): 1500}
+# What the SLURM run makes: both judges' figures (world, pretraining, GPU fine-tunes and sampling,
+# judging, the metrics job that fails once) and the SAE (corpus activations and SAE fitting).
+SLURM_TARGETS = ("results/figures/misalignment_world.png", "results/figures/misalignment_world_strict.png",
+                 "results/sae")
 GPU_RULES = {"finetune", "sample"}  # the rules that tiny.yaml gives a GPU
 
 DEFAULT_PROFILE = ROOT / "workflow" / "profiles" / "default"
@@ -195,7 +202,7 @@ class Plan:
 
 def _plan(workdir: Path, env: dict[str, str]) -> Plan:
     out = subprocess.run(
-        [*_snakemake_args(workdir), "--summary"],
+        [*_snakemake_args(workdir), "--summary", *SLURM_TARGETS],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, f"snakemake --summary failed:\n{out.stderr[-4000:]}"
@@ -323,7 +330,7 @@ def slurm_run(slurm_env, tmp_path_factory):
     env["EMLAB_FAIL_ONCE"] = f"{FAIL_ONCE_COMMAND}:{marker}"
     run = subprocess.run(
         [
-            *_snakemake_args(workdir),
+            *_snakemake_args(workdir), *SLURM_TARGETS,
             "--profile", str(PROFILE),
             "--slurm-status-command", "squeue",
             # The first status check 2 s after submission (and after each finished job) rather
@@ -351,7 +358,7 @@ def test_run_completes_with_every_output(slurm_run):
     assert FAIL_ONCE_RULE in outputs.values(), f"no {FAIL_ONCE_RULE} job in the DAG: {outputs}"
     missing = [f for f in outputs if not (slurm_run["workdir"] / f).exists()]
     assert not missing, f"outputs missing after the run: {missing}"
-    # Every rule but the target `all` ran as a SLURM job.
+    # Every rule of the planned DAG ran as a SLURM job.
     submitted = {j.rule for j in slurm_run["slurm_jobs"]}
     assert submitted == set(slurm_run["plan"].outputs.values()), submitted
 
