@@ -69,11 +69,11 @@ def load_activations(path: str, key: str | None) -> torch.Tensor:
     return acts.float()
 
 
-def fvu(reconstruct, x: torch.Tensor, batch: int = 8192) -> float:
+def fvu(reconstruct, x: torch.Tensor, device: str, batch: int = 8192) -> float:
     sse = 0.0
     with torch.no_grad():
         for s in range(0, x.shape[0], batch):
-            xb = x[s:s + batch]
+            xb = x[s:s + batch].to(device)
             sse += (reconstruct(xb) - xb).double().pow(2).sum().item()
     return sse / (x.double() - x.double().mean(0)).pow(2).sum().item()
 
@@ -84,10 +84,11 @@ def run_emlab(train, args, lr, steps):
     cfg = SAETrainConfig(k=args.k, n_latents=args.n_latents, batch_tokens=args.batch, lr=args.base_lr,
                          train_tokens=steps * args.batch, lr_warmup_frac=args.warmup, lr_decay_frac=args.decay,
                          k_aux=args.k_aux, auxk_coef=args.auxk_coef, dead_tokens_threshold=args.dead_tokens,
-                         normalize_activations=not args.no_normalize, seed=0, device="cpu")
+                         normalize_activations=not args.no_normalize, seed=0, device=args.device)
     start = time.perf_counter()
     sae = train_sae(train, cfg, progress=False)
-    return time.perf_counter() - start, sae
+    _sync(args.device)
+    return time.perf_counter() - start, sae.to(args.device)
 
 
 def run_sparsify(train, args, lr, steps):
@@ -96,10 +97,11 @@ def run_sparsify(train, args, lr, steps):
     torch.manual_seed(0)
     d = train.shape[1]
     start = time.perf_counter()
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device="cpu", dtype=torch.float32)
+    train = train.to(args.device)
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device=args.device, dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    since_fired = torch.zeros(args.n_latents, dtype=torch.long)
-    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
+    since_fired = torch.zeros(args.n_latents, dtype=torch.long, device=args.device)
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0)).to(args.device)
     for step in range(steps):
         x = train[order[step * args.batch:(step + 1) * args.batch]]
         if step == 0:  # sparsify's trainer centres the decoder bias on the first batch
@@ -115,6 +117,7 @@ def run_sparsify(train, args, lr, steps):
         sae.set_decoder_norm_to_unit_norm()
         since_fired += x.shape[0]
         since_fired[out.latent_indices.flatten()] = 0
+    _sync(args.device)
     return time.perf_counter() - start, lambda xb: sae(xb).sae_out
 
 
@@ -126,7 +129,7 @@ def run_saelens(train, args, lr, steps):
     torch.manual_seed(0)
     d = train.shape[1]
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
-    batches = (train[order[s * args.batch:(s + 1) * args.batch]] for s in range(steps))
+    batches = (train[order[s * args.batch:(s + 1) * args.batch]].to(args.device) for s in range(steps))
     start = time.perf_counter()
     # SAELens' losses are sums over d_in (not divided by the variance): its AuxK weight is the
     # same fraction of the main loss as ours.
@@ -135,12 +138,18 @@ def run_saelens(train, args, lr, steps):
     cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch,
                            lr=lr, lr_end=0.0, lr_scheduler_name="constant", lr_warm_up_steps=max(1, round(args.warmup * steps)),
                            lr_decay_steps=round(args.decay * steps),
-                           dead_feature_window=max(1, args.dead_tokens // args.batch), device="cpu")
+                           dead_feature_window=max(1, args.dead_tokens // args.batch), device=args.device)
     with contextlib.redirect_stderr(io.StringIO()):   # its progress bar
         sae = SAETrainer(cfg, sae, batches).fit()
+    _sync(args.device)
     elapsed = time.perf_counter() - start
     sae.eval()
     return elapsed, lambda xb: sae(xb)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 RUNNERS = {"emlab": run_emlab, "sparsify": run_sparsify, "saelens": run_saelens}
@@ -164,6 +173,7 @@ def main() -> None:
     p.add_argument("--auxk-coef", type=float, default=1 / 32)
     p.add_argument("--dead-tokens", type=int, default=200_000)
     p.add_argument("--no-normalize", action="store_true", help="turn emlab's input scaling off")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every implementation trains there)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--only", default="emlab,sparsify,saelens")
@@ -206,7 +216,7 @@ def main() -> None:
             with contextlib.redirect_stdout(io.StringIO()):   # competitors print setup notes
                 seconds, model = RUNNERS[name](train, args, lr, steps)
             best[name] = min(best.get(name, math.inf), seconds)
-            quality[name] = fvu(model, held_out)
+            quality[name] = fvu(model, held_out, args.device)
             print(f"  round {r + 1}: {name:9s} {seconds:7.2f} s", flush=True)
 
     tokens = steps * args.batch

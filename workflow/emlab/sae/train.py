@@ -281,8 +281,8 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     sae.b_dec.grad = grad_b_dec
 
     active = act > 0
-    fired = torch.zeros(m, dtype=torch.bool, device=x.device)
-    fired[idx[active]] = True
+    # counts rather than boolean indexing: no host round trip (nonzero) on a GPU
+    fired = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, idx.view(-1), active.view(-1).to(x.dtype)) > 0
     return StepStats(loss=fvu + auxk_coef * aux_loss, fvu=fvu, aux_loss=aux_loss,
                      l0=active.sum() / n, fired=fired)
 
@@ -361,8 +361,10 @@ class _Shards:
         else:
             yield from self._data
 
-    def batches(self, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
-        """Shuffled batches of exactly ``batch`` rows; the remainder of a shard joins the next."""
+    def batches(self, batch: int, generator: torch.Generator, device: torch.device | None = None) -> Iterator[Tensor]:
+        """Shuffled batches of exactly ``batch`` rows on ``device``; the remainder of a shard joins the next.
+
+        Each shard moves to the device once, in one copy, and batches are gathered there."""
         d_in = self.first().shape[1]
         carry: Tensor | None = None
         while True:
@@ -371,6 +373,8 @@ class _Shards:
                 self._check(i, shard, d_in)
                 n_shards += 1
                 perm = torch.randperm(shard.shape[0], generator=generator)
+                if device is not None and shard.device != device:
+                    shard, perm = shard.to(device), perm.to(device)
                 pos = 0
                 if carry is not None:
                     need = batch - carry.shape[0]
@@ -392,6 +396,7 @@ class _Shards:
 # --- the training loop --------------------------------------------------------------------
 
 LOG_COLUMNS = ("step", "tokens", "lr", "loss", "fvu", "aux_loss", "l0", "dead_frac")
+LOG_EVERY = 50  # steps whose log rows are read back from the device together
 
 
 def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainConfig, *,
@@ -447,14 +452,30 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
         writer = csv.writer(log_file)
         writer.writerow(LOG_COLUMNS)
     bar = tqdm(total=steps, desc="sae", unit="step", disable=not progress, mininterval=1.0)
-    batches = shards.batches(cfg.batch_tokens, generator)
+    batches = shards.batches(cfg.batch_tokens, generator, device)
+    # Per-step numbers stay on the device and reach the host LOG_EVERY steps at a time: a GPU step
+    # is a few milliseconds of kernels, and reading a value back each step would stall it each time.
+    pending: list[tuple[int, float, Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack([v for _, _, v in pending]).tolist()
+        for (step, step_lr, _), (loss, fvu, aux, l0, dead_frac) in zip(pending, values):
+            if writer is not None:
+                writer.writerow([step, (step + 1) * cfg.batch_tokens] +
+                                [f"{v:.6g}" for v in (step_lr, loss, fvu, aux, l0, dead_frac)])
+        bar.set_postfix(fvu=f"{values[-1][1]:.4f}", l0=f"{values[-1][3]:.1f}", dead=f"{values[-1][4]:.3f}",
+                        refresh=False)
+        pending.clear()
+
     try:
         for step in range(steps):
             batch = next(batches, None)
             if batch is None:
                 raise ValueError(f"activation shards ran out after {step * cfg.batch_tokens} tokens; "
                                  f"sae.train asked for {total}")
-            x = batch.to(device=device, dtype=torch.float32) * scale
+            x = batch.to(dtype=torch.float32) * scale
             dead = since_fired >= cfg.dead_tokens_threshold
             stats = compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=cfg.auxk_coef)
             remove_parallel_decoder_grad(sae)
@@ -465,16 +486,14 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
             opt.zero_grad(set_to_none=True)
             sae.normalize_decoder_()
             since_fired += x.shape[0]
-            since_fired[stats.fired] = 0
-            dead_frac = (since_fired >= cfg.dead_tokens_threshold).float().mean().item()
-            row = (step, (step + 1) * cfg.batch_tokens, step_lr, stats.loss.item(), stats.fvu.item(),
-                   stats.aux_loss.item(), stats.l0.item(), dead_frac)
-            if writer is not None:
-                writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+            since_fired.masked_fill_(stats.fired, 0)
+            dead_frac = (since_fired >= cfg.dead_tokens_threshold).float().mean()
+            pending.append((step, step_lr, torch.stack([stats.loss, stats.fvu, stats.aux_loss, stats.l0, dead_frac])))
+            if len(pending) == LOG_EVERY or step == steps - 1:
+                flush()
             bar.update(1)
-            if step % 20 == 0 or step == steps - 1:
-                bar.set_postfix(fvu=f"{row[4]:.4f}", l0=f"{row[6]:.1f}", dead=f"{dead_frac:.3f}", refresh=False)
     finally:
+        flush()
         bar.close()
         if log_file is not None:
             log_file.close()
