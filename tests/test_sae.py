@@ -390,3 +390,12 @@ def test_resolve_pretrained(tmp_path):
     # conftest sets HF_HUB_OFFLINE=1, so the hub cannot be reached.
     with pytest.raises(SAEFormatError, match="could not load SAELens release 'gpt2-small-res-jb'.*HF_HUB_OFFLINE"):
         resolve_pretrained({"release": "gpt2-small-res-jb", "sae_id": "blocks.8.hook_resid_pre"})
+
+
+@pytest.mark.parametrize("m", [512, 1 << 16, (1 << 16) + 1])
+def test_grouping_by_latent_is_a_stable_argsort(m):
+    from emlab.sae.train import _group_by_latent
+
+    keys = torch.randint(0, m, (5000,), generator=torch.Generator().manual_seed(0))
+    keys[:100] = m - 1  # many equal keys: stability decides their order
+    assert torch.equal(_group_by_latent(keys, m), torch.argsort(keys, stable=True))

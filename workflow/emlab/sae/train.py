@@ -264,8 +264,9 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
 
     # Each latent's weight gradients are sums over the (token, slot) entries that selected it:
     # sort the entries by latent once, then one embedding_bag per matrix sums the rows per latent.
-    order = torch.argsort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=m)
+    order = _group_by_latent(keys, m)
+    # (bincount would read max(keys) back to the host on a GPU; a scatter-add does not)
+    counts = torch.zeros(m, dtype=torch.long, device=x.device).index_add_(0, keys, torch.ones_like(keys))
     offsets = torch.cumsum(counts, 0) - counts
     grad_W_dec = torch.nn.functional.embedding_bag(
         dec_rows[order], dec_table, offsets, mode="sum", per_sample_weights=dec_weights[order])
@@ -285,6 +286,16 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     fired = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, idx.view(-1), active.view(-1).to(x.dtype)) > 0
     return StepStats(loss=fvu + auxk_coef * aux_loss, fvu=fvu, aux_loss=aux_loss,
                      l0=active.sum() / n, fired=fired)
+
+
+def _group_by_latent(keys: Tensor, m: int) -> Tensor:
+    """A stable argsort of latent ids in [0, m). On CPU with m <= 2^16 numpy's radix sort of 16-bit
+    keys gives the same permutation 10x faster than torch's comparison sort (a millisecond a step)."""
+    if keys.device.type == "cpu" and m <= 1 << 16:
+        import numpy as np
+
+        return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
+    return torch.argsort(keys, stable=True)
 
 
 def _row_ids(n: int, per_row: int, device) -> Tensor:
