@@ -155,11 +155,12 @@ def init_sae(sample: Tensor, n_latents: int, k: int, generator: torch.Generator)
 
     The plain transpose overshoots (the k largest projections onto random directions add up to
     more than the input), which costs the first hundred steps; scaling the encoder does not
-    change which latents win, so one scalar fits exactly and is cheap.
+    change which latents win, so one scalar fits exactly and is cheap. The SAE is built on the
+    sample's device; the random rows come from the (CPU) ``generator`` whatever the device.
     """
     d_in = sample.shape[1]
-    sae = TopKSAE(d_in, n_latents, k)
-    w = torch.randn(n_latents, d_in, generator=generator)
+    sae = TopKSAE(d_in, n_latents, k, device=sample.device)
+    w = torch.randn(n_latents, d_in, generator=generator).to(sample.device)
     w /= w.norm(dim=1, keepdim=True)
     with torch.no_grad():
         sae.W_dec.copy_(w)
@@ -192,13 +193,14 @@ def _chunk_rows(n: int, d_in: int, d_sae: int, k: int, device: torch.device) -> 
 
 @torch.no_grad()
 def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k_aux: int,
-                  auxk_coef: float, chunk_rows: int | None = None) -> StepStats:
+                  auxk_coef: float, chunk_rows: int | None = None, dead_idx: Tensor | None = None) -> StepStats:
     """Set ``p.grad`` of every SAE parameter to the gradient of FVU + auxk_coef * AuxK on ``x``.
 
     x [n, d_in]; dead_mask bool [d_sae] marks dead latents (None or all False: no AuxK term).
     AuxK: the top min(k_aux, n_dead) dead latents' activations decode (without b_dec) a
     prediction of the residual x - x_hat; the term is scaled by min(n_dead / k_aux, 1) so that
-    a few dead latents do not get the weight of many.
+    a few dead latents do not get the weight of many. ``dead_idx`` (the indices of the dead latents)
+    may be given instead of ``dead_mask``: finding them reads the mask's count back to the host.
     """
     n, d = x.shape
     m, k = sae.d_sae, sae.k
@@ -207,7 +209,8 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     # (x - b_dec) @ W_enc + b_enc == x @ W_enc + enc_bias: one matmul, no [n, d] copy.
     enc_bias = sae.b_enc.data - b_dec @ W_enc
 
-    dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else x.new_zeros(0, dtype=torch.long)
+    if dead_idx is None:
+        dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else x.new_zeros(0, dtype=torch.long)
     n_dead = int(dead_idx.numel())
     kx = min(k_aux, n_dead)
     aux_scale = min(n_dead / k_aux, 1.0)
@@ -439,7 +442,7 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
         if not mean_sq > 0:
             raise ValueError("activations are all zero (or not finite): cannot normalise them")
         scale = math.sqrt(d_in / mean_sq)
-    sae = init_sae(sample * scale, n_latents, cfg.k, generator).to(device)
+    sae = init_sae((sample * scale).to(device), n_latents, cfg.k, generator)
 
     if cfg.train_tokens is not None:
         total = cfg.train_tokens
@@ -454,8 +457,13 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
 
     lr = cfg.lr_for(n_latents)
     k_aux = cfg.k_aux_for(d_in)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    # fused: one kernel for the whole update on a GPU (the foreach default launches several per tensor)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=device.type == "cuda")
     since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+    # Which latents are dead is re-read every step on CPU, where it is free; on a GPU the set's size goes
+    # to the host (it shapes the AuxK tensors), so it is re-read every LOG_EVERY steps instead: a latent
+    # is dead after millions of tokens, and a set up to LOG_EVERY steps old changes nothing that matters.
+    dead_refresh = 1 if device.type == "cpu" else LOG_EVERY
     log_file = writer = None
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -487,8 +495,9 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
                 raise ValueError(f"activation shards ran out after {step * cfg.batch_tokens} tokens; "
                                  f"sae.train asked for {total}")
             x = batch.to(dtype=torch.float32) * scale
-            dead = since_fired >= cfg.dead_tokens_threshold
-            stats = compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=cfg.auxk_coef)
+            if step % dead_refresh == 0:
+                dead_idx = (since_fired >= cfg.dead_tokens_threshold).nonzero().squeeze(1)
+            stats = compute_grads(sae, x, k_aux=k_aux, auxk_coef=cfg.auxk_coef, dead_idx=dead_idx)
             remove_parallel_decoder_grad(sae)
             step_lr = lr * lr_factor(step, steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
             for group in opt.param_groups:
