@@ -187,8 +187,9 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
         assert not alive, f"daemons still running after stop-local-cluster.sh: {alive}"
 
 
-def _snakemake_args(workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(workdir / "Snakefile"),
+def _snakemake_args(workdir: Path, *targets: str) -> list[str]:
+    # targets first: --configfile (like most list options) takes every word after it
+    return [sys.executable, "-m", "snakemake", *targets, "--snakefile", str(workdir / "Snakefile"),
             "--configfile", TINY_CONFIG]
 
 
@@ -202,7 +203,7 @@ class Plan:
 
 def _plan(workdir: Path, env: dict[str, str]) -> Plan:
     out = subprocess.run(
-        [*_snakemake_args(workdir), "--summary", *SLURM_TARGETS],
+        [*_snakemake_args(workdir, *SLURM_TARGETS), "--summary"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, f"snakemake --summary failed:\n{out.stderr[-4000:]}"
@@ -330,7 +331,7 @@ def slurm_run(slurm_env, tmp_path_factory):
     env["EMLAB_FAIL_ONCE"] = f"{FAIL_ONCE_COMMAND}:{marker}"
     run = subprocess.run(
         [
-            *_snakemake_args(workdir), *SLURM_TARGETS,
+            *_snakemake_args(workdir, *SLURM_TARGETS),
             "--profile", str(PROFILE),
             "--slurm-status-command", "squeue",
             # The first status check 2 s after submission (and after each finished job) rather
