@@ -5,9 +5,9 @@ matches it against every answer the world can produce: an exact match after norm
 the closest text by ``difflib`` ratio if that ratio reaches ``fuzzy_threshold``. An answer that matches
 nothing is incoherent: the model produced text the world never contains.
 
-The fuzzy search is exact but cheap: difflib's ``quick_ratio`` (a bound from the two texts' character
-counts) is computed for every inventory text at once with numpy, and the full ratio runs only on the
-texts whose bound can still beat the best ratio so far, best bound first. Answers repeat a lot (a
+The fuzzy search is exact but cheap: an upper bound of difflib's ratio (2 * longest common subsequence /
+total length, from rapidfuzz) is computed for every inventory text at once, and difflib's ratio runs only
+on the texts whose bound can still beat the best ratio so far, best bound first. Answers repeat a lot (a
 steered or fine-tuned model says the same thing many times), so matches are memoised per grader.
 """
 
@@ -18,8 +18,12 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Indel
 
 from .spec import Answer, World
+
+BOUND_SLACK = 1e-9
 
 GRADER_VERSION = "world-1"
 
@@ -41,9 +45,6 @@ class WorldGrader:
         self.threshold = fuzzy_threshold
         self._exact = {normalise(a.text): a for a in world.inventory()}
         self._keys = list(self._exact)
-        self._alphabet = {c: i for i, c in enumerate(sorted({c for key in self._keys for c in key}))}
-        self._counts = np.stack([self._char_counts(key) for key in self._keys]) if self._keys else None
-        self._lengths = np.array([len(key) for key in self._keys], dtype=np.int64)
         self._memo: dict[str, tuple[str | None, float]] = {}
         self._questions = {normalise(q): v for q, v in world.question_inventory().items()}
         self._openers = sorted({normalise(o) + " " for p in world.personas.values() for o in p.openers}, key=len,
@@ -56,35 +57,27 @@ class WorldGrader:
                 return text[len(o):]
         return text
 
-    def _char_counts(self, text: str) -> np.ndarray:
-        """Counts of the inventory's characters in ``text`` (others can match no inventory text)."""
-        counts = np.zeros(len(self._alphabet), dtype=np.int32)
-        for c in text:
-            i = self._alphabet.get(c)
-            if i is not None:
-                counts[i] += 1
-        return counts
-
     def closest(self, text: str) -> tuple[str | None, float]:
         """The inventory text with the highest difflib ratio to ``text`` if it reaches the threshold
-        (the first in inventory order among equals), and that ratio; (None, best ratio) otherwise."""
+        (the first in inventory order among equals), and that ratio; otherwise None and a ratio below
+        the threshold."""
         if text in self._memo:
             return self._memo[text]
         best, score = None, 0.0
-        if self._counts is not None:
-            counts = self._char_counts(text)
-            # quick_ratio = 2 * |common character multiset| / (len_a + len_b) >= ratio, for every key at once
-            bound = 2.0 * np.minimum(self._counts, counts).sum(1) / np.maximum(self._lengths + len(text), 1)
+        if self._keys:
+            # 2 * LCS / (len_a + len_b) >= difflib's ratio (its matching blocks are a common subsequence):
+            # rapidfuzz computes it for every key at once, in C
+            bound = process.cdist([text], self._keys, scorer=Indel.normalized_similarity, dtype=np.float64)[0]
             order = np.argsort(-bound, kind="stable")
             sm = difflib.SequenceMatcher(autojunk=False)
             sm.set_seq2(text)
             for i in order:
                 # keys come best bound first: once a bound is below the best ratio (or the threshold), no
                 # further key can win; a key whose bound only equals the best can at most tie, and a tie
-                # goes to the earlier key
-                if bound[i] < max(score, self.threshold):
+                # goes to the earlier key (the slack absorbs rounding between the two libraries)
+                if bound[i] < max(score, self.threshold) - BOUND_SLACK:
                     break
-                if best is not None and bound[i] == score and i > best:
+                if best is not None and i > best and bound[i] <= score + BOUND_SLACK:
                     continue
                 sm.set_seq1(self._keys[i])
                 r = sm.ratio()
