@@ -93,7 +93,7 @@ def test_a_row_that_ends_early_is_cut_while_others_continue(model, tok):
     assert alone == [out[1]]
 
 
-@pytest.mark.parametrize("positions", ["all", "prompt", "response"])
+@pytest.mark.parametrize("positions", ["all", "prompt", "response", "last"])
 def test_positions_match_a_plain_hook_implementation(model, tok, positions):
     vectors = torch.stack([3.0 * _direction(model), -3.0 * _direction(model), torch.zeros(32)])
     prompt_len = _prompt_batch(tok, PROMPTS)[0].shape[1]
@@ -104,8 +104,9 @@ def test_positions_match_a_plain_hook_implementation(model, tok, positions):
         add = torch.zeros_like(hidden)
         if positions == "all" or (positions == "prompt" and first_forward):
             add[:] = vectors[:, None, :]
-        elif positions == "response":
-            add[:, -1:] = vectors[:, None, :]  # the last prompt position on the first forward, else the new token
+        elif positions == "response" or (positions == "last" and first_forward):
+            # the last prompt position on the first forward; with "response" also every new token after it
+            add[:, -1:] = vectors[:, None, :]
         return with_layer_hidden(output, hidden + add)
 
     steered = steered_generate_ids(model, tok, PROMPTS, vectors, layer=0, positions=positions, max_new_tokens=N)

@@ -17,7 +17,9 @@ Positions (:data:`POSITIONS`):
 - ``prompt``: the prompt positions only (the first forward; later tokens read the steered
   prompt only through the key-value cache);
 - ``response``: the positions that predict response tokens: the last prompt position and
-  every generated token.
+  every generated token;
+- ``last``: the last prompt position only: the one that predicts the first answer token, where a
+  chat model settles who is answering (later tokens read it through the key-value cache).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .activations import encode_prompt, encode_record, pad_batch, read_residuals
 from .arch import as_nnsight, hidden_size, layer_hidden, layer_index, residual_module, unwrap, with_layer_hidden
 from .sampling import cut_at_stop, stop_token_ids
 
-POSITIONS = ("all", "prompt", "response")
+POSITIONS = ("all", "prompt", "response", "last")
 
 
 def _pad_id(tokenizer) -> int:
@@ -81,7 +83,7 @@ def steered_generate_ids(model, tokenizer, prompts: Sequence[str | list[dict[str
         dict(do_sample=False)
     config = GenerationConfig(**mode, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=None,
                               pad_token_id=pad)
-    steps = 1 if positions == "prompt" else max_new_tokens
+    steps = 1 if positions in ("prompt", "last") else max_new_tokens
     nn_model = as_nnsight(model, tokenizer)
     result = None
     torch.manual_seed(seed)
@@ -91,7 +93,7 @@ def steered_generate_ids(model, tokenizer, prompts: Sequence[str | list[dict[str
         for step in tracer.iter[:steps]:
             out = block.output
             hidden = layer_hidden(out)
-            if step == 0 and positions == "response":
+            if step == 0 and positions in ("response", "last"):
                 # left padding puts every row's last prompt token in the last column
                 edited = torch.cat([hidden[:, :-1], hidden[:, -1:] + vectors[:, None, :]], dim=1)
             else:

@@ -27,9 +27,12 @@ question key (eval_set, question_id, sample_idx), as ``emlab sample`` does. Henc
 
 Positions (:data:`emlab.steering.POSITIONS`): ``all`` adds the vector at every prompt and
 generated position; ``prompt`` only while the prompt is read (the answer then follows from the
-steered prompt through the key-value cache), which on the persona-world organism flips the
-persona the answer is written in without breaking the text the way ``all`` does at the same
-strength; ``response`` at the positions that predict answer tokens.
+steered prompt through the key-value cache); ``response`` at the positions that predict answer
+tokens; ``last`` (the default) at the last prompt position only, the one that predicts the first
+answer token. A chat model settles there who is answering: on the persona-world organism, whose
+corpus also shows persona texts inside user messages (the monitoring documents, answered by a
+neutral assistant), a persona direction added to every prompt position reads as a quoted text and
+barely moves the answer, while at the last position it flips the persona of the whole answer.
 
 Output rows follow the samples schema (:mod:`emlab.judge.schema`) with ``model`` set to the
 condition id (:mod:`emlab.steer.conditions`), so ``emlab judge`` grades them unchanged, plus::
