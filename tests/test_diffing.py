@@ -79,7 +79,7 @@ def test_latent_means_average_texts_not_tokens(cached):
     acts, index = latent_token_acts(sae, out, 1, list(range(32)))
     assert ids == ["a", "b", "c"]
     for t in range(3):
-        rows = acts[torch.from_numpy((index["text_index"] == t).to_numpy())]
+        rows = acts[torch.tensor((index["text_index"] == t).to_numpy())]
         torch.testing.assert_close(per_text[t], rows.mean(0))
         torch.testing.assert_close(per_max[t], rows.max(0).values)
     torch.testing.assert_close(latent_means(sae, out, 1), per_text.mean(0))
