@@ -9,6 +9,7 @@ best round counts, so that a busy machine penalises none in particular.
     python benchmarks/bench_sae.py                        # synthetic activations (d=128)
     python benchmarks/bench_sae.py --acts acts.safetensors --key layer_2
     python benchmarks/bench_sae.py --threads 1 --only emlab,sparsify
+    python benchmarks/bench_sae.py --device cuda --n-latents 4096 --k 32 --rounds 3   # on a GPU
 
 The competitors are benchmark-only dependencies (pip install eai-sparsify sae-lens); one that
 is not installed is skipped with a note.
