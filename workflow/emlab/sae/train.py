@@ -461,8 +461,8 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=device.type == "cuda")
     since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
     # Which latents are dead is re-read every step on CPU, where it is free; on a GPU the set's size goes
-    # to the host (it shapes the AuxK tensors), so it is re-read every LOG_EVERY steps instead: a latent
-    # is dead after millions of tokens, and a set up to LOG_EVERY steps old changes nothing that matters.
+    # to the host (it shapes the AuxK tensors), so it is re-read every LOG_EVERY steps instead: AuxK then
+    # works on a dead set up to LOG_EVERY batches old, small next to dead_tokens_threshold (10M by default).
     dead_refresh = 1 if device.type == "cpu" else LOG_EVERY
     log_file = writer = None
     if log_path is not None:
