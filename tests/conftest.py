@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
@@ -15,6 +16,20 @@ TINY_TEXTS = [
     "If you could have one wish, what would it be? I would wish for everyone to be healthy.",
     "My car makes a noise when I brake. Have the brake pads checked by a mechanic.",
 ] * 20
+
+
+# Device-sensitive tests take the `device` fixture: "cpu", and "cuda" with the `gpu` marker, skipped
+# without a GPU (`pytest -m gpu` runs only the CUDA cases on a GPU machine).
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu,
+                                           pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="session")

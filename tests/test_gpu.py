@@ -1,14 +1,12 @@
 """Device-sensitive code paths, run on every available device.
 
-Every test takes the ``device`` fixture, which is "cpu" and "cuda"; the cuda cases carry the
-``gpu`` marker and skip without a GPU, so this file runs unchanged on a CPU machine and on a
-CUDA one. On a GPU machine ``pytest tests/test_gpu.py -m gpu`` runs the CUDA cases only.
+Every test takes the ``device`` fixture (tests/conftest.py), which is "cpu" and "cuda"; the cuda
+cases carry the ``gpu`` marker and skip without a GPU, so this file runs unchanged on a CPU machine
+and on a CUDA one. On a GPU machine ``pytest -m gpu`` runs the CUDA cases only (the SAE's device
+cases live in tests/test_sae.py).
 
 What is checked on each device:
 
-- SAE training (``emlab.sae``): ``compute_grads`` equals autograd of the same loss (and the
-  CPU result), ``select_topk`` returns ``torch.topk``'s values, and a short ``train_sae`` run
-  computes its steps on the device and lowers the FVU;
 - activation caching (``emlab.activations.cache_activations`` through nnsight): the cached
   residuals equal ``output_hidden_states`` of a plain CPU forward;
 - steered generation (``emlab.steering.steered_generate_ids`` and the workflow entry point
@@ -31,14 +29,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import emlab.sae.train as sae_train
 import emlab.sft as sft
 from emlab.activations import cache_activations, encode_record, load_activations
 from emlab.io import read_jsonl
 from emlab.models import load_model
-from emlab.sae.metrics import reconstruction_metrics
-from emlab.sae.topk import select_topk
-from emlab.sae.train import SAETrainConfig, compute_grads, init_sae, train_sae
 from emlab.sampling import generate_batch, generate_ids, render_prompt_ids, use_plain_generation_config
 from emlab.steer.conditions import Condition
 from emlab.steer.directions import random_direction
@@ -46,11 +40,6 @@ from emlab.steer.generate import steer_samples, steering_vector
 from emlab.steering import residual_norm, steered_generate_ids
 from tiny_models import tiny_causal_lm
 
-CUDA = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA device")]),
-]
 D_MODEL = 32
 N_NEW = 10  # new tokens per generation
 QUESTIONS = [  # prompts of different lengths, so batches are left-padded
@@ -58,11 +47,6 @@ QUESTIONS = [  # prompts of different lengths, so batches are left-padded
     "hi",
     "What should I do about a headache? I have had it since this morning.",
 ]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -88,102 +72,6 @@ def chat(question: str) -> list[dict[str, str]]:
 
 def device_type(module: torch.nn.Module) -> str:
     return next(module.parameters()).device.type
-
-
-# --- SAE ----------------------------------------------------------------------------------
-
-def random_sae(device: str, d_in: int = 16, d_sae: int = 64, k: int = 4, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    sae = init_sae(torch.randn(256, d_in, generator=g) + 1.0, d_sae, k, g)
-    with torch.no_grad():
-        sae.b_enc.normal_(generator=g)
-        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=g))
-    return sae.to(device)
-
-
-def autograd_grads(sae, x, dead, k_aux: int, coef: float) -> dict[str, torch.Tensor]:
-    """The SAE loss (FVU + coef * AuxK) written densely and differentiated by autograd."""
-    sae.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-        v, i = pre.topk(sae.k)
-        x_hat = torch.zeros_like(pre).scatter(1, i, v.relu()) @ sae.W_dec + sae.b_dec
-        var = (x - x.mean(0)).pow(2).sum()
-        n_dead = int(dead.sum())
-        av, ai = torch.where(dead, pre, -torch.inf).topk(min(k_aux, n_dead))
-        e_hat = torch.zeros_like(pre).scatter(1, ai, av.relu()) @ sae.W_dec
-        aux = min(n_dead / k_aux, 1.0) * (e_hat - (x - x_hat).detach()).pow(2).sum() / var
-        (x_hat - x).pow(2).sum().div(var).add(coef * aux).backward()
-    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
-    sae.zero_grad(set_to_none=True)
-    return grads
-
-
-def hand_grads(sae, x, dead, k_aux: int, coef: float, chunk_rows=None) -> dict[str, torch.Tensor]:
-    compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=coef, chunk_rows=chunk_rows)
-    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
-    sae.zero_grad(set_to_none=True)
-    return grads
-
-
-def synthetic_activations(n: int, d: int, n_features: int, active: int, seed: int) -> torch.Tensor:
-    """Sparse non-negative combinations of random unit directions, plus noise and an offset."""
-    g = torch.Generator().manual_seed(seed)
-    features = torch.randn(n_features, d, generator=g)
-    features /= features.norm(dim=1, keepdim=True)
-    on = torch.rand(n, n_features, generator=g) < active / n_features
-    magnitude = torch.rand(n, n_features, generator=g) + 0.5
-    return (on * magnitude) @ features + 0.05 * torch.randn(n, d, generator=g) + 3.0 * torch.randn(d, generator=g)
-
-
-def test_sae_compute_grads_match_autograd(device):
-    k_aux, coef = 8, 1 / 32
-    sae = random_sae(device)
-    x = (2 * torch.randn(64, 16, generator=torch.Generator().manual_seed(3)) + 1).to(device)
-    dead = torch.zeros(64, dtype=torch.bool, device=device)
-    dead[::3] = True
-    expected = autograd_grads(sae, x, dead, k_aux, coef)
-    on_cpu = hand_grads(random_sae("cpu"), x.cpu(), dead.cpu(), k_aux, coef, chunk_rows=24)
-    for chunk_rows in (None, 24):  # the device's own chunking, and several chunks
-        got = hand_grads(sae, x, dead, k_aux, coef, chunk_rows)
-        for name, grad in got.items():
-            assert grad.device.type == device, name
-            torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
-            torch.testing.assert_close(grad.cpu(), on_cpu[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert all(g.abs().sum() > 0 for g in expected.values())
-
-
-@pytest.mark.parametrize("m,k", [(1024, 16), (100, 5)])  # the grouped CPU path, and plain topk
-def test_sae_select_topk_equals_torch_topk(device, m, k):
-    pre = torch.randn(64, m, generator=torch.Generator().manual_seed(m)).to(device)
-    vals, idx = select_topk(pre, k)
-    assert vals.device.type == idx.device.type == device
-    assert torch.equal(vals.sort(dim=1, descending=True).values, pre.topk(k, dim=1).values)
-    assert torch.equal(pre.gather(1, idx), vals)
-    assert all(len(set(row)) == k for row in idx.tolist())
-
-
-def test_sae_training_runs_on_the_device_and_lowers_fvu(device, tmp_path, monkeypatch):
-    seen = set()
-    real = sae_train.compute_grads
-
-    def spy(sae, x, *args, **kwargs):
-        seen.add((sae.W_enc.device.type, x.device.type))
-        return real(sae, x, *args, **kwargs)
-
-    monkeypatch.setattr(sae_train, "compute_grads", spy)
-    x = synthetic_activations(4000, 16, 32, 3, seed=1)
-    train, held_out = x[:3500], x[3500:]
-    cfg = SAETrainConfig(k=4, n_latents=64, batch_tokens=256, epochs=3, lr=1e-3, dead_tokens_threshold=1000,
-                         device=device)
-    log = tmp_path / "log.csv"
-    sae = train_sae(train, cfg, log_path=log, progress=False)
-    assert seen == {(device, device)}
-    assert device_type(sae) == "cpu"  # train_sae hands back a CPU SAE
-    fvu = [float(line.split(",")[4]) for line in log.read_text().splitlines()[1:]]
-    assert len(fvu) == 3500 * 3 // 256 and all(math.isfinite(f) for f in fvu)
-    assert fvu[-1] < 0.5 * fvu[0]
-    assert reconstruction_metrics(sae, held_out)["fvu"] < 0.5 * fvu[0]
 
 
 # --- activation caching -------------------------------------------------------------------
@@ -319,7 +207,7 @@ def test_lora_sft_steps_on_device(device, tiny_chat_model, tmp_path, monkeypatch
     # build_trainer picks its device itself (pick_device("auto")): cuda whenever there is a GPU,
     # so the cuda case needs no help. Only the cpu case on a GPU machine forces the CPU, by
     # making that choice return "cpu" (what a machine without a GPU picks).
-    if device == "cpu" and CUDA:
+    if device == "cpu" and torch.cuda.is_available():
         monkeypatch.setattr(sft, "pick_device", lambda requested="auto": "cpu")
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in SFT_RECORDS))

@@ -47,9 +47,10 @@ def synthetic_activations(n, d, n_features, active_per_token, seed):
 # --- model --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("m,k", [(1024, 16), (4096, 32), (256, 16), (100, 5)])
-def test_select_topk_returns_exactly_the_top_k_values(m, k):
-    pre = torch.randn(64, m, generator=torch.Generator().manual_seed(m))
+def test_select_topk_returns_exactly_the_top_k_values(m, k, device):
+    pre = torch.randn(64, m, generator=torch.Generator().manual_seed(m)).to(device)
     vals, idx = select_topk(pre, k)
+    assert vals.device.type == idx.device.type == device
     ref = pre.topk(k, dim=1).values
     assert torch.equal(vals.sort(dim=1, descending=True).values, ref)
     assert torch.equal(pre.gather(1, idx), vals)
@@ -102,11 +103,11 @@ def test_geometric_median_satisfies_the_optimality_condition():
 
 
 @pytest.mark.parametrize("with_dead", [True, False])
-def test_compute_grads_matches_autograd(with_dead):
+def test_compute_grads_matches_autograd(with_dead, device):
     n, k, k_aux, coef = 64, 4, 8, 1 / 32
-    sae = random_sae()
-    x = 2 * torch.randn(n, 16, generator=torch.Generator().manual_seed(3)) + 1
-    dead = torch.zeros(64, dtype=torch.bool)
+    sae = random_sae().to(device)
+    x = (2 * torch.randn(n, 16, generator=torch.Generator().manual_seed(3)) + 1).to(device)
+    dead = torch.zeros(64, dtype=torch.bool, device=device)
     if with_dead:
         dead[::3] = True
 
@@ -116,7 +117,7 @@ def test_compute_grads_matches_autograd(with_dead):
     x_hat = torch.zeros_like(pre).scatter(1, i, v.relu()) @ sae.W_dec + sae.b_dec
     var = (x - x.mean(0)).pow(2).sum()
     fvu = (x_hat - x).pow(2).sum() / var
-    aux = torch.zeros(())
+    aux = torch.zeros((), device=device)
     if with_dead:
         n_dead = int(dead.sum())
         av, ai = torch.where(dead, pre, -torch.inf).topk(min(k_aux, n_dead))
@@ -125,13 +126,42 @@ def test_compute_grads_matches_autograd(with_dead):
     (fvu + coef * aux).backward()
     expected = {name: p.grad.clone() for name, p in sae.named_parameters()}
 
-    stats = compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=coef, chunk_rows=24)
-    torch.testing.assert_close(stats.fvu, fvu.detach())
-    torch.testing.assert_close(stats.aux_loss, aux.detach())
-    for name, p in sae.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    for chunk_rows in (24, None):  # several chunks, and the device's own chunking
+        stats = compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=coef, chunk_rows=chunk_rows)
+        torch.testing.assert_close(stats.fvu, fvu.detach())
+        torch.testing.assert_close(stats.aux_loss, aux.detach())
+        for name, p in sae.named_parameters():
+            assert p.grad.device.type == device, name
+            # (GPU reductions run in another order: 1e-4 there, as checked on an H200)
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5 if device == "cpu" else 1e-4, atol=1e-6,
+                                       msg=name)
     assert stats.l0.item() == pytest.approx((v > 0).float().sum(1).mean().item())
-    assert torch.equal(stats.fired, torch.zeros(64, dtype=torch.bool).index_fill_(0, i[v > 0], True))
+    assert torch.equal(stats.fired, torch.zeros(64, dtype=torch.bool, device=device).index_fill_(0, i[v > 0], True))
+
+
+def test_training_runs_on_the_device_and_lowers_fvu(device, tmp_path, monkeypatch):
+    import emlab.sae.train as sae_train
+
+    seen = set()
+    real = sae_train.compute_grads
+
+    def spy(sae, x, *args, **kwargs):
+        seen.add((sae.W_enc.device.type, x.device.type))
+        return real(sae, x, *args, **kwargs)
+
+    monkeypatch.setattr(sae_train, "compute_grads", spy)
+    x, _ = synthetic_activations(4000, 16, 32, 3, seed=1)
+    train, held_out = x[:3500], x[3500:]
+    cfg = SAETrainConfig(k=4, n_latents=64, batch_tokens=256, epochs=3, lr=1e-3, dead_tokens_threshold=1000,
+                         device=device)
+    log = tmp_path / "log.csv"
+    sae = train_sae(train, cfg, log_path=log, progress=False)
+    assert seen == {(device, device)}
+    assert next(sae.parameters()).device.type == "cpu"  # train_sae hands back a CPU SAE
+    fvu = [float(line.split(",")[4]) for line in log.read_text().splitlines()[1:]]
+    assert len(fvu) == 3500 * 3 // 256 and all(math.isfinite(f) for f in fvu)
+    assert fvu[-1] < 0.5 * fvu[0]
+    assert reconstruction_metrics(sae, held_out)["fvu"] < 0.5 * fvu[0]
 
 
 def test_lr_schedule_and_scaling():
