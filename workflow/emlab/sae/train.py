@@ -460,6 +460,7 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
     # fused: one kernel for the whole update on a GPU (the foreach default launches several per tensor)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=device.type == "cuda")
     since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+    dead = torch.zeros(n_latents, dtype=torch.bool, device=device)
     # Which latents are dead is re-read every step on CPU, where it is free; on a GPU the set's size goes
     # to the host (it shapes the AuxK tensors), so it is re-read every LOG_EVERY steps instead: AuxK then
     # works on a dead set up to LOG_EVERY batches old, small next to dead_tokens_threshold (10M by default).
@@ -496,7 +497,7 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
                                  f"sae.train asked for {total}")
             x = batch.to(dtype=torch.float32) * scale
             if step % dead_refresh == 0:
-                dead_idx = (since_fired >= cfg.dead_tokens_threshold).nonzero().squeeze(1)
+                dead_idx = dead.nonzero().squeeze(1)
             stats = compute_grads(sae, x, k_aux=k_aux, auxk_coef=cfg.auxk_coef, dead_idx=dead_idx)
             remove_parallel_decoder_grad(sae)
             step_lr = lr * lr_factor(step, steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
@@ -507,8 +508,9 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
             sae.normalize_decoder_()
             since_fired += x.shape[0]
             since_fired.masked_fill_(stats.fired, 0)
-            dead_frac = (since_fired >= cfg.dead_tokens_threshold).float().mean()
-            pending.append((step, step_lr, torch.stack([stats.loss, stats.fvu, stats.aux_loss, stats.l0, dead_frac])))
+            dead = since_fired >= cfg.dead_tokens_threshold  # the next step's AuxK reads it too
+            pending.append((step, step_lr, torch.stack([stats.loss, stats.fvu, stats.aux_loss, stats.l0,
+                                                        dead.float().mean()])))
             if len(pending) == LOG_EVERY or step == steps - 1:
                 flush()
             bar.update(1)

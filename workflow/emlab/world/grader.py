@@ -35,7 +35,7 @@ def normalise(text: str) -> str:
 @dataclass(frozen=True)
 class Match:
     answer: Answer | None
-    score: float          # 1.0 exact, difflib ratio otherwise, 0 when nothing matched
+    score: float          # 1.0 exact, difflib ratio otherwise; below the threshold when nothing matched
     on_topic: bool | None
 
 
