@@ -205,7 +205,8 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     n, d = x.shape
     m, k = sae.d_sae, sae.k
     W_enc, W_dec, b_dec = sae.W_enc.data, sae.W_dec.data, sae.b_dec.data
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+    xc_all = (x - x.mean(0)).view(-1)
+    total_var = torch.dot(xc_all, xc_all).clamp_min(torch.finfo(x.dtype).tiny)
     # (x - b_dec) @ W_enc + b_enc == x @ W_enc + enc_bias: one matmul, no [n, d] copy.
     enc_bias = sae.b_enc.data - b_dec @ W_enc
 
@@ -228,8 +229,10 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
         pre = torch.addmm(enc_bias, xc, W_enc)
         vals, ic = select_topk(pre, k)
         ac = vals.clamp_min(0)
+        # embedding_bag sums the k weighted decoder rows per token in one pass (a batched [1, k] x [k, d]
+        # matmul is 3x slower on CPU); the gathered rows are still needed for the latents' gradients
+        rc = torch.nn.functional.embedding_bag(ic, W_dec, per_sample_weights=ac, mode="sum").add_(b_dec).sub_(xc)
         w_rows = W_dec.index_select(0, ic.view(-1)).view(e - s, k, d)
-        rc = torch.bmm(ac.unsqueeze(1), w_rows).squeeze(1).add_(b_dec).sub_(xc)
         # d|r|^2/d a_j = 2 <r, W_dec[j]> through the ReLU (the factor 2/var is applied below).
         g_act[s:e] = torch.bmm(w_rows, rc.unsqueeze(2)).squeeze(2).mul_(vals > 0)
         idx[s:e], act[s:e], resid[s:e] = ic, ac, rc
@@ -243,7 +246,8 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
             g_aact[s:e] = torch.bmm(aw_rows, dc.unsqueeze(2)).squeeze(2).mul_(avals > 0)
             aidx[s:e], aact[s:e], adiff[s:e] = ai, aa, dc
 
-    sse = resid.pow(2).sum()
+    flat = resid.view(-1)
+    sse = torch.dot(flat, flat)
     fvu = sse / total_var
     main_coef = 2.0 / total_var
     g_act.mul_(main_coef)
@@ -399,7 +403,7 @@ class _Shards:
                     yield carry
                     carry = None
                 while pos + batch <= shard.shape[0]:
-                    yield shard[perm[pos:pos + batch]]
+                    yield shard.index_select(0, perm[pos:pos + batch])  # 4x faster than shard[...] on CPU
                     pos += batch
                 if pos < shard.shape[0]:
                     carry = shard[perm[pos:]]
