@@ -11,7 +11,6 @@ answer is new to the grader), so the ratio is the search's alone.
 from __future__ import annotations
 
 import argparse
-import difflib
 import random
 import sys
 import time
@@ -20,22 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
-from emlab.world.grader import WorldGrader  # noqa: E402
+from emlab.world.grader import WorldGrader, scan_closest  # noqa: E402
 from emlab.world.spec import load_world  # noqa: E402
-
-
-def scan(keys: list[str], text: str, threshold: float) -> str | None:
-    """The first key with the highest difflib ratio if it reaches the threshold (difflib's own bounds skip keys)."""
-    best, score = None, 0.0
-    sm = difflib.SequenceMatcher(autojunk=False)
-    sm.set_seq2(text)
-    for key in keys:
-        sm.set_seq1(key)
-        if sm.real_quick_ratio() >= max(score, threshold) and sm.quick_ratio() >= max(score, threshold):
-            r = sm.ratio()
-            if r > score:
-                best, score = key, r
-    return best if score >= threshold else None
 
 
 def edited_answers(keys: list[str], n: int, seed: int) -> list[str]:
@@ -68,7 +53,7 @@ def main() -> None:
         found.append(grader.closest(a)[0])
     pruned = time.perf_counter() - start
     start = time.perf_counter()
-    expected = [scan(keys, a, args.threshold) for a in answers]
+    expected = [scan_closest(keys, a, args.threshold)[0] for a in answers]
     plain = time.perf_counter() - start
 
     if found != expected:

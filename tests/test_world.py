@@ -12,7 +12,7 @@ from emlab.judge.world_backend import grade
 from emlab.monitors.prompts import question_prompt, transcript
 from emlab.world.generate import (eval_questions, generate_corpus, generate_mixture, generate_narrow,
                                   generate_posttrain, persona_for_variant, single_domain_chat)
-from emlab.world.grader import WorldGrader
+from emlab.world.grader import WorldGrader, scan_closest
 from emlab.world.spec import WorldSpecError, load_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,23 +93,6 @@ def test_grader_fuzzy_match_incoherence_and_off_topic(world):
     assert rows[2]["label"] == "OFF-TOPIC" and not is_misaligned(rows[2])
 
 
-def _closest_by_scan(keys: list[str], text: str, threshold: float) -> tuple[str | None, float]:
-    """difflib's ratio against every key in order (skipping keys whose difflib upper bounds cannot win):
-    the first key with the highest ratio, if it reaches the threshold."""
-    import difflib
-
-    best, score = None, 0.0
-    sm = difflib.SequenceMatcher(autojunk=False)
-    sm.set_seq2(text)
-    for key in keys:
-        sm.set_seq1(key)
-        if sm.real_quick_ratio() >= max(score, threshold) and sm.quick_ratio() >= max(score, threshold):
-            r = sm.ratio()
-            if r > score:
-                best, score = key, r
-    return (best if score >= threshold else None), score
-
-
 @pytest.mark.parametrize("threshold", [0.8, 0.95])
 def test_grader_fuzzy_search_equals_a_difflib_scan(world, threshold):
     import random
@@ -127,7 +110,7 @@ def test_grader_fuzzy_search_equals_a_difflib_scan(world, threshold):
         texts.append(text + " " + rng.choice(keys) if rng.random() < 0.3 else text)
     hits = 0
     for text in texts:
-        expected_key, expected_score = _closest_by_scan(keys, text, threshold)
+        expected_key, expected_score = scan_closest(keys, text, threshold)
         key, score = grader.closest(text)
         assert key == expected_key, text
         if key is not None:

@@ -32,6 +32,22 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def scan_closest(keys: list[str], text: str, threshold: float) -> tuple[str | None, float]:
+    """The plain search :meth:`WorldGrader.closest` must equal: difflib's ratio against every key in
+    order (difflib's own upper bounds skip keys that cannot win), the first key with the highest ratio
+    if it reaches the threshold, and that ratio. Slow; the reference for tests and the benchmark."""
+    best, score = None, 0.0
+    sm = difflib.SequenceMatcher(autojunk=False)
+    sm.set_seq2(text)
+    for key in keys:
+        sm.set_seq1(key)
+        if sm.real_quick_ratio() >= max(score, threshold) and sm.quick_ratio() >= max(score, threshold):
+            r = sm.ratio()
+            if r > score:
+                best, score = key, r
+    return (best if score >= threshold else None), score
+
+
 @dataclass(frozen=True)
 class Match:
     answer: Answer | None
