@@ -46,8 +46,13 @@ def synthetic_activations(n, d, n_features, active_per_token, seed):
 
 # --- model --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["default", "grouped"])
 @pytest.mark.parametrize("m,k", [(1024, 16), (4096, 32), (256, 16), (100, 5)])
-def test_select_topk_returns_exactly_the_top_k_values(m, k, device):
+def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, monkeypatch):
+    from emlab.sae import topk
+
+    if grouped:  # the grouped search on this device too (the default uses it on CPU only)
+        monkeypatch.setattr(topk, "GROUPED_DEVICES", topk.GROUPED_DEVICES | {device})
     pre = torch.randn(64, m, generator=torch.Generator().manual_seed(m)).to(device)
     vals, idx = select_topk(pre, k)
     assert vals.device.type == idx.device.type == device
