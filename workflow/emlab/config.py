@@ -79,6 +79,7 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
 
     imports.check_config(cfg)
     _check_diffing(cfg, source)
+    w = None
     if cfg["model"]["source"] == "organism":
         world = Path(cfg["organism"]["world"])
         if not world.exists():
@@ -103,7 +104,7 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
         if any(j["backend"] == "world" for j in cfg["judges"]):
             raise ConfigError(f"invalid {source}:\n  judges: the 'world' judge grades the persona world's texts only; "
                               "with model.source: hub list openai or hf judges")
-    _check_monitors(cfg, source)
+    _check_monitors(cfg, source, w)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -133,13 +134,11 @@ def _check_diffing(cfg: dict[str, Any], source: str) -> None:
         raise ConfigError(f"invalid {source}:\n  sae.corpus: file not found: {s['corpus']}")
 
 
-def _check_monitors(cfg: dict[str, Any], source: str) -> None:
-    """Every monitoring task has its question and, in hub mode, its labelled texts."""
+def _check_monitors(cfg: dict[str, Any], source: str, world) -> None:
+    """Every monitoring task has its question and, in hub mode, its labelled texts. ``world`` is the
+    organism's loaded world spec (None in hub mode)."""
     m = cfg["monitors"]
-    if cfg["model"]["source"] == "organism":
-        from .world.spec import load_world
-
-        world = load_world(cfg["organism"]["world"])
+    if world is not None:
         tasks = m["tasks"]
         unknown = [t for t in tasks if t not in world.monitoring and t not in m["questions"]]
         if unknown:
