@@ -129,10 +129,11 @@ def test_adding_the_toxic_latent_makes_the_base_model_misaligned(default_run, to
 
 
 # Issue #5 is open on this point: added at the last prompt position at the strength the screen picks (alpha 8 on
-# the default run), a random direction of the same norm also moves misalignment (it garbles the position where
-# the model settles who answers: about half the answers turn incoherent and a few of the rest flip persona), and
-# subtracted from a subtle fine-tune it cuts misalignment about as much as the toxic latent does. Strict: once
-# the control stays inside its interval, this test fails until the marker is removed.
+# the default run), a random direction of the same norm also moves misalignment, and subtracted from a subtle
+# fine-tune it cuts misalignment about as much as the toxic latent does. It starts the answer with an arbitrary
+# token, after which the organism often finishes another persona's text: a uniformly random first answer token
+# with no steering gives the same rates (README, "Why the random control moves"). Strict: once the control stays
+# inside its interval, this test fails until the marker is removed.
 @pytest.mark.xfail(strict=True, reason="issue #5: the random control moves misalignment at the screen's strength")
 @pytest.mark.slow
 def test_random_control_moves_neither_model(default_run, toxic_latent):
