@@ -396,7 +396,7 @@ class _Shards:
                 pos = 0
                 if carry is not None:
                     need = batch - carry.shape[0]
-                    carry = torch.cat([carry, shard[perm[:need]]])
+                    carry = torch.cat([carry, shard.index_select(0, perm[:need])])
                     pos = need
                     if carry.shape[0] < batch:
                         continue
@@ -406,7 +406,7 @@ class _Shards:
                     yield shard.index_select(0, perm[pos:pos + batch])  # 4x faster than shard[...] on CPU
                     pos += batch
                 if pos < shard.shape[0]:
-                    carry = shard[perm[pos:]]
+                    carry = shard.index_select(0, perm[pos:])
             if self._one_shot or n_shards == 0:
                 return
 
