@@ -10,10 +10,11 @@ best round counts, so that a busy machine penalises none in particular.
     python benchmarks/bench_sae.py --acts acts.safetensors --key layer_2
     python benchmarks/bench_sae.py --threads 1 --only emlab,sparsify
     python benchmarks/bench_sae.py --device cuda --n-latents 4096 --k 32 --rounds 3   # on a GPU
-    python benchmarks/bench_sae.py --device cuda --only emlab,emlab-grouped,sparsify  # top-k search on a GPU
+    python benchmarks/bench_sae.py --device cuda --only emlab,emlab-ungrouped,emlab-eager,sparsify
 
-"emlab-grouped" is emlab with its grouped top-k search on every device (by default only on CPU,
-where it is measured faster than torch.topk); a GPU run with both says which to use there.
+Two variants of emlab measure its design choices: "emlab-ungrouped" selects the top k with a plain
+top-k instead of the grouped search, and "emlab-eager" launches a GPU step's kernels one by one
+instead of replaying a CUDA graph of the step.
 
 The competitors are benchmark-only dependencies (pip install eai-sparsify sae-lens); one that
 is not installed is skipped with a note.
@@ -96,17 +97,28 @@ def run_emlab(train, args, lr, steps):
     return time.perf_counter() - start, sae.to(args.device)
 
 
-def run_emlab_grouped(train, args, lr, steps):
-    """emlab with the grouped top-k search on every device (the default uses it on CPU only)."""
+def run_emlab_ungrouped(train, args, lr, steps):
+    """emlab with a plain top-k instead of its grouped search (the default on CPU and CUDA)."""
     from emlab.sae import topk
 
     saved = set(topk.GROUPED_DEVICES)
-    topk.GROUPED_DEVICES.add(torch.device(args.device).type)
+    topk.GROUPED_DEVICES.discard(torch.device(args.device).type)
     try:
         return run_emlab(train, args, lr, steps)
     finally:
         topk.GROUPED_DEVICES.clear()
         topk.GROUPED_DEVICES.update(saved)
+
+
+def run_emlab_eager(train, args, lr, steps):
+    """emlab with eager steps on a GPU (the default replays CUDA graphs of the step there)."""
+    from emlab.sae import train as sae_train
+
+    saved, sae_train.CUDA_GRAPHS = sae_train.CUDA_GRAPHS, False
+    try:
+        return run_emlab(train, args, lr, steps)
+    finally:
+        sae_train.CUDA_GRAPHS = saved
 
 
 def run_sparsify(train, args, lr, steps):
@@ -170,7 +182,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-RUNNERS = {"emlab": run_emlab, "emlab-grouped": run_emlab_grouped, "sparsify": run_sparsify,
+RUNNERS = {"emlab": run_emlab, "emlab-ungrouped": run_emlab_ungrouped, "emlab-eager": run_emlab_eager,
+           "sparsify": run_sparsify,
            "saelens": run_saelens}
 PACKAGES = {"sparsify": "sparsify (pip install eai-sparsify)", "saelens": "sae_lens (pip install sae-lens)"}
 

@@ -46,13 +46,18 @@ def synthetic_activations(n, d, n_features, active_per_token, seed):
 
 # --- model --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["default", "grouped"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "ungrouped"])
+@pytest.mark.parametrize("numpy", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("m,k", [(1024, 16), (4096, 32), (256, 16), (100, 5)])
-def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, monkeypatch):
+def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, numpy, monkeypatch):
     from emlab.sae import topk
 
-    if grouped:  # the grouped search on this device too (the default uses it on CPU only)
-        monkeypatch.setattr(topk, "GROUPED_DEVICES", topk.GROUPED_DEVICES | {device})
+    if not grouped:
+        monkeypatch.setattr(topk, "GROUPED_DEVICES", set())
+    if device == "cuda" and numpy:
+        pytest.skip("the numpy selection is a CPU path")
+    # (the module runs one torch thread, so the CPU selections use numpy unless switched off here)
+    monkeypatch.setattr(topk, "NUMPY_MAX_THREADS", torch.get_num_threads() if numpy else 0)
     pre = torch.randn(64, m, generator=torch.Generator().manual_seed(m)).to(device)
     vals, idx = select_topk(pre, k)
     assert vals.device.type == idx.device.type == device
@@ -62,8 +67,16 @@ def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, mon
     assert all(len(set(row.tolist())) == k for row in idx)
 
 
-def test_select_topk_with_ties():
+def test_select_topk_with_ties_nan_and_gradients():
     pre = torch.randint(0, 5, (32, 2048), generator=torch.Generator().manual_seed(1)).float()
+    pre[3, 17] = torch.nan                    # NaN ranks above every number, as in torch.topk
+    pre.requires_grad_(True)
+    vals, idx = select_topk(pre, 40)
+    vals.sum().backward()                     # the values are a gather of pre: gradient 1 at the picks
+    assert torch.equal(pre.grad, torch.zeros_like(pre).scatter_(1, idx, 1.0))
+    assert 17 in idx[3].tolist()
+    pre = pre.detach()
+    pre[3, 17] = 5.0
     vals, idx = select_topk(pre, 40)
     assert torch.equal(vals.sort(dim=1).values, pre.topk(40, dim=1).values.sort(dim=1).values)
     assert torch.equal(pre.gather(1, idx), vals)
@@ -107,14 +120,16 @@ def test_geometric_median_satisfies_the_optimality_condition():
     assert y.norm() < 2.0                       # the outlying cluster barely moves it (the mean moves ~22)
 
 
-@pytest.mark.parametrize("with_dead", [True, False])
-def test_compute_grads_matches_autograd(with_dead, device):
+@pytest.mark.parametrize("static_aux", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("dead_every", [3, 25, None], ids=["many-dead", "few-dead", "none-dead"])
+def test_compute_grads_matches_autograd(dead_every, static_aux, device):
     n, k, k_aux, coef = 64, 4, 8, 1 / 32
     sae = random_sae().to(device)
     x = (2 * torch.randn(n, 16, generator=torch.Generator().manual_seed(3)) + 1).to(device)
     dead = torch.zeros(64, dtype=torch.bool, device=device)
-    if with_dead:
-        dead[::3] = True
+    if dead_every:
+        dead[::dead_every] = True     # 22 dead latents (more than k_aux) or 3 (fewer: empty AuxK slots)
+    with_dead = dead_every is not None
 
     # Reference: the loss written densely, differentiated by autograd.
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
@@ -132,7 +147,7 @@ def test_compute_grads_matches_autograd(with_dead, device):
     expected = {name: p.grad.clone() for name, p in sae.named_parameters()}
 
     for chunk_rows in (24, None):  # several chunks, and the device's own chunking
-        stats = compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=coef, chunk_rows=chunk_rows)
+        stats = compute_grads(sae, x, dead, k_aux=k_aux, auxk_coef=coef, chunk_rows=chunk_rows, static_aux=static_aux)
         torch.testing.assert_close(stats.fvu, fvu.detach())
         torch.testing.assert_close(stats.aux_loss, aux.detach())
         for name, p in sae.named_parameters():
@@ -247,6 +262,35 @@ def test_auxk_runs_exactly_when_latents_are_dead(tmp_path):
     # A step has an AuxK term iff some latent was dead when it started (after the previous step).
     assert aux[0] == 0.0
     assert all((a > 0) == (d > 0) for a, d in zip(aux[1:], dead[:-1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dead_tokens", [10 ** 9, 1000], ids=["no-auxk", "auxk"])
+def test_cuda_graph_steps_train_like_eager_steps(dead_tokens, tmp_path, monkeypatch):
+    import emlab.sae.train as sae_train
+
+    x, _ = synthetic_activations(4000, 16, 32, 3, seed=1)
+    held_out, x = x[:500], x[500:]
+    cfg = tiny_cfg(device="cuda", dead_tokens_threshold=dead_tokens, epochs=4)   # 54 steps
+    graphed = train_sae(x, cfg, progress=False, log_path=tmp_path / "graphed.csv")
+    monkeypatch.setattr(sae_train, "CUDA_GRAPHS", False)
+    eager = train_sae(x, cfg, progress=False)
+    assert eager.meta["emlab_train"]["cuda_graph_steps"] == 0
+    rows = list(csv.DictReader((tmp_path / "graphed.csv").open()))
+    steps = len(rows)
+    if dead_tokens > 10 ** 6:
+        # 2 eager warm-up steps, then replays of the one graph: the same arithmetic as eager steps
+        assert graphed.meta["emlab_train"]["cuda_graph_steps"] == steps - 2
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            torch.testing.assert_close(getattr(graphed, name), getattr(eager, name), rtol=1e-3, atol=1e-4, msg=name)
+    else:
+        # latents die after 4 steps; the first read-back (step 50) switches to the AuxK graph after 2 more
+        # eager steps; from then on the AuxK term reads the current dead set, so trajectories differ a little
+        assert graphed.meta["emlab_train"]["cuda_graph_steps"] == steps - 4
+        assert all(float(r["aux_loss"]) > 0 for r in rows[50:])
+        ours, theirs = (reconstruction_metrics(s, held_out)["fvu"] for s in (graphed, eager))
+        assert ours == pytest.approx(theirs, rel=0.1)
 
 
 def test_normalisation_makes_training_scale_free():
