@@ -98,7 +98,7 @@ def run_emlab(train, args, lr, steps):
 
 
 def run_emlab_ungrouped(train, args, lr, steps):
-    """emlab with a plain top-k instead of its grouped search (the default on CPU and CUDA)."""
+    """emlab with a plain top-k instead of its grouped search (on the devices where that is the default)."""
     from emlab.sae import topk
 
     saved = set(topk.GROUPED_DEVICES)

@@ -52,8 +52,7 @@ def synthetic_activations(n, d, n_features, active_per_token, seed):
 def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, numpy, monkeypatch):
     from emlab.sae import topk
 
-    if not grouped:
-        monkeypatch.setattr(topk, "GROUPED_DEVICES", set())
+    monkeypatch.setattr(topk, "GROUPED_DEVICES", {device} if grouped else set())
     if device == "cuda" and numpy:
         pytest.skip("the numpy selection is a CPU path")
     # (the module runs one torch thread, so the CPU selections use numpy unless switched off here)

@@ -91,9 +91,10 @@ class TopKSAE(nn.Module):
 
 
 # Device types on which select_topk uses the grouped search: faster than torch.topk on CPU (1.3-3x at
-# 384-16k latents) and with CUDA (benchmarks/bench_sae.py on an H200: 12% more training tokens/s at
-# 4096 latents, 11% at 8192, equal at 512).
-GROUPED_DEVICES: set[str] = {"cpu", "cuda"}
+# 384-16k latents). With CUDA it made no clear difference to SAE training (benchmarks/bench_sae.py,
+# "emlab-ungrouped", two runs on an H200 at 512, 4096 and 8192 latents: from -6% to +12%), so the
+# plain top-k, with fewer kernels, stays there.
+GROUPED_DEVICES: set[str] = {"cpu"}
 
 # On CPU, with at most this many torch threads, the row-wise selections use numpy's argpartition (a
 # quickselect), 3x faster than torch.topk on rows of 64 candidates, which pays a large fixed cost per row.

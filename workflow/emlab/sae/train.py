@@ -17,7 +17,9 @@ Gradients are written by hand (:func:`compute_grads`, checked against autograd i
 because only k of d_sae latents are active per token: autograd through a dense
 ``[tokens, d_sae]`` code would spend as much on the backward pass as on the encoder matmul,
 whereas the true gradient touches k encoder and decoder rows per token. The work is done in
-row chunks so that the ``[rows, d_sae]`` pre-activations stay in the CPU cache.
+row chunks so that the ``[rows, d_sae]`` pre-activations stay in the CPU cache. On a GPU the
+whole step (gradients, Adam, renormalisation, the dead-latent count) is captured once as a CUDA
+graph and replayed (:class:`_GraphedSteps`).
 """
 
 from __future__ import annotations
