@@ -17,6 +17,11 @@ $(VENV)/.emlab-installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# The tests also check SAE folders against SAELens itself, which installs beside the pinned stack.
+$(VENV)/.emlab-test-installed: $(VENV)/.emlab-installed
+	$(PY) -m pip install -q -e ".[test,saelens]"
+	touch $@
+
 setup: $(VENV)/.emlab-installed
 
 # Sets up and runs the default DAG (the persona-world organism) to its figures and report.
@@ -25,10 +30,10 @@ run: setup
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores 1 --report results/report.html
 
 # Sets up and runs the whole test suite, slow end-to-end tests included.
-test: setup
+test: $(VENV)/.emlab-test-installed
 	$(PY) -m pytest -ra --durations=12
 
-test-fast: setup
+test-fast: $(VENV)/.emlab-test-installed
 	$(PY) -m pytest -ra -m "not slow and not slurm"
 
 clean:
