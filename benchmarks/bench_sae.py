@@ -86,8 +86,8 @@ def fvu(reconstruct, x: torch.Tensor, device: str, batch: int = 8192) -> float:
 
 # --- the three trainers -------------------------------------------------------------------
 
-def run_emlab(train, args, lr, steps):
-    cfg = SAETrainConfig(k=args.k, n_latents=args.n_latents, batch_tokens=args.batch, lr=args.base_lr,
+def run_emlab(train, args, lr, steps, **variant):
+    cfg = SAETrainConfig(**variant, k=args.k, n_latents=args.n_latents, batch_tokens=args.batch, lr=args.base_lr,
                          train_tokens=steps * args.batch, lr_warmup_frac=args.warmup, lr_decay_frac=args.decay,
                          k_aux=args.k_aux, auxk_coef=args.auxk_coef, dead_tokens_threshold=args.dead_tokens,
                          normalize_activations=not args.no_normalize, seed=0, device=args.device)
@@ -112,13 +112,7 @@ def run_emlab_ungrouped(train, args, lr, steps):
 
 def run_emlab_eager(train, args, lr, steps):
     """emlab with eager steps on a GPU (the default replays CUDA graphs of the step there)."""
-    from emlab.sae import train as sae_train
-
-    saved, sae_train.CUDA_GRAPHS = sae_train.CUDA_GRAPHS, False
-    try:
-        return run_emlab(train, args, lr, steps)
-    finally:
-        sae_train.CUDA_GRAPHS = saved
+    return run_emlab(train, args, lr, steps, cuda_graphs=False)
 
 
 def run_sparsify(train, args, lr, steps):

@@ -266,14 +266,12 @@ def test_auxk_runs_exactly_when_latents_are_dead(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dead_tokens", [10 ** 9, 1000], ids=["no-auxk", "auxk"])
-def test_cuda_graph_steps_train_like_eager_steps(dead_tokens, tmp_path, monkeypatch):
-    import emlab.sae.train as sae_train
-
+def test_cuda_graph_steps_train_like_eager_steps(dead_tokens, tmp_path):
     x, _ = synthetic_activations(4000, 16, 32, 3, seed=1)
     held_out, x = x[:500], x[500:]
     cfg = tiny_cfg(device="cuda", dead_tokens_threshold=dead_tokens, epochs=4)   # 54 steps
     graphed = train_sae(x, cfg, progress=False, log_path=tmp_path / "graphed.csv")
-    monkeypatch.setattr(sae_train, "CUDA_GRAPHS", False)
+    cfg.cuda_graphs = False
     eager = train_sae(x, cfg, progress=False)
     assert eager.meta["emlab_train"]["cuda_graph_steps"] == 0
     rows = list(csv.DictReader((tmp_path / "graphed.csv").open()))

@@ -64,6 +64,7 @@ class SAETrainConfig:
     init_sample_tokens: int = 16384
     seed: int = 0
     device: str = "auto"
+    cuda_graphs: bool = True               # on a GPU, replay each step from a CUDA graph (False: eager steps)
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None, where: str = "sae.train") -> "SAETrainConfig":
@@ -485,7 +486,7 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
 
     lr = cfg.lr_for(n_latents)
     k_aux = cfg.k_aux_for(d_in)
-    graphs = CUDA_GRAPHS and device.type == "cuda"
+    graphs = cfg.cuda_graphs and device.type == "cuda"
     if graphs:
         # A replayed graph reads the lr and Adam's step count from device tensors (capturable).
         lr_now: float | Tensor = torch.tensor(lr, device=device)
@@ -496,7 +497,7 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
         opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=device.type == "cuda")
     state = _TrainState(sae, opt, k_aux=k_aux, auxk_coef=cfg.auxk_coef, threshold=cfg.dead_tokens_threshold,
                         scale=scale)
-    graphed = _GraphedSteps(state.step) if graphs else None
+    graphed = _GraphedSteps(state.step, device) if graphs else None
     # Eager steps: which latents are dead is re-read every step on CPU, where it is free; on a GPU the set's
     # size goes to the host (it shapes the AuxK tensors), so it is re-read every LOG_EVERY steps instead: AuxK
     # then works on a dead set up to LOG_EVERY batches old, small next to dead_tokens_threshold (10M by default).
@@ -600,10 +601,6 @@ class _TrainState:
         return torch.stack([stats.loss, stats.fvu, stats.aux_loss, stats.l0, self.dead.float().mean()])
 
 
-# Train on CUDA by replaying captured graphs of the step (emlab.sae.train.CUDA_GRAPHS = False: eager steps).
-CUDA_GRAPHS = True
-
-
 class _GraphedSteps:
     """Training steps replayed from CUDA graphs.
 
@@ -616,17 +613,23 @@ class _GraphedSteps:
 
     WARMUP = 2
 
-    def __init__(self, step_fn):
+    def __init__(self, step_fn, device: torch.device):
         self.step_fn = step_fn
+        self.device = device
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.outs: dict[bool, Tensor] = {}
         self.eager_calls = {False: 0, True: 0}
         self.x: Tensor | None = None
         self.replays = 0
         self.failed = False
-        self.side = torch.cuda.Stream()
+        self.side = torch.cuda.Stream(device)
 
     def __call__(self, batch: Tensor, with_aux: bool) -> Tensor:
+        # streams and captures belong to the current device, which need not be the SAE's ("cuda:1")
+        with torch.cuda.device(self.device):
+            return self._step(batch, with_aux)
+
+    def _step(self, batch: Tensor, with_aux: bool) -> Tensor:
         graph = self.graphs.get(with_aux)
         if graph is None and not self.failed:
             if self.eager_calls[with_aux] < self.WARMUP:
