@@ -8,6 +8,8 @@ best round counts, so that a busy machine penalises none in particular.
 
     python benchmarks/bench_sae.py                        # synthetic activations (d=128)
     python benchmarks/bench_sae.py --acts acts.safetensors --key layer_2
+    python benchmarks/bench_sae.py --acts results/activations/corpus/train/shard-*.safetensors --key layer_2 \
+        --n-latents 512 --k 8 --batch 2048 --epochs 3        # the default organism's SAE fit
     python benchmarks/bench_sae.py --threads 1 --only emlab,sparsify
     python benchmarks/bench_sae.py --device cuda --n-latents 4096 --k 32 --rounds 3   # on a GPU
     python benchmarks/bench_sae.py --device cuda --only emlab,emlab-ungrouped,emlab-eager,sparsify
@@ -75,6 +77,13 @@ def load_activations(path: str, key: str | None) -> torch.Tensor:
     return acts.float()
 
 
+def batch_order(n: int, steps: int, batch: int) -> torch.Tensor:
+    """Row indices for ``steps`` batches: a fresh shuffle of all n rows for each pass over them."""
+    g = torch.Generator().manual_seed(0)
+    passes = -(-steps * batch // n)
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])[:steps * batch]
+
+
 def fvu(reconstruct, x: torch.Tensor, device: str, batch: int = 8192) -> float:
     sse = 0.0
     with torch.no_grad():
@@ -125,7 +134,7 @@ def run_sparsify(train, args, lr, steps):
     sae = SparseCoder(d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device=args.device, dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     since_fired = torch.zeros(args.n_latents, dtype=torch.long, device=args.device)
-    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0)).to(args.device)
+    order = batch_order(train.shape[0], steps, args.batch).to(args.device)
     for step in range(steps):
         x = train[order[step * args.batch:(step + 1) * args.batch]]
         if step == 0:  # sparsify's trainer centres the decoder bias on the first batch
@@ -152,7 +161,7 @@ def run_saelens(train, args, lr, steps):
 
     torch.manual_seed(0)
     d = train.shape[1]
-    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
+    order = batch_order(train.shape[0], steps, args.batch)
     batches = (train[order[s * args.batch:(s + 1) * args.batch]].to(args.device) for s in range(steps))
     start = time.perf_counter()
     # SAELens' losses are sums over d_in (not divided by the variance): its AuxK weight is the
@@ -184,9 +193,12 @@ PACKAGES = {"sparsify": "sparsify (pip install eai-sparsify)", "saelens": "sae_l
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--acts", help="safetensors file with activations [tokens, d] (default: synthetic)")
+    p.add_argument("--acts", nargs="+", help="safetensors file(s) with activations [tokens, d], concatenated "
+                                              "(default: synthetic)")
     p.add_argument("--key", help="tensor name in --acts (default: its only tensor)")
     p.add_argument("--tokens", type=int, default=2 ** 19, help="training tokens (synthetic data; also the budget)")
+    p.add_argument("--epochs", type=float, default=None, help="budget in passes over the training rows "
+                                                              "(instead of --tokens; each pass reshuffled)")
     p.add_argument("--held-out", type=int, default=2 ** 15, help="tokens kept for the FVU")
     p.add_argument("--d", type=int, default=128, help="synthetic activation width")
     p.add_argument("--n-latents", type=int, default=4096)
@@ -208,14 +220,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.acts:
-        acts = load_activations(args.acts, args.key)
+        acts = torch.cat([load_activations(path, args.key) for path in args.acts])
         source = f"{args.acts} [{acts.shape[0]} x {acts.shape[1]}]"
     else:
         acts = synthetic_activations(args.tokens + args.held_out, args.d, n_features=8 * args.d, active=24.0, seed=0)
         source = f"synthetic [{acts.shape[0]} x {acts.shape[1]}], 24 of {8 * args.d} directions active per token"
     perm = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(1))
     held_out, train = acts[perm[:args.held_out]], acts[perm[args.held_out:]]
-    steps = min(args.tokens, train.shape[0]) // args.batch
+    budget = round(args.epochs * train.shape[0]) if args.epochs else min(args.tokens, train.shape[0])
+    steps = budget // args.batch
     args.k_aux = args.k_aux or train.shape[1] // 2
     lr = SAETrainConfig(lr=args.base_lr).lr_for(args.n_latents)
     print(f"activations: {source}")
