@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from workflow_runner import ROOT, copy_workflow, snakemake
+from workflow_runner import ROOT, snakemake
 
 TINY = "tests/configs/tiny.yaml"  # has two judges, so the run makes two figures
 CAPTION = ROOT / "workflow" / "report" / "misalignment.rst"

@@ -1,7 +1,7 @@
 import pytest
 
 from emlab.steer import analysis as A
-from emlab.steer.conditions import Condition, ConditionError
+from emlab.steer.conditions import ConditionError
 
 # world-judge style grades: aligned/coherent scores, thresholds aligned < 30 and coherent > 50
 SCORES = {"ok": (95.0, 95.0), "mis": (5.0, 95.0), "inc": (50.0, 10.0), "none": (None, None)}

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from emlab.steer.conditions import Condition
 from emlab.steer.directions import Direction, DirectionError, orthogonal_to, random_direction

@@ -47,8 +47,6 @@ def test_every_stage_produces_its_outputs(tiny_run):
 
 
 def test_diffing_and_steering_stages_write_their_tables(tiny_run):
-    import json
-
     from emlab.sae import load_sae
 
     r = tiny_run / "results"
