@@ -201,6 +201,8 @@ def test_config_errors_name_the_key():
         SAETrainConfig.from_dict({"k": 8.5})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.normalize_activations must be of type bool"):
         SAETrainConfig.from_dict({"normalize_activations": "yes"})
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.cuda_graphs must be of type bool"):
+        SAETrainConfig.from_dict({"cuda_graphs": "yes"})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.k=80 exceeds sae\.train\.n_latents=64"):
         SAETrainConfig.from_dict({"k": 80, "n_latents": 64})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.batch_tokens must be > 0"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
@@ -584,12 +585,9 @@ class _TrainState:
         step a CUDA graph captures: AuxK over the current dead mask (True) or no AuxK term (False)."""
         sae = self.sae
         x = batch.to(dtype=torch.float32) * self.scale
-        if with_aux is None:
-            stats = compute_grads(sae, x, k_aux=self.k_aux, auxk_coef=self.auxk_coef, dead_idx=dead_idx)
-        elif with_aux:
-            stats = compute_grads(sae, x, self.dead, k_aux=self.k_aux, auxk_coef=self.auxk_coef, static_aux=True)
-        else:
-            stats = compute_grads(sae, x, None, k_aux=self.k_aux, auxk_coef=self.auxk_coef)
+        # (with_aux False: no dead mask and no dead_idx, so no AuxK term)
+        stats = compute_grads(sae, x, self.dead if with_aux else None, k_aux=self.k_aux, auxk_coef=self.auxk_coef,
+                              dead_idx=dead_idx, static_aux=bool(with_aux))
         remove_parallel_decoder_grad(sae)
         self.opt.step()
         sae.normalize_decoder_()
@@ -648,8 +646,6 @@ class _GraphedSteps:
         return out
 
     def _capture(self, batch: Tensor, with_aux: bool) -> torch.cuda.CUDAGraph | None:
-        import warnings
-
         if self.x is None:
             self.x = torch.empty_like(batch)
         graph = torch.cuda.CUDAGraph()
