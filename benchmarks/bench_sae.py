@@ -16,7 +16,8 @@ best round counts, so that a busy machine penalises none in particular.
 
 Two variants of emlab measure its design choices: "emlab-ungrouped" selects the top k with a plain
 top-k instead of the grouped search, and "emlab-eager" launches a GPU step's kernels one by one
-instead of replaying a CUDA graph of the step.
+instead of replaying a CUDA graph of the step; "emlab-rawgrad" takes Adam steps on the raw gradient
+instead of the gradient divided by its norm.
 
 The competitors are benchmark-only dependencies (pip install eai-sparsify sae-lens); one that
 is not installed is skipped with a note.
@@ -124,6 +125,11 @@ def run_emlab_eager(train, args, lr, steps):
     return run_emlab(train, args, lr, steps, cuda_graphs=False)
 
 
+def run_emlab_rawgrad(train, args, lr, steps):
+    """emlab with Adam on the raw gradient (the default divides each step's gradient by its norm)."""
+    return run_emlab(train, args, lr, steps, normalize_grad=False)
+
+
 def run_sparsify(train, args, lr, steps):
     from sparsify import SparseCoder, SparseCoderConfig
 
@@ -186,6 +192,7 @@ def _sync(device: str) -> None:
 
 
 RUNNERS = {"emlab": run_emlab, "emlab-ungrouped": run_emlab_ungrouped, "emlab-eager": run_emlab_eager,
+           "emlab-rawgrad": run_emlab_rawgrad,
            "sparsify": run_sparsify,
            "saelens": run_saelens}
 PACKAGES = {"sparsify": "sparsify (pip install eai-sparsify)", "saelens": "sae_lens (pip install sae-lens)"}

@@ -10,7 +10,7 @@ from emlab.sae.saelens_io import SAEFormatError, load_sae, resolve_pretrained, s
 from emlab.sae.topk import TopKSAE, select_topk
 from emlab.sae.train import (
     LOG_COLUMNS, SAEConfigError, SAETrainConfig, compute_grads, geometric_median, init_sae, lr_factor,
-    train_sae,
+    normalize_grad_, train_sae,
 )
 
 
@@ -203,6 +203,8 @@ def test_config_errors_name_the_key():
         SAETrainConfig.from_dict({"normalize_activations": "yes"})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.cuda_graphs must be of type bool"):
         SAETrainConfig.from_dict({"cuda_graphs": "yes"})
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.normalize_grad must be of type bool"):
+        SAETrainConfig.from_dict({"normalize_grad": 1})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.k=80 exceeds sae\.train\.n_latents=64"):
         SAETrainConfig.from_dict({"k": 80, "n_latents": 64})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.batch_tokens must be > 0"):
@@ -241,6 +243,37 @@ def test_training_recovers_a_known_sparse_dictionary(tmp_path):
 def tiny_cfg(**kw):
     return SAETrainConfig(**{"k": 4, "n_latents": 64, "batch_tokens": 256, "epochs": 2, "lr": 1e-3,
                              "dead_tokens_threshold": 1000, **kw})
+
+
+def test_normalize_grad_divides_by_the_joint_norm():
+    a, b, c = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([[0.0, 4.0], [0.0, 0.0]])   # c has no gradient
+    assert float(normalize_grad_([a, b, c])) == pytest.approx(5.0)
+    torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.0, 0.0]))
+    torch.testing.assert_close(b.grad, torch.tensor([[0.0, 0.8], [0.0, 0.0]]))
+    assert c.grad is None
+    a.grad.zero_(), b.grad.zero_()
+    assert float(normalize_grad_([a, b])) == 0.0 and not a.grad.any() and torch.isfinite(b.grad).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_adam_steps_on_unit_norm_gradients_when_asked(normalize, monkeypatch):
+    seen = []
+    real = torch.optim.Adam.step
+
+    def spy(opt, *args, **kwargs):
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real(opt, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    x, _ = synthetic_activations(3000, 16, 32, 3, seed=1)
+    train_sae(x, tiny_cfg(normalize_grad=normalize), progress=False)
+    assert len(seen) == 3000 * 2 // 256
+    if normalize:
+        assert seen == pytest.approx([1.0] * len(seen), rel=1e-5)
+    else:   # the raw FVU gradient is far smaller, and it shrinks as training goes on
+        assert max(seen) < 0.5 and seen[-1] < 0.5 * seen[0]
 
 
 def test_training_is_seeded_and_deterministic():

@@ -9,6 +9,12 @@ The recipe:
   are normalised by the batch's total variance;
 - decoder rows stay unit-norm: the gradient component parallel to each row is removed before
   the Adam step and the rows are renormalised after it;
+- each step's gradient is divided by its global norm before the Adam step (``normalize_grad``).
+  The raw gradient's norm falls about tenfold early in a run, and Adam's steps on it fall behind
+  the set learning rate; on the organism's activations the normalised steps reach 12-17% lower
+  FVU at the same token budget (a shorter Adam second-moment memory recovers only part of
+  that). SAELens trains on the same unit-norm gradients: it clips at norm 1, and its loss, a sum
+  over d_in, keeps every step's norm above 1;
 - Adam with lr = ``lr`` / sqrt(n_latents / 2^14), linear warm-up and linear decay to zero;
 - optionally the inputs are scaled so that their mean squared norm is d_in; the scale is folded
   into the weights at the end, so the returned SAE takes raw activations.
@@ -63,6 +69,7 @@ class SAETrainConfig:
     seed: int = 0
     device: str = "auto"
     cuda_graphs: bool = True               # on a GPU, replay each step from a CUDA graph (False: eager steps)
+    normalize_grad: bool = True            # Adam steps on the gradient divided by its global norm
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None, where: str = "sae.train") -> "SAETrainConfig":
@@ -340,6 +347,16 @@ def remove_parallel_decoder_grad(sae: TopKSAE) -> None:
     g -= (g * w).sum(dim=1, keepdim=True) * w
 
 
+@torch.no_grad()
+def normalize_grad_(params) -> Tensor:
+    """Divide the gradients of ``params`` by their joint L2 norm, on the device (no read-back, so a
+    CUDA graph can hold it); returns the norm before the division. A zero gradient stays zero."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_div_(grads, norm.clamp_min(1e-30))
+    return norm
+
+
 def lr_factor(step: int, steps: int, warmup_frac: float, decay_frac: float) -> float:
     """Linear warm-up from lr/warmup to lr, constant, then linear decay to lr/decay at the last step."""
     warm = max(1, round(warmup_frac * steps))
@@ -494,7 +511,7 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
         lr_now = lr
         opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=device.type == "cuda")
     state = _TrainState(sae, opt, k_aux=k_aux, auxk_coef=cfg.auxk_coef, threshold=cfg.dead_tokens_threshold,
-                        scale=scale)
+                        scale=scale, normalize_grad=cfg.normalize_grad)
     graphed = _GraphedSteps(state.step, device) if graphs else None
     # Eager steps: which latents are dead is re-read every step on CPU, where it is free; on a GPU the set's
     # size goes to the host (it shapes the AuxK tensors), so it is re-read every LOG_EVERY steps instead: AuxK
@@ -570,8 +587,8 @@ class _TrainState:
     """One SAE's optimisation state: the SAE, its optimizer and the latents' firing record."""
 
     def __init__(self, sae: TopKSAE, opt: torch.optim.Optimizer, *, k_aux: int, auxk_coef: float,
-                 threshold: int, scale: float):
-        self.sae, self.opt = sae, opt
+                 threshold: int, scale: float, normalize_grad: bool = True):
+        self.sae, self.opt, self.normalize_grad = sae, opt, normalize_grad
         self.k_aux, self.auxk_coef, self.threshold, self.scale = k_aux, auxk_coef, threshold, scale
         device = sae.W_enc.device
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
@@ -589,6 +606,8 @@ class _TrainState:
         stats = compute_grads(sae, x, self.dead if with_aux else None, k_aux=self.k_aux, auxk_coef=self.auxk_coef,
                               dead_idx=dead_idx, static_aux=bool(with_aux))
         remove_parallel_decoder_grad(sae)
+        if self.normalize_grad:
+            normalize_grad_(sae.parameters())
         self.opt.step()
         sae.normalize_decoder_()
         self.since_fired.add_(x.shape[0]).masked_fill_(stats.fired, 0)
