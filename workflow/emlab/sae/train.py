@@ -244,9 +244,11 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     act, g_act = x.new_empty(n, k), x.new_empty(n, k)
     resid = x.new_empty(n, d)                     # x_hat - x
     if kx:
-        aidx = torch.empty(n, kx, dtype=torch.long, device=x.device)
-        aact, g_aact, adiff = x.new_empty(n, kx), x.new_empty(n, kx), x.new_empty(n, d)
-    rows = chunk_rows or _chunk_rows(n, d, m, k + kx, x.device)
+        # the AuxK candidates' pre-activations, kept from the encoder pass: the dead latents' columns
+        # (eager), or the top k_aux with the live latents masked (fixed shapes for a CUDA graph)
+        aux_pre = x.new_empty(n, kx if static_aux else n_dead)
+        aux_cols = torch.empty(n, kx, dtype=torch.long, device=x.device) if static_aux else None
+    rows = chunk_rows or _chunk_rows(n, d, m, k, x.device)
     for s in range(0, n, rows):
         e = min(n, s + rows)
         xc = x[s:e]
@@ -262,16 +264,28 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
         idx[s:e], act[s:e], resid[s:e] = ic, ac, rc
         if kx:
             if static_aux:
-                avals, ai = select_topk(pre.masked_fill(live, -math.inf), kx)
+                aux_pre[s:e], aux_cols[s:e] = select_topk(pre.masked_fill(live, -math.inf), kx)
             else:
-                avals, aj = select_topk(pre.index_select(1, dead_idx), kx)
-                ai = dead_idx[aj]
-            aa = avals.clamp_min(0)
-            aw_rows = W_dec.index_select(0, ai.view(-1)).view(e - s, kx, d)
+                torch.index_select(pre, 1, dead_idx, out=aux_pre[s:e])
+
+    if kx:
+        # AuxK in its own pass, in row chunks sized for its [rows, kx, d] gather: with few dead latents a
+        # step's AuxK is a handful of whole-batch ops instead of a dozen small ones per encoder chunk.
+        if static_aux:
+            avals_all, aidx = aux_pre, aux_cols
+        else:
+            avals_all, aj = select_topk(aux_pre, kx)
+            aidx = dead_idx[aj]
+        aact = avals_all.clamp_min(0)
+        g_aact, adiff = x.new_empty(n, kx), x.new_empty(n, d)
+        arows = chunk_rows or _chunk_rows(n, d, 0, kx, x.device)
+        for s in range(0, n, arows):
+            e = min(n, s + arows)
+            aw_rows = W_dec.index_select(0, aidx[s:e].reshape(-1)).view(e - s, kx, d)
             # e_hat - e with e = x - x_hat = -r (the target is detached: no gradient into r).
-            dc = torch.bmm(aa.unsqueeze(1), aw_rows).squeeze(1).add_(rc)
-            g_aact[s:e] = torch.bmm(aw_rows, dc.unsqueeze(2)).squeeze(2).mul_(avals > 0)
-            aidx[s:e], aact[s:e], adiff[s:e] = ai, aa, dc
+            dc = torch.bmm(aact[s:e].unsqueeze(1), aw_rows).squeeze(1).add_(resid[s:e])
+            g_aact[s:e] = torch.bmm(aw_rows, dc.unsqueeze(2)).squeeze(2).mul_(avals_all[s:e] > 0)
+            adiff[s:e] = dc
 
     flat = resid.view(-1)
     sse = torch.dot(flat, flat)
