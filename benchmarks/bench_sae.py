@@ -3,8 +3,8 @@
 All three train an SAE with the same n_latents, k, batch size, token budget, Adam learning rate,
 schedule (linear warm-up, constant, linear decay to 0), AuxK coefficient and dead-latent
 threshold; the printout gives training tokens/s, the held-out FVU reached, and emlab's ratios
-against each. Implementations run one after another, round by round (--rounds), and each one's
-best round counts, so that a busy machine penalises none in particular.
+against each. Implementations run one after another, round by round (--rounds, the order rotating
+each round), and each one's best round counts, so that a busy machine penalises none in particular.
 
     python benchmarks/bench_sae.py                        # synthetic activations (d=128)
     python benchmarks/bench_sae.py --acts acts.safetensors --key layer_2
@@ -258,7 +258,10 @@ def main() -> None:
     best: dict[str, float] = {}
     quality: dict[str, float] = {}
     for r in range(args.rounds):
-        for name in available:
+        # rotate the order each round: a run right after another (a large one especially) can pay for the
+        # memory that one left behind, and best-of-rounds should not favour whoever always goes first
+        shift = r % len(available)
+        for name in available[shift:] + available[:shift]:
             with contextlib.redirect_stdout(io.StringIO()):   # competitors print setup notes
                 seconds, model = RUNNERS[name](train, args, lr, steps)
             best[name] = min(best.get(name, math.inf), seconds)
