@@ -9,7 +9,7 @@ each round), and each one's best round counts, so that a busy machine penalises 
     python benchmarks/bench_sae.py                        # synthetic activations (d=128)
     python benchmarks/bench_sae.py --acts acts.safetensors --key layer_2
     python benchmarks/bench_sae.py --acts results/activations/corpus/train/shard-*.safetensors --key layer_2 \
-        --n-latents 512 --k 8 --batch 2048 --epochs 3        # the default organism's SAE fit
+        --n-latents 512 --k 8 --batch 2048 --epochs 3 --base-lr 1e-3   # the default organism's SAE fit
     python benchmarks/bench_sae.py --threads 1 --only emlab,sparsify
     python benchmarks/bench_sae.py --device cuda --n-latents 4096 --k 32 --rounds 3   # on a GPU
     python benchmarks/bench_sae.py --device cuda --only emlab,emlab-ungrouped,emlab-eager,sparsify
