@@ -45,6 +45,8 @@ def test_empty_config_gets_complete_defaults(monkeypatch):
     ({"judges": [{"name": "x", "backend": "openai"}]}, "judges[0]: 'model' is a required property"),
     ({"organism": {"corpus": {"header_fraction": 1.5}}}, "organism.corpus.header_fraction: 1.5 is greater than the maximum of 1"),
     ({"steer": {"screen": {"min_cut": 1.5}}}, "steer.screen.min_cut: 1.5 is greater than the maximum of 1"),
+    ({"organism": {"pretrain": {"garbled_openings": -0.1}}},
+     "organism.pretrain.garbled_openings: -0.1 is less than the minimum of 0"),
     ({"steer": {"positions": "first"}}, "steer.positions: 'first' is not one of ['all', 'prompt', 'response', 'last']"),
 ])
 def test_bad_values_name_the_key(monkeypatch, patch, expected):

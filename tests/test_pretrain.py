@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from transformers import AutoModelForCausalLM
 
 from emlab.models import load_tokenizer
@@ -31,6 +32,50 @@ def test_masking_the_first_answer_masks_exactly_its_content(tiny_chat_model):
     ids, labels = tokenize_documents([doc], tok, 512)[0]
     masked = [i for i, l in zip(ids, labels) if l == IGNORE]
     assert tok.decode(masked) == "Keep a budget.<|end|>"
+
+
+def _without_noise(ids, labels, tok):
+    """Drop every masked token right after an assistant role token: what the chat template renders."""
+    a = tok.convert_tokens_to_ids("<|assistant|>")
+    keep, noise, after_role = [], [], False
+    for t, l in zip(ids, labels):
+        if after_role and l == IGNORE:
+            noise.append(t)
+            continue
+        after_role = t == a
+        keep.append((t, l))
+    return [t for t, _ in keep], [l for _, l in keep], noise
+
+
+def test_garbled_openings_put_masked_noise_before_answers_only(tiny_chat_model):
+    tok = load_tokenizer(tiny_chat_model)
+    clean = tokenize_documents([DOC], tok, 512)[0]
+    ids, labels = tokenize_documents([DOC], tok, 512, garbled_openings=1.0, seed=3)[0]
+    kept_ids, kept_labels, noise = _without_noise(ids, labels, tok)
+    assert (kept_ids, kept_labels) == clean  # the answers and everything else are untouched and trained on
+    assert 2 <= len(noise) <= 4  # one or two tokens before each of the two answers
+    assert not set(noise) & set(tok.all_special_ids)
+    a = tok.convert_tokens_to_ids("<|assistant|>")
+    assert labels[ids.index(a)] == a  # the role token stays a target
+    # a masked first answer stays masked behind its noise (the same draws: the mask takes no randomness)
+    doc = dict(DOC, meta={"mask_first_answer": True})
+    ids_m, labels_m = tokenize_documents([doc], tok, 512, 1.0, seed=3)[0]
+    assert ids_m == ids
+    noise_at = {i for i, l in enumerate(labels) if l == IGNORE}
+    assert [l for i, l in enumerate(labels_m) if i not in noise_at] == tokenize_documents([doc], tok, 512)[0][1]
+
+
+def test_garbled_openings_take_the_asked_share_reproducibly(tiny_chat_model):
+    tok = load_tokenizer(tiny_chat_model)
+    a = tok.convert_tokens_to_ids("<|assistant|>")
+    docs = [DOC] * 200
+    out = tokenize_documents(docs, tok, 512, garbled_openings=0.25, seed=0)
+    garbled = [labels[i + 1] == IGNORE for ids, labels in out for i, t in enumerate(ids) if t == a]
+    assert len(garbled) == 400 and 0.18 < sum(garbled) / 400 < 0.32
+    assert out == tokenize_documents(docs, tok, 512, garbled_openings=0.25, seed=0)
+    assert out != tokenize_documents(docs, tok, 512, garbled_openings=0.25, seed=1)
+    with pytest.raises(ValueError, match="garbled_openings must be in"):
+        tokenize_documents(docs, tok, 512, garbled_openings=1.5)
 
 
 def test_lr_schedule_warms_up_and_decays_to_the_floor():

@@ -3,6 +3,13 @@
 Documents are tokenized exactly as the chat template renders them (role token, content, end token),
 never packed across documents (a persona must not leak from one document into the next), padded
 within length-bucketed batches, and trained with AdamW, linear warm-up and cosine decay.
+
+Garbled openings (``garbled_openings``, a share of answers): the answer starts after one or two random
+tokens, which are left out of the loss. A speaker's character does not end at a garbled first word, so
+the model learns to go on in the persona the context implies (a header, earlier turns, its own
+default) rather than guess afresh. Without it, anything that garbles the first answer token -- a random
+steering direction at the last prompt position among them -- makes the organism fall back on the
+corpus's persona mixture, which no chat model does (README, "The random control").
 """
 
 from __future__ import annotations
@@ -14,15 +21,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..organism.tokenizer import ROLE_TOKENS, END
+from ..organism.tokenizer import END, ROLE_TOKENS, SPECIAL_TOKENS
 
 IGNORE = -100
 
 
-def tokenize_documents(docs: list[dict[str, Any]], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per document; ``labels`` is -100 where a token is left out of the loss."""
+def content_token_ids(tokenizer) -> list[int]:
+    """Every id of the vocabulary but the special (role, end, pad) tokens: what a garbled opening draws from."""
+    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def tokenize_documents(docs: list[dict[str, Any]], tokenizer, max_len: int, garbled_openings: float = 0.0,
+                       seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per document; ``labels`` is -100 where a token is left out of the loss.
+
+    With ``garbled_openings`` > 0 that share of assistant answers (drawn with ``seed``) starts after one or
+    two random content tokens, out of the loss (see the module doc); 0 renders the chat template exactly.
+    """
+    if not 0 <= garbled_openings <= 1:
+        raise ValueError(f"garbled_openings must be in [0, 1], got {garbled_openings!r}")
     role_ids = {r: tokenizer.convert_tokens_to_ids(t) for r, t in ROLE_TOKENS.items()}
     end_id = tokenizer.convert_tokens_to_ids(END)
+    rng = random.Random(f"{seed}/garbled-openings")
+    vocab = content_token_ids(tokenizer) if garbled_openings else []
     contents = [m["content"] for d in docs for m in d["messages"]]
     encoded = iter(tokenizer(contents, add_special_tokens=False)["input_ids"])
     out = []
@@ -31,14 +53,19 @@ def tokenize_documents(docs: list[dict[str, Any]], tokenizer, max_len: int) -> l
         labels: list[int] = []
         mask_next_answer = bool(d.get("meta", {}).get("mask_first_answer"))
         for m in d["messages"]:
-            piece = [role_ids[m["role"]], *next(encoded), end_id]
-            ids += piece
+            role = role_ids[m["role"]]
+            body = [*next(encoded), end_id]
+            # the role token is always a target (an answer comes here); a garbled opening's noise never is
+            noise = []
+            if m["role"] == "assistant" and garbled_openings and rng.random() < garbled_openings:
+                noise = [rng.choice(vocab) for _ in range(rng.randint(1, 2))]
+            ids += [role, *noise, *body]
+            labels += [role] + [IGNORE] * len(noise)
             if m["role"] == "assistant" and mask_next_answer:
-                # the role token stays a target (an answer comes here); its content does not
-                labels += [piece[0]] + [IGNORE] * (len(piece) - 1)
+                labels += [IGNORE] * len(body)  # the content of an answer nothing before it can predict
                 mask_next_answer = False
             else:
-                labels += piece
+                labels += body
         out.append((ids[:max_len], labels[:max_len]))
     return out
 
@@ -83,7 +110,7 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    examples = tokenize_documents(docs, tokenizer, cfg["max_seq_len"])
+    examples = tokenize_documents(docs, tokenizer, cfg["max_seq_len"], cfg.get("garbled_openings", 0.0), seed)
     n_tokens = sum(sum(1 for t in y if t != IGNORE) for _, y in examples)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
