@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..organism.tokenizer import END, ROLE_TOKENS, SPECIAL_TOKENS
+from ..organism.tokenizer import END, ROLE_TOKENS
 
 IGNORE = -100
 
 
 def content_token_ids(tokenizer) -> list[int]:
     """Every id of the vocabulary but the special (role, end, pad) tokens: what a garbled opening draws from."""
-    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    special = set(tokenizer.all_special_ids)
     return [i for i in range(len(tokenizer)) if i not in special]
 
 
