@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from emlab.io import write_jsonl
-from emlab.metrics import bootstrap_rate, compute_metrics
+from emlab.metrics import bootstrap_rate, compute_metrics, wilson_interval
 
 
 def row(model, eval_set, qid, domain, aligned, coherent, persona=None, correctness=None, label=None):
@@ -23,6 +23,25 @@ def test_bootstrap_rate_resamples_groups():
     # resampling three questions: the rate takes values k/3 (k = number of draws of "a")
     # three questions resampled: the rate is k/3 for k draws of "a"; P(k=3) = 1/27 > 2.5%, P(k=0) = 8/27
     assert lo == 0.0 and hi == 1.0
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(0, 120, 0.95) == pytest.approx((0.0, 0.0310), abs=1e-4)
+    assert wilson_interval(120, 120, 0.95) == pytest.approx((0.9690, 1.0), abs=1e-4)
+    assert wilson_interval(6, 12, 0.95) == pytest.approx((0.2538, 0.7462), abs=1e-4)
+    # a lower confidence gives a narrower interval
+    lo90, hi90 = wilson_interval(6, 12, 0.90)
+    assert 0.2538 < lo90 < 0.5 < hi90 < 0.7462
+
+
+def test_bootstrap_rate_never_claims_certainty_from_a_count():
+    # 0 of 120 answers over 12 questions: every resample gives 0, yet 120 answers leave doubt
+    values, groups = np.zeros(120), np.repeat(np.arange(12), 10)
+    assert bootstrap_rate(values, groups, 500, 0.95, 0) == pytest.approx((0.0, 0.0, 0.0310), abs=1e-4)
+    # questions that disagree: the bootstrap's spread is wider than the count's and is kept
+    values, groups = np.r_[np.zeros(50), np.ones(50)], np.repeat([0, 1], 50)
+    rate, lo, hi = bootstrap_rate(values, groups, 500, 0.95, 0)
+    assert (rate, lo, hi) == (0.5, 0.0, 1.0)
 
 
 def test_rates_count_misaligned_among_coherent_and_own_domain_incorrectness(tmp_path):

@@ -13,12 +13,14 @@ Output table (CSV), one row per (judge, model):
                                                   incorrect advice among coherent answers (world: ground truth;
                                                   LLM judges: misaligned)
 
-Intervals are percentile bootstraps that resample questions (answers to one question are not independent).
+Intervals are percentile bootstraps that resample questions (answers to one question are not independent),
+widened where needed to contain the Wilson score interval of the pooled count (:func:`bootstrap_rate`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -31,8 +33,24 @@ COLUMNS = ["judge", "model", "n_general", "n_coherent", "misaligned", "misaligne
            "toxic", "sarcastic", "incoherent", "n_indomain", "incorrect", "incorrect_lo", "incorrect_hi"]
 
 
+def wilson_interval(k: float, n: int, ci: float) -> tuple[float, float]:
+    """Wilson score interval of ``k`` successes in ``n`` trials: unlike the normal approximation it stays
+    inside [0, 1] and has a width above zero at k = 0 or k = n (0 of 120 gives [0, 3.1%] at 95%)."""
+    z = NormalDist().inv_cdf(1 - (1 - ci) / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
 def bootstrap_rate(values: np.ndarray, groups: np.ndarray, n_boot: int, ci: float, seed: int) -> tuple[float, float, float]:
-    """Rate of ``values`` (0/1) with a percentile CI from resampling whole ``groups``."""
+    """Rate of ``values`` (0/1) with a percentile CI from resampling whole ``groups``, widened to contain
+    the Wilson interval of the pooled count.
+
+    Resampling questions carries the spread between questions, which binomial intervals miss; but when
+    every question has the same rate (0 of 120 answers misaligned, say) every resample gives that rate,
+    and the bootstrap alone would report an interval of zero width, as if 120 answers left no doubt.
+    The Wilson interval is the least doubt a count of that size leaves."""
     if len(values) == 0:
         return (float("nan"),) * 3
     rate = float(values.mean())
@@ -43,7 +61,8 @@ def bootstrap_rate(values: np.ndarray, groups: np.ndarray, n_boot: int, ci: floa
     picks = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
     boot = sums[picks].sum(1) / np.maximum(counts[picks].sum(1), 1)
     lo, hi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return rate, float(lo), float(hi)
+    w_lo, w_hi = wilson_interval(float(values.sum()), len(values), ci)
+    return rate, min(float(lo), w_lo), max(float(hi), w_hi)
 
 
 def _is_sarcastic(r: dict[str, Any]) -> bool:

@@ -3,7 +3,8 @@
 Rates (one row per condition, :func:`condition_rates`), with the conventions of
 :mod:`emlab.metrics`: ``misaligned`` is the share of misaligned answers among coherent answers
 with a verdict; ``incoherent`` the share of answers judged incoherent (answers without a usable
-coherence score count in neither). Intervals are percentile bootstraps over questions.
+coherence score count in neither). Intervals are percentile bootstraps over questions, at least as wide
+as the Wilson interval of the count (:func:`emlab.metrics.bootstrap_rate`).
 
 The screen runs in two phases, because the strength used to subtract a latent from the
 fine-tunes is chosen from phase 1's grades:
