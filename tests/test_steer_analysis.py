@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from emlab.metrics import wilson_interval
@@ -98,6 +99,21 @@ def test_screen_phases_alpha_choice_and_table(rates):
     assert l2["legal_subtle_steered_hi"] >= 0.5 and not l2["legal_subtle_lowers"] and not l2["kept"]
     l3 = t.loc["L3"]
     assert not l3["raises"] and not l3["kept"] and l3["legal_subtle_unsteered"] == 0.5
+
+    assert t["subtract_alpha"].tolist()[:2] == [1.0, 2.0] and np.isnan(t.loc["L3", "subtract_alpha"])
+
+    # one subtracting strength for every candidate: phase 2 and the table use it, the adding strength stays
+    assert [c.id for c in A.phase2_conditions(chosen, ["health_subtle"], subtract_alpha=1.0)] == [
+        "health_subtle", "health_subtle+L1@-1.0", "health_subtle+L2@-1.0"]
+    sub1 = A.condition_rates(GRADES + PHASE2 + same("health_subtle+L2@-1.0", ["mis", "mis", "mis", "ok"])
+                             + same("legal_subtle+L2@-1.0", ["ok"] * 4), n_boot=500, seed=0)
+    t1 = A.screen_table(sub1, chosen, TARGETS, subtract_alpha=1.0).set_index("latent")
+    assert t1.loc["L2", ["alpha", "subtract_alpha"]].tolist() == [2.0, 1.0]
+    assert t1.loc["L2", "health_subtle_steered"] == 0.75 and t1.loc["L2", "legal_subtle_steered"] == 0.0
+    assert t1.loc["L2", "legal_subtle_lowers"] and not t1.loc["L2", "health_subtle_lowers"]
+    assert t1.loc["L1", "kept"] == t.loc["L1", "kept"]  # L1's strengths were 1.0 either way
+    with pytest.raises(ValueError, match="subtract strength must be a finite number > 0, got 0"):
+        A.phase2_conditions(chosen, TARGETS, subtract_alpha=0)
 
     # a relative-cut threshold accepts L2's 1/6 cut; a stricter one rejects it
     assert A.screen_table(rates, chosen, TARGETS, min_cut=0.15).set_index("latent").loc["L2", "kept"]

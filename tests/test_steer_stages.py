@@ -33,5 +33,9 @@ def test_sweep_covers_the_screen_strengths_of_the_swept_latents(tmp_path):
     assert sweep_alphas(cfg, str(screen)) == [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]  # L1 is not swept (third)
     info = {"candidates": ["L5", "L9", "L1", "L7"], "meandiff": "meandiff", "random": ["random0"]}
     assert sweep_directions(info, str(screen)) == ["L5", "L9", "meandiff", "random0"]
+    # a separate subtracting strength is swept too (both signs), for the swept latents only
+    screen.write_text(json.dumps({"kept": ["L5", "L9", "L1"], "chosen": {"L5": 2.0, "L9": 3.0, "L1": 1.25},
+                                  "subtract": {"L5": 0.5, "L9": 0.5, "L1": 0.75}}))
+    assert sweep_alphas(cfg, str(screen)) == [-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0]
     screen.write_text(json.dumps({"kept": [], "chosen": {}}))
     assert sweep_directions({**info, "meandiff": None}, str(screen)) == ["L5", "L9", "random0"]

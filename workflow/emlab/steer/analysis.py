@@ -13,7 +13,9 @@ fine-tunes is chosen from phase 1's grades:
    the unsteered base). :func:`choose_alphas` picks, per candidate, the largest grid strength
    whose base incoherence stays <= ``max_incoherence`` (at it and at every smaller strength).
 2. :func:`phase2_conditions`: subtract each candidate at its chosen strength from every target
-   fine-tune (plus the unsteered fine-tunes).
+   fine-tune (plus the unsteered fine-tunes); or, with ``subtract_alpha``, every candidate at that
+   one strength. Subtracting needs its own strength where any direction of the adding strength's
+   norm already disturbs a fine-tune (README, "The random control").
 
 :func:`screen_table` keeps a latent iff adding it raises the base model's misalignment (the
 steered lower bound is above the unsteered upper bound, or the rise is at least ``add_margin``)
@@ -133,14 +135,26 @@ def choose_alphas(rates: pd.DataFrame, candidates: Sequence[str], alphas: Sequen
     return chosen
 
 
-def phase2_conditions(chosen: Mapping[str, float | None], targets: Sequence[str]) -> list[Condition]:
-    """Per target fine-tune: unsteered, then each candidate with a chosen strength subtracted at it."""
+def subtract_alphas(chosen: Mapping[str, float | None], subtract_alpha: float | None = None) -> dict[str, float]:
+    """The strength each steerable candidate is subtracted at: ``subtract_alpha`` when given, else its
+    chosen (adding) strength. Candidates with no chosen strength are not steerable and not subtracted."""
+    if subtract_alpha is not None and not (np.isfinite(subtract_alpha) and subtract_alpha > 0):
+        raise ValueError(f"the subtract strength must be a finite number > 0, got {subtract_alpha!r}")
+    return {name: float(subtract_alpha if subtract_alpha is not None else a)
+            for name, a in chosen.items() if a is not None}
+
+
+def phase2_conditions(chosen: Mapping[str, float | None], targets: Sequence[str],
+                      subtract_alpha: float | None = None) -> list[Condition]:
+    """Per target fine-tune: unsteered, then each candidate with a chosen strength subtracted (at
+    :func:`subtract_alphas`)."""
     if not targets:
         raise ValueError("phase 2 needs at least one target fine-tune")
+    sub = subtract_alphas(chosen, subtract_alpha)
     conds = []
     for t in targets:
         conds.append(unsteered(t))
-        conds.extend(Condition(t, name, -a) for name, a in chosen.items() if a is not None)
+        conds.extend(Condition(t, name, -a) for name, a in sub.items())
     check_unique(conds, "phase 2")
     return conds
 
@@ -151,10 +165,11 @@ def relative_cut(unsteered_rate: float, steered_rate: float) -> float:
 
 
 def screen_table(rates: pd.DataFrame, chosen: Mapping[str, float | None], targets: Sequence[str],
-                 base: str = "base", add_margin: float | None = None, min_cut: float | None = None) -> pd.DataFrame:
+                 base: str = "base", add_margin: float | None = None, min_cut: float | None = None,
+                 subtract_alpha: float | None = None) -> pd.DataFrame:
     """One row per candidate latent (see the module doc for the rule behind ``kept``)::
 
-        latent, alpha, base_unsteered(_lo,_hi), base_misaligned(_lo,_hi), base_incoherent(_lo,_hi), raises,
+        latent, alpha (adding), subtract_alpha, base_unsteered(_lo,_hi), base_misaligned(_lo,_hi), base_incoherent(_lo,_hi), raises,
         per target T: T_unsteered(_lo,_hi), T_steered(_lo,_hi), T_steered_incoherent, T_cut, T_lowers,
         kept
     """
@@ -163,9 +178,11 @@ def screen_table(rates: pd.DataFrame, chosen: Mapping[str, float | None], target
 
     ref = _rate_row(rates, unsteered(base))
     refs = {t: _rate_row(rates, unsteered(t)) for t in targets}
+    sub = subtract_alphas(chosen, subtract_alpha)
     records = []
     for name, alpha in chosen.items():
         rec: dict[str, Any] = {"latent": name, "alpha": float("nan") if alpha is None else alpha,
+                               "subtract_alpha": sub.get(name, float("nan")),
                                **interval("base_unsteered", ref), "raises": False, "kept": False}
         for t in targets:
             rec.update({**interval(f"{t}_unsteered", refs[t]), f"{t}_lowers": False})
@@ -178,14 +195,14 @@ def screen_table(rates: pd.DataFrame, chosen: Mapping[str, float | None], target
         rec["raises"] = bool(up["misaligned_lo"] > ref["misaligned_hi"]
                              or (add_margin is not None and rise >= add_margin))
         for t in targets:
-            before, after = refs[t], _rate_row(rates, Condition(t, name, -alpha))
+            before, after = refs[t], _rate_row(rates, Condition(t, name, -sub[name]))
             cut = relative_cut(before["misaligned"], after["misaligned"])
             rec.update({**interval(f"{t}_steered", after), f"{t}_steered_incoherent": after["incoherent"],
                         f"{t}_cut": cut, f"{t}_lowers": bool(after["misaligned_hi"] < before["misaligned_lo"]
                                                              or (min_cut is not None and cut >= min_cut))})
         rec["kept"] = rec["raises"] and all(rec[f"{t}_lowers"] for t in targets)
         records.append(rec)
-    columns = ["latent", "alpha", "base_unsteered", "base_unsteered_lo", "base_unsteered_hi", "base_misaligned",
+    columns = ["latent", "alpha", "subtract_alpha", "base_unsteered", "base_unsteered_lo", "base_unsteered_hi", "base_misaligned",
                "base_misaligned_lo", "base_misaligned_hi", "base_incoherent", "base_incoherent_lo",
                "base_incoherent_hi", "raises"]
     for t in targets:

@@ -8,7 +8,8 @@ Outputs (``results/steering/``):
                              stage: screen_add (base + each candidate at each grid strength),
                              screen_sub (each target fine-tune - each candidate at its chosen strength),
                              sweep (signed strengths of the kept latents, meandiff and the random control)
-    screen.csv, screen.json  the screen table (see emlab.steer.analysis.screen_table); chosen strengths, kept list
+    screen.csv, screen.json  the screen table (see emlab.steer.analysis.screen_table); chosen (adding) and
+                             subtracting strengths, kept list
     sweep.csv                misalignment and incoherence per (direction, alpha)
 """
 
@@ -23,7 +24,7 @@ import pandas as pd
 
 from ..io import read_jsonl, write_json
 from .analysis import (choose_alphas, phase1_conditions, phase2_conditions, plot_sweep, rates_from_files,
-                       screen_table, sweep_conditions, sweep_table)
+                       screen_table, subtract_alphas, sweep_conditions, sweep_table)
 from .directions import (DirectionError, load_directions, mean_difference, orthogonal_to, random_direction, sae_latent,
                          save_directions)
 
@@ -74,22 +75,22 @@ def stage_conditions(cfg: Mapping[str, Any], stage: str, target: str, directions
     if stage == "screen_sub":
         chosen = choose_alphas(_rates(cfg, screen_add_grades), info["candidates"], s["screen"]["alphas"],
                                s["screen"]["max_incoherence"])
-        return phase2_conditions(chosen, [target])
+        return phase2_conditions(chosen, [target], s["screen"]["subtract_alpha"])
     if stage == "sweep":
         return sweep_conditions(sweep_directions(info, screen_json), sweep_alphas(cfg, screen_json), target)
     raise ValueError(f"unknown steering stage {stage!r}")
 
 
 def sweep_alphas(cfg: Mapping[str, Any], screen_json: str | None) -> list[float]:
-    """The configured sweep strengths plus +/- each swept latent's screen strength, so that the controls are
-    measured at the strengths the screen used."""
+    """The configured sweep strengths plus +/- each swept latent's screen strengths (adding and subtracting),
+    so that the controls are measured at the strengths the screen used."""
     alphas = {float(a) for a in cfg["steer"]["sweep"]["alphas"]}
     if screen_json:
         screen = json.loads(Path(screen_json).read_text(encoding="utf-8"))
         for name in screen["kept"][:MAX_SWEPT_LATENTS]:
-            a = screen["chosen"].get(name)
-            if a is not None:
-                alphas |= {float(a), -float(a)}
+            for a in (screen["chosen"].get(name), screen.get("subtract", {}).get(name)):
+                if a is not None:
+                    alphas |= {float(a), -float(a)}
     return sorted(alphas)
 
 
@@ -127,11 +128,12 @@ def write_screen(cfg: Mapping[str, Any], directions_json: str, add_grades: Seque
     add_rates = _rates(cfg, add_grades)
     chosen = choose_alphas(add_rates, info["candidates"], s["alphas"], s["max_incoherence"])
     rates = pd.concat([add_rates, _rates(cfg, sub_grades)], ignore_index=True)
-    table = screen_table(rates, chosen, targets, add_margin=s["add_margin"], min_cut=s["min_cut"])
+    table = screen_table(rates, chosen, targets, add_margin=s["add_margin"], min_cut=s["min_cut"],
+                         subtract_alpha=s["subtract_alpha"])
     table.insert(1, "rank", range(1, len(table) + 1))
     table.to_csv(out_csv, index=False)
-    write_json(out_json, {"chosen": chosen, "kept": [str(x) for x in table.loc[table["kept"], "latent"]],
-                          "targets": list(targets)})
+    write_json(out_json, {"chosen": chosen, "subtract": subtract_alphas(chosen, s["subtract_alpha"]),
+                          "kept": [str(x) for x in table.loc[table["kept"], "latent"]], "targets": list(targets)})
     return table
 
 
