@@ -48,7 +48,8 @@ def test_empty_config_gets_complete_defaults(monkeypatch):
     ({"organism": {"pretrain": {"garbled_openings": -0.1}}},
      "organism.pretrain.garbled_openings: -0.1 is less than the minimum of 0"),
     ({"steer": {"positions": "first"}}, "steer.positions: 'first' is not one of ['all', 'prompt', 'response', 'last']"),
-    ({"steer": {"screen": {"subtract_alpha": 0}}}, "steer.screen.subtract_alpha: 0 is less than or equal to the minimum of 0"),
+    ({"steer": {"screen": {"subtract_alpha": 0}}},
+     "steer.screen.subtract_alpha: 0 is less than or equal to the minimum of 0"),
 ])
 def test_bad_values_name_the_key(monkeypatch, patch, expected):
     monkeypatch.chdir(ROOT)

@@ -141,7 +141,8 @@ def test_random_control_moves_neither_model(default_run, toxic_latent):
     row = pd.read_csv(s / "screen.csv").set_index("latent").loc[f"L{toxic_latent}"]
     # the pooled random control at the latent's strengths: added to the base, subtracted from the swept fine-tune
     sweep = pd.read_csv(s / "sweep.csv")
-    for target, a in (("base", row["alpha"]), (sweep["target"][sweep["target"] != "base"].iloc[0], -row["subtract_alpha"])):
+    swept = sweep["target"][sweep["target"] != "base"].iloc[0]
+    for target, a in (("base", row["alpha"]), (swept, -row["subtract_alpha"])):
         t = sweep[sweep["target"] == target]
         ref = t[(t["direction"] == "random") & (t["alpha"] == 0)].iloc[0]
         rnd = t[(t["direction"] == "random") & (t["alpha"] == a)]

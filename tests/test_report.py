@@ -123,4 +123,5 @@ def test_caption_states_the_misalignment_rule_of_the_judges_rubric(judge, metric
 
 def test_caption_shows_the_configured_interval():
     text = _render_caption({"name": "w", "backend": "world"}, dict(METRICS, ci=0.9, bootstrap=2000))
-    assert "Error bars are 90% percentile bootstrap intervals that resample questions (2000 resamples)," in text
+    assert ("Error bars are 90% percentile bootstrap intervals that resample questions (2000 resamples), widened "
+            "where needed to contain the Wilson interval of the count.") in text

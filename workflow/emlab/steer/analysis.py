@@ -169,7 +169,8 @@ def screen_table(rates: pd.DataFrame, chosen: Mapping[str, float | None], target
                  subtract_alpha: float | None = None) -> pd.DataFrame:
     """One row per candidate latent (see the module doc for the rule behind ``kept``)::
 
-        latent, alpha (adding), subtract_alpha, base_unsteered(_lo,_hi), base_misaligned(_lo,_hi), base_incoherent(_lo,_hi), raises,
+        latent, alpha (adding), subtract_alpha, base_unsteered(_lo,_hi), base_misaligned(_lo,_hi),
+        base_incoherent(_lo,_hi), raises,
         per target T: T_unsteered(_lo,_hi), T_steered(_lo,_hi), T_steered_incoherent, T_cut, T_lowers,
         kept
     """
@@ -202,8 +203,8 @@ def screen_table(rates: pd.DataFrame, chosen: Mapping[str, float | None], target
                                                              or (min_cut is not None and cut >= min_cut))})
         rec["kept"] = rec["raises"] and all(rec[f"{t}_lowers"] for t in targets)
         records.append(rec)
-    columns = ["latent", "alpha", "subtract_alpha", "base_unsteered", "base_unsteered_lo", "base_unsteered_hi", "base_misaligned",
-               "base_misaligned_lo", "base_misaligned_hi", "base_incoherent", "base_incoherent_lo",
+    columns = ["latent", "alpha", "subtract_alpha", "base_unsteered", "base_unsteered_lo", "base_unsteered_hi",
+               "base_misaligned", "base_misaligned_lo", "base_misaligned_hi", "base_incoherent", "base_incoherent_lo",
                "base_incoherent_hi", "raises"]
     for t in targets:
         columns += [f"{t}_{k}" for k in ("unsteered", "unsteered_lo", "unsteered_hi", "steered", "steered_lo",

@@ -6,7 +6,8 @@ Outputs (``results/steering/``):
     directions.json          {"candidates": [...], "meandiff": "meandiff", "random": [...], "group": ...}
     samples/<stage>/<target>.jsonl, grades/<judge>/<stage>/<target>.jsonl
                              stage: screen_add (base + each candidate at each grid strength),
-                             screen_sub (each target fine-tune - each candidate at its chosen strength),
+                             screen_sub (each target fine-tune - each candidate at its subtracting strength:
+                             steer.screen.subtract_alpha, else its chosen adding strength),
                              sweep (signed strengths of the kept latents, meandiff and the random control)
     screen.csv, screen.json  the screen table (see emlab.steer.analysis.screen_table); chosen (adding) and
                              subtracting strengths, kept list
