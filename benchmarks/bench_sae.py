@@ -14,10 +14,10 @@ each round), and each one's best round counts, so that a busy machine penalises 
     python benchmarks/bench_sae.py --device cuda --n-latents 4096 --k 32 --rounds 3   # on a GPU
     python benchmarks/bench_sae.py --device cuda --only emlab,emlab-ungrouped,emlab-eager,sparsify
 
-Two variants of emlab measure its design choices: "emlab-ungrouped" selects the top k with a plain
-top-k instead of the grouped search, and "emlab-eager" launches a GPU step's kernels one by one
-instead of replaying a CUDA graph of the step; "emlab-rawgrad" takes Adam steps on the raw gradient
-instead of the gradient divided by its norm.
+Variants of emlab measure its design choices: "emlab-ungrouped" selects the top k with a plain top-k
+instead of the grouped search; "emlab-eager" launches a GPU step's kernels one by one instead of
+replaying a CUDA graph of the step; "emlab-fp32" runs a GPU step's matmuls in full fp32 instead of
+TF32; "emlab-rawgrad" takes Adam steps on the raw gradient instead of the gradient divided by its norm.
 
 The competitors are benchmark-only dependencies (pip install eai-sparsify sae-lens); one that
 is not installed is skipped with a note.
@@ -111,18 +111,23 @@ def run_emlab_ungrouped(train, args, lr, steps):
     """emlab with a plain top-k instead of its grouped search (on the devices where that is the default)."""
     from emlab.sae import topk
 
-    saved = set(topk.GROUPED_DEVICES)
-    topk.GROUPED_DEVICES.discard(torch.device(args.device).type)
+    saved = dict(topk.GROUPED_MIN_LATENTS)
+    topk.GROUPED_MIN_LATENTS.pop(torch.device(args.device).type, None)
     try:
         return run_emlab(train, args, lr, steps)
     finally:
-        topk.GROUPED_DEVICES.clear()
-        topk.GROUPED_DEVICES.update(saved)
+        topk.GROUPED_MIN_LATENTS.clear()
+        topk.GROUPED_MIN_LATENTS.update(saved)
 
 
 def run_emlab_eager(train, args, lr, steps):
     """emlab with eager steps on a GPU (the default replays CUDA graphs of the step there)."""
     return run_emlab(train, args, lr, steps, cuda_graphs=False)
+
+
+def run_emlab_fp32(train, args, lr, steps):
+    """emlab with full-fp32 matmuls on a GPU (the default runs the encoder matmul in TF32 there)."""
+    return run_emlab(train, args, lr, steps, tf32=False)
 
 
 def run_emlab_rawgrad(train, args, lr, steps):
@@ -192,6 +197,7 @@ def _sync(device: str) -> None:
 
 
 RUNNERS = {"emlab": run_emlab, "emlab-ungrouped": run_emlab_ungrouped, "emlab-eager": run_emlab_eager,
+           "emlab-fp32": run_emlab_fp32,
            "emlab-rawgrad": run_emlab_rawgrad,
            "sparsify": run_sparsify,
            "saelens": run_saelens}

@@ -10,7 +10,7 @@ from emlab.sae.saelens_io import SAEFormatError, load_sae, resolve_pretrained, s
 from emlab.sae.topk import TopKSAE, select_topk
 from emlab.sae.train import (
     LOG_COLUMNS, SAEConfigError, SAETrainConfig, compute_grads, geometric_median, init_sae, lr_factor,
-    normalize_grad_, train_sae,
+    _tf32_matmuls, normalize_grad_, train_sae,
 )
 
 
@@ -52,7 +52,7 @@ def synthetic_activations(n, d, n_features, active_per_token, seed):
 def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, numpy, monkeypatch):
     from emlab.sae import topk
 
-    monkeypatch.setattr(topk, "GROUPED_DEVICES", {device} if grouped else set())
+    monkeypatch.setattr(topk, "GROUPED_MIN_LATENTS", {device: 0} if grouped else {})
     if device == "cuda" and numpy:
         pytest.skip("the numpy selection is a CPU path")
     # (the module runs one torch thread, so the CPU selections use numpy unless switched off here)
@@ -64,6 +64,18 @@ def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, num
     assert torch.equal(vals.sort(dim=1, descending=True).values, ref)
     assert torch.equal(pre.gather(1, idx), vals)
     assert all(len(set(row.tolist())) == k for row in idx)
+
+
+def test_grouped_search_starts_at_the_devices_threshold(monkeypatch):
+    from emlab.sae import topk
+
+    widths, plain = [], topk._topk
+    monkeypatch.setattr(topk, "_topk", lambda a, k: widths.append(a.shape[1]) or plain(a, k))
+    monkeypatch.setattr(topk, "GROUPED_MIN_LATENTS", {"cpu": 2048})
+    for m in (1024, 2048):
+        select_topk(torch.randn(8, m), 16)
+    # 1024 latents: one plain top-k; 2048: over the 256 group maxima, then over 16 groups of 8 candidates
+    assert widths == [1024, 256, 128]
 
 
 def test_select_topk_with_ties_nan_and_gradients():
@@ -203,6 +215,8 @@ def test_config_errors_name_the_key():
         SAETrainConfig.from_dict({"normalize_activations": "yes"})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.cuda_graphs must be of type bool"):
         SAETrainConfig.from_dict({"cuda_graphs": "yes"})
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.tf32 must be of type bool"):
+        SAETrainConfig.from_dict({"tf32": "no"})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.normalize_grad must be of type bool"):
         SAETrainConfig.from_dict({"normalize_grad": 1})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.k=80 exceeds sae\.train\.n_latents=64"):
@@ -276,13 +290,41 @@ def test_adam_steps_on_unit_norm_gradients_when_asked(normalize, monkeypatch):
         assert max(seen) < 0.5 and seen[-1] < 0.5 * seen[0]
 
 
-def test_training_is_seeded_and_deterministic():
+def test_training_is_seeded_and_deterministic(device):
+    # On a GPU too: no gradient there is summed with float atomics, whose order varies from run to run.
+    # Latents die after 4 of the 70 steps, so a GPU run replays the graph with the AuxK term after step 50.
     x, _ = synthetic_activations(3000, 16, 32, 3, seed=1)
-    a, b = (train_sae(x, tiny_cfg(), progress=False) for _ in range(2))
-    c = train_sae(x, tiny_cfg(seed=1), progress=False)
+    a, b = (train_sae(x, tiny_cfg(device=device, epochs=6), progress=False) for _ in range(2))
+    c = train_sae(x, tiny_cfg(device=device, epochs=6, seed=1), progress=False)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert not torch.equal(a.W_dec, c.W_dec)
+
+
+def test_tf32_setting_is_scoped_to_training_on_a_gpu():
+    cublas = torch.backends.cuda.matmul   # (settable without a GPU)
+    before = cublas.fp32_precision
+    for device, enabled in (("cpu", True), ("cuda", False)):
+        with _tf32_matmuls(torch.device(device), enabled):
+            assert cublas.fp32_precision == before
+    with pytest.raises(KeyError):
+        with _tf32_matmuls(torch.device("cuda"), True):
+            assert cublas.fp32_precision == "tf32"
+            raise KeyError("a failing step")
+    assert cublas.fp32_precision == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_tf32_changes_the_encoder_arithmetic_not_the_fit():
+    x, _ = synthetic_activations(4000, 16, 32, 3, seed=1)
+    held_out, x = x[:500], x[500:]
+    before = torch.backends.cuda.matmul.fp32_precision
+    fast, full = (train_sae(x, tiny_cfg(device="cuda", tf32=tf32), progress=False) for tf32 in (True, False))
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    assert not torch.equal(fast.W_enc, full.W_enc)
+    ours, theirs = (reconstruction_metrics(s, held_out)["fvu"] for s in (fast, full))
+    assert ours == pytest.approx(theirs, rel=0.05)
 
 
 def test_auxk_runs_exactly_when_latents_are_dead(tmp_path):
@@ -313,6 +355,7 @@ def test_cuda_graph_steps_train_like_eager_steps(dead_tokens, tmp_path):
     steps = len(rows)
     if dead_tokens > 10 ** 6:
         # 2 eager warm-up steps, then replays of the one graph: the same arithmetic as eager steps
+        # (the same capturable Adam update)
         assert graphed.meta["emlab_train"]["cuda_graph_steps"] == steps - 2
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             torch.testing.assert_close(getattr(graphed, name), getattr(eager, name), rtol=1e-3, atol=1e-4, msg=name)

@@ -90,11 +90,12 @@ class TopKSAE(nn.Module):
         self.b_dec.div_(scale)
 
 
-# Device types on which select_topk uses the grouped search: faster than torch.topk on CPU (1.3-3x at
-# 384-16k latents). With CUDA it made no clear difference to SAE training (benchmarks/bench_sae.py,
-# "emlab-ungrouped", two runs on an H200 at 512, 4096 and 8192 latents: from -6% to +12%), so the
-# plain top-k, with fewer kernels, stays there.
-GROUPED_DEVICES: set[str] = {"cpu"}
+# Where select_topk uses the grouped search: device type -> the fewest latents it is used for. On CPU it is
+# 1.3-3x faster than torch.topk at 384-16k latents. With CUDA, in SAE training on an H200
+# (benchmarks/bench_sae.py, "emlab-ungrouped", two runs each, the encoder matmul in TF32), it made steps
+# 8% and 13% faster at 8192 latents, but 7% faster and 11% slower at 4096 and no difference at 512: torch's
+# top-k pays for long rows, which the grouped search shortens eightfold.
+GROUPED_MIN_LATENTS: dict[str, int] = {"cpu": 0, "cuda": 8192}
 
 # On CPU, with at most this many torch threads, the row-wise selections use numpy's argpartition (a
 # quickselect), 3x faster than torch.topk on rows of 64 candidates, which pays a large fixed cost per row.
@@ -113,7 +114,7 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """
     n, m = pre.shape
     group = _group_size(m, k)
-    if group is None or pre.device.type not in GROUPED_DEVICES:
+    if group is None or m < GROUPED_MIN_LATENTS.get(pre.device.type, m + 1):
         return _topk(pre, k)
     n_groups = m // group
     pre = pre.contiguous()

@@ -25,11 +25,13 @@ because only k of d_sae latents are active per token: autograd through a dense
 whereas the true gradient touches k encoder and decoder rows per token. The work is done in
 row chunks so that the ``[rows, d_sae]`` pre-activations stay in the CPU cache. On a GPU the
 whole step (gradients, Adam, renormalisation, the dead-latent count) is captured once as a CUDA
-graph and replayed (:class:`_GraphedSteps`).
+graph and replayed (:class:`_GraphedSteps`), the encoder matmul runs in TF32 (``tf32``), and no float
+is summed with atomics, so that a seed gives the same SAE on a GPU too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -69,6 +71,7 @@ class SAETrainConfig:
     seed: int = 0
     device: str = "auto"
     cuda_graphs: bool = True               # on a GPU, replay each step from a CUDA graph (False: eager steps)
+    tf32: bool = True                      # on a GPU, the encoder matmul in TensorFloat-32 (False: full fp32)
     normalize_grad: bool = True            # Adam steps on the gradient divided by its global norm
 
     @classmethod
@@ -319,10 +322,17 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     grad_W_dec = torch.nn.functional.embedding_bag(
         dec_rows.index_select(0, order), dec_table, offsets, mode="sum",
         per_sample_weights=dec_weights.index_select(0, order))
-    grad_W_enc_rows = torch.nn.functional.embedding_bag(
-        enc_rows.index_select(0, order), x - b_dec, offsets, mode="sum",
-        per_sample_weights=enc_weights.index_select(0, order))
-    grad_b_enc = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, keys, enc_weights)
+    enc_bags = dict(offsets=offsets, mode="sum", per_sample_weights=enc_weights.index_select(0, order))
+    if x.device.type == "cpu":
+        grad_W_enc_rows = torch.nn.functional.embedding_bag(enc_rows.index_select(0, order), x - b_dec, **enc_bags)
+        grad_b_enc = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, keys, enc_weights)
+    else:
+        # On a GPU index_add_ sums floats with atomics, in an order that changes from run to run; a top-k
+        # SAE amplifies such last-bit differences into different latents. A column of ones beside the
+        # inputs makes the same bag sums give grad_b_enc, in a fixed order: training is reproducible.
+        table = torch.cat([x - b_dec, x.new_ones(n, 1)], dim=1)
+        both = torch.nn.functional.embedding_bag(enc_rows.index_select(0, order), table, **enc_bags)
+        grad_W_enc_rows, grad_b_enc = both[:, :d], both[:, d].contiguous()
     # b_dec is added by the decoder and subtracted before the encoder.
     grad_b_dec = resid.sum(0) - W_enc @ grad_b_enc
 
@@ -332,7 +342,8 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     sae.b_dec.grad = grad_b_dec
 
     active = act > 0
-    # counts rather than boolean indexing: no host round trip (nonzero) on a GPU
+    # counts rather than boolean indexing: no host round trip (nonzero) on a GPU; sums of 0 and 1, exact
+    # in any order
     fired = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, idx.view(-1), active.view(-1).to(x.dtype)) > 0
     return StepStats(loss=fvu + auxk_coef * aux_loss, fvu=fvu, aux_loss=aux_loss,
                      l0=active.sum() / n, fired=fired)
@@ -369,6 +380,28 @@ def normalize_grad_(params) -> Tensor:
     norm = torch.nn.utils.get_total_norm(grads)
     torch._foreach_div_(grads, norm.clamp_min(1e-30))
     return norm
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(device: torch.device, enabled: bool) -> Iterator[None]:
+    """fp32 matmuls on a CUDA device in TensorFloat-32 for the duration; the previous setting is restored.
+
+    The encoder matmul is most of a GPU step for wide models; TF32 runs it on the tensor cores (8-10x the
+    fp32 rate on Ampere and Hopper) with a 10-bit mantissa, ample for choosing the top k of the
+    pre-activations (sparsify trains in bf16). torch only has a process-wide switch, hence the restore.
+    """
+    if not (enabled and device.type == "cuda"):
+        yield
+        return
+    cublas = torch.backends.cuda.matmul
+    # the fp32_precision API (torch >= 2.9); torch refuses reads that mix it with allow_tf32 once set
+    attr, value = ("fp32_precision", "tf32") if hasattr(cublas, "fp32_precision") else ("allow_tf32", True)
+    saved = getattr(cublas, attr)
+    setattr(cublas, attr, value)
+    try:
+        yield
+    finally:
+        setattr(cublas, attr, saved)
 
 
 def lr_factor(step: int, steps: int, warmup_frac: float, decay_frac: float) -> float:
@@ -516,14 +549,14 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
     lr = cfg.lr_for(n_latents)
     k_aux = cfg.k_aux_for(d_in)
     graphs = cfg.cuda_graphs and device.type == "cuda"
-    if graphs:
-        # A replayed graph reads the lr and Adam's step count from device tensors (capturable).
+    if device.type == "cuda":
+        # A replayed graph reads the lr and Adam's step count from device tensors (capturable); eager GPU
+        # steps use the same fused, capturable update, so that both do the same arithmetic.
         lr_now: float | Tensor = torch.tensor(lr, device=device)
         opt = torch.optim.Adam(sae.parameters(), lr=lr_now, fused=True, capturable=True)
     else:
-        # fused: one kernel for the whole update on a GPU (the foreach default launches several per tensor)
         lr_now = lr
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=device.type == "cuda")
+        opt = torch.optim.Adam(sae.parameters(), lr=lr)
     state = _TrainState(sae, opt, k_aux=k_aux, auxk_coef=cfg.auxk_coef, threshold=cfg.dead_tokens_threshold,
                         scale=scale, normalize_grad=cfg.normalize_grad)
     graphed = _GraphedSteps(state.step, device) if graphs else None
@@ -562,27 +595,30 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
         pending.clear()
 
     try:
-        for step in range(steps):
-            batch = next(batches, None)
-            if batch is None:
-                raise ValueError(f"activation shards ran out after {step * cfg.batch_tokens} tokens; "
-                                 f"sae.train asked for {total}")
-            step_lr = lr * lr_factor(step, steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
-            if graphed is not None:
-                lr_now.fill_(step_lr)
-                row = graphed(batch, any_dead)
-            else:
-                for group in opt.param_groups:
-                    group["lr"] = step_lr
-                if step % dead_refresh == 0:
-                    dead_idx = state.dead.nonzero().squeeze(1)
-                row = state.step(batch, dead_idx=dead_idx)
-                opt.zero_grad(set_to_none=True)
-            log_rows[len(pending)].copy_(row)
-            pending.append((step, step_lr))
-            if len(pending) == LOG_EVERY or step == steps - 1:
-                flush()
-            bar.update(1)
+        with _tf32_matmuls(device, cfg.tf32):
+            for step in range(steps):
+                batch = next(batches, None)
+                if batch is None:
+                    raise ValueError(f"activation shards ran out after {step * cfg.batch_tokens} tokens; "
+                                     f"sae.train asked for {total}")
+                step_lr = lr * lr_factor(step, steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
+                if isinstance(lr_now, Tensor):
+                    lr_now.fill_(step_lr)
+                else:
+                    for group in opt.param_groups:
+                        group["lr"] = step_lr
+                if graphed is not None:
+                    row = graphed(batch, any_dead)
+                else:
+                    if step % dead_refresh == 0:
+                        dead_idx = state.dead.nonzero().squeeze(1)
+                    row = state.step(batch, dead_idx=dead_idx)
+                    opt.zero_grad(set_to_none=True)
+                log_rows[len(pending)].copy_(row)
+                pending.append((step, step_lr))
+                if len(pending) == LOG_EVERY or step == steps - 1:
+                    flush()
+                bar.update(1)
     finally:
         flush()
         bar.close()
