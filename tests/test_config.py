@@ -50,6 +50,7 @@ def test_empty_config_gets_complete_defaults(monkeypatch):
     ({"steer": {"positions": "first"}}, "steer.positions: 'first' is not one of ['all', 'prompt', 'response', 'last']"),
     ({"steer": {"screen": {"subtract_alpha": 0}}},
      "steer.screen.subtract_alpha: 0 is less than or equal to the minimum of 0"),
+    ({"sae": {"train": {"tf32": "no"}}}, "sae.train.tf32 must be of type bool"),
 ])
 def test_bad_values_name_the_key(monkeypatch, patch, expected):
     monkeypatch.chdir(ROOT)

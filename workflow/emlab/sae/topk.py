@@ -114,7 +114,8 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """
     n, m = pre.shape
     group = _group_size(m, k)
-    if group is None or m < GROUPED_MIN_LATENTS.get(pre.device.type, m + 1):
+    min_latents = GROUPED_MIN_LATENTS.get(pre.device.type)
+    if group is None or min_latents is None or m < min_latents:
         return _topk(pre, k)
     n_groups = m // group
     pre = pre.contiguous()

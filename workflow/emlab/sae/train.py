@@ -324,6 +324,7 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
         per_sample_weights=dec_weights.index_select(0, order))
     enc_bags = dict(offsets=offsets, mode="sum", per_sample_weights=enc_weights.index_select(0, order))
     if x.device.type == "cpu":
+        # (index_add_ sums in order on a CPU; kept there so that CPU fits stay bit for bit what they were)
         grad_W_enc_rows = torch.nn.functional.embedding_bag(enc_rows.index_select(0, order), x - b_dec, **enc_bags)
         grad_b_enc = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, keys, enc_weights)
     else:
