@@ -54,6 +54,9 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert (sae.d_in, sae.d_sae, sae.k) == (32, 64, 4)
     metrics = json.loads((r / "sae/metrics.json").read_text())
     assert {"fvu", "l0", "dead_frac", "ce_recovered"} <= set(metrics) and metrics["l0"] == pytest.approx(4, abs=0.01)
+    curve = pd.read_csv(r / "sae/train_log.csv")    # the fit's training curve, one row per step
+    assert list(curve["step"]) == list(range(len(curve))) and len(curve) >= 2
+    assert curve["fvu"].iloc[-1] < curve["fvu"].iloc[0] and (curve["l0"] <= 4).all()
     ranking = pd.read_csv(r / "diffing/ranking.csv")
     # the default groups: "obvious" matches no fine-tune of this run and is skipped
     assert set(ranking["group"]) == {"subtle"} and len(ranking) == 2 * 64

@@ -86,7 +86,8 @@ def cache_model(base: str, adapter: str | None, model_name: str, samples: str, d
 def fit_sae(cfg: Mapping[str, Any], train_cache: str, heldout_cache: str, heldout_texts: str, base: str,
             out: str, *, heldout_skip: int = 0, progress: bool = True) -> dict[str, Any]:
     """Fit the TopK SAE on the corpus cache (or load ``sae.pretrained``), save it in SAELens format and
-    measure it on held-out texts: FVU, L0, dead fraction and CE loss recovered."""
+    measure it on held-out texts: FVU, L0, dead fraction and CE loss recovered. A fitted SAE's training
+    curve (one row per step: :data:`emlab.sae.train.LOG_COLUMNS`) goes to ``train_log.csv`` beside it."""
     from ..activations import iter_activations, load_activations
     from ..arch import residual_module
     from ..models import load_model, pick_device
@@ -101,7 +102,7 @@ def fit_sae(cfg: Mapping[str, Any], train_cache: str, heldout_cache: str, heldou
     else:
         tcfg = SAETrainConfig.from_dict({"seed": cfg["seed"], "device": cfg["device"], **s["train"]}, where="sae.train")
         acts, _ = load_activations(train_cache, layer)
-        sae = train_sae(acts, tcfg, progress=progress)
+        sae = train_sae(acts, tcfg, progress=progress, log_path=Path(out) / "train_log.csv")
         source = {"fitted_on": str(train_cache), "n_tokens": len(acts), "train": s["train"]}
     sae.meta.update({"model_name": str(base), "hook_name": f"layer_{layer}", "hook_layer": layer})
     if sae.d_in != acts_dim(heldout_cache):
