@@ -302,7 +302,7 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     g_act.mul_(main_coef)
     resid.mul_(main_coef)                          # now dL/dx_hat
     if kx:
-        aflat = adiff.reshape(-1)
+        aflat = adiff.view(-1)
         aux_loss = aux_scale * torch.dot(aflat, aflat) / total_var
         aux_coef = auxk_coef * aux_scale * 2.0 / total_var
         g_aact.mul_(aux_coef)
@@ -549,16 +549,13 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
 
     lr = cfg.lr_for(n_latents)
     k_aux = cfg.k_aux_for(d_in)
-    graphs = cfg.cuda_graphs and device.type == "cuda"
-    if device.type == "cuda":
-        # A replayed graph reads the lr and Adam's step count from device tensors (capturable); eager GPU
-        # steps use the same fused, capturable update, so that both do the same arithmetic.
-        lr_now: float | Tensor = torch.tensor(lr, device=device)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr_now, fused=True, capturable=True)
-    else:
-        lr_now = lr
-        # (the fused update is one pass over each parameter: a step's Adam in 0.4 ms instead of 1 ms at 512 latents)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+    on_gpu = device.type == "cuda"
+    graphs = cfg.cuda_graphs and on_gpu
+    # Adam fused on every device: one pass over each parameter (on CPU 0.4 ms a step instead of 1 ms at 512
+    # latents). On a GPU a replayed graph reads the lr and Adam's step count from device tensors (capturable);
+    # eager GPU steps take the same update, so that both do the same arithmetic.
+    lr_now: float | Tensor = torch.tensor(lr, device=device) if on_gpu else lr
+    opt = torch.optim.Adam(sae.parameters(), lr=lr_now, fused=True, capturable=on_gpu)
     state = _TrainState(sae, opt, k_aux=k_aux, auxk_coef=cfg.auxk_coef, threshold=cfg.dead_tokens_threshold,
                         scale=scale, normalize_grad=cfg.normalize_grad)
     graphed = _GraphedSteps(state.step, device) if graphs else None
