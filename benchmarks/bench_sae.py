@@ -15,9 +15,11 @@ each round), and each one's best round counts, so that a busy machine penalises 
     python benchmarks/bench_sae.py --device cuda --only emlab,emlab-ungrouped,emlab-eager,sparsify
 
 Variants of emlab measure its design choices: "emlab-ungrouped" selects the top k with a plain top-k
-instead of the grouped search; "emlab-eager" launches a GPU step's kernels one by one instead of
-replaying a CUDA graph of the step; "emlab-fp32" runs a GPU step's matmuls in full fp32 instead of
-TF32; "emlab-rawgrad" takes Adam steps on the raw gradient instead of the gradient divided by its norm.
+instead of the grouped search; "emlab-torch" runs a CPU step as torch ops only, without the compiled
+kernels (emlab/sae/cpu_kernels.py) that handle each token's k active latents in one pass;
+"emlab-eager" launches a GPU step's kernels one by one instead of replaying a CUDA graph of the step;
+"emlab-fp32" runs a GPU step's matmuls in full fp32 instead of TF32; "emlab-rawgrad" takes Adam steps
+on the raw gradient instead of the gradient divided by its norm.
 
 The competitors are benchmark-only dependencies (pip install eai-sparsify sae-lens); one that
 is not installed is skipped with a note.
@@ -120,6 +122,18 @@ def run_emlab_ungrouped(train, args, lr, steps):
         topk.GROUPED_MIN_LATENTS.update(saved)
 
 
+def run_emlab_torch(train, args, lr, steps):
+    """emlab without its compiled CPU kernels: every op of a CPU step a torch op."""
+    from emlab.sae import cpu_kernels
+
+    saved = cpu_kernels.MAX_THREADS
+    cpu_kernels.MAX_THREADS = 0
+    try:
+        return run_emlab(train, args, lr, steps)
+    finally:
+        cpu_kernels.MAX_THREADS = saved
+
+
 def run_emlab_eager(train, args, lr, steps):
     """emlab with eager steps on a GPU (the default replays CUDA graphs of the step there)."""
     return run_emlab(train, args, lr, steps, cuda_graphs=False)
@@ -196,7 +210,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-RUNNERS = {"emlab": run_emlab, "emlab-ungrouped": run_emlab_ungrouped, "emlab-eager": run_emlab_eager,
+RUNNERS = {"emlab": run_emlab, "emlab-ungrouped": run_emlab_ungrouped, "emlab-torch": run_emlab_torch,
+           "emlab-eager": run_emlab_eager,
            "emlab-fp32": run_emlab_fp32,
            "emlab-rawgrad": run_emlab_rawgrad,
            "sparsify": run_sparsify,

@@ -46,19 +46,28 @@ def synthetic_activations(n, d, n_features, active_per_token, seed):
 
 # --- model --------------------------------------------------------------------------------
 
+def use_kernels(monkeypatch, on: bool) -> None:
+    """Switch the compiled CPU kernels on (this module runs one torch thread) or off."""
+    from emlab.sae import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "MAX_THREADS", torch.get_num_threads() if on else 0)
+
+
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "ungrouped"])
-@pytest.mark.parametrize("numpy", [True, False], ids=["numpy", "torch"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("m,k", [(1024, 16), (4096, 32), (256, 16), (100, 5)])
-def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, numpy, monkeypatch):
-    from emlab.sae import topk
+def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, compiled, monkeypatch):
+    from emlab.sae import cpu_kernels, topk
 
     monkeypatch.setattr(topk, "GROUPED_MIN_LATENTS", {device: 0} if grouped else {})
-    if device == "cuda" and numpy:
-        pytest.skip("the numpy selection is a CPU path")
-    # (the module runs one torch thread, so the CPU selections use numpy unless switched off here)
-    monkeypatch.setattr(topk, "NUMPY_MAX_THREADS", torch.get_num_threads() if numpy else 0)
+    if device == "cuda" and compiled:
+        pytest.skip("the compiled selection is a CPU path")
+    use_kernels(monkeypatch, compiled)
+    calls, kernel = [], cpu_kernels._topk_rows
+    monkeypatch.setattr(cpu_kernels, "_topk_rows", lambda *a: calls.append(1) or kernel(*a))
     pre = torch.randn(64, m, generator=torch.Generator().manual_seed(m)).to(device)
     vals, idx = select_topk(pre, k)
+    assert len(calls) == (1 if compiled and device == "cpu" else 0)
     assert vals.device.type == idx.device.type == device
     ref = pre.topk(k, dim=1).values
     assert torch.equal(vals.sort(dim=1, descending=True).values, ref)
@@ -69,6 +78,7 @@ def test_select_topk_returns_exactly_the_top_k_values(m, k, device, grouped, num
 def test_grouped_search_starts_at_the_devices_threshold(monkeypatch):
     from emlab.sae import topk
 
+    use_kernels(monkeypatch, False)
     widths, plain = [], topk._topk
     monkeypatch.setattr(topk, "_topk", lambda a, k: widths.append(a.shape[1]) or plain(a, k))
     monkeypatch.setattr(topk, "GROUPED_MIN_LATENTS", {"cpu": 2048})
@@ -78,7 +88,9 @@ def test_grouped_search_starts_at_the_devices_threshold(monkeypatch):
     assert widths == [1024, 256, 128]
 
 
-def test_select_topk_with_ties_nan_and_gradients():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_select_topk_with_ties_nan_infinities_and_gradients(compiled, monkeypatch):
+    use_kernels(monkeypatch, compiled)
     pre = torch.randint(0, 5, (32, 2048), generator=torch.Generator().manual_seed(1)).float()
     pre[3, 17] = torch.nan                    # NaN ranks above every number, as in torch.topk
     pre.requires_grad_(True)
@@ -87,11 +99,45 @@ def test_select_topk_with_ties_nan_and_gradients():
     assert torch.equal(pre.grad, torch.zeros_like(pre).scatter_(1, idx, 1.0))
     assert 17 in idx[3].tolist()
     pre = pre.detach()
-    pre[3, 17] = 5.0
+    vals, idx = select_topk(pre, 40)          # (the compiled search hands a row with a NaN to torch)
+    assert 17 in idx[3].tolist()
+    pre[3, 17] = torch.inf
+    pre[5] = -torch.inf                       # fewer than k entries above -inf: torch's choice again
+    pre[5, :7] = 1.0
+    pre[6, 100] = -torch.inf
     vals, idx = select_topk(pre, 40)
     assert torch.equal(vals.sort(dim=1).values, pre.topk(40, dim=1).values.sort(dim=1).values)
     assert torch.equal(pre.gather(1, idx), vals)
     assert all(len(set(row.tolist())) == 40 for row in idx)
+    assert 17 in idx[3].tolist() and set(range(7)) <= set(idx[5].tolist())
+
+
+def test_compiled_step_kernel_adds_the_bias_and_hands_nan_rows_back(monkeypatch):
+    from emlab.sae import cpu_kernels
+
+    use_kernels(monkeypatch, True)
+    sae = random_sae(d_in=16, d_sae=256, k=8)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 16, generator=g)
+    bias = torch.randn(256, generator=g)
+    mm = x @ sae.W_enc.data
+    out = dict(idx=torch.empty(12, 8, dtype=torch.long), act=torch.empty(12, 8), g_act=torch.empty(12, 8),
+               resid=torch.empty(12, 16))
+    pre = mm.clone()
+    assert cpu_kernels.encode_decode(pre, bias, x, sae.W_dec.data, sae.b_dec.data, 8, **out) is True
+    torch.testing.assert_close(pre, mm + bias, rtol=0, atol=0)
+    v, i = (mm + bias).topk(8)
+    assert torch.equal(out["idx"], i) and torch.equal(out["act"], v.clamp_min(0))
+    x_hat = torch.zeros_like(pre).scatter(1, i, v.clamp_min(0)) @ sae.W_dec + sae.b_dec
+    torch.testing.assert_close(out["resid"], x_hat - x)
+    torch.testing.assert_close(out["g_act"], ((x_hat - x) @ sae.W_dec.T).gather(1, i) * (v > 0))
+    pre = mm.clone()
+    pre[4, 100] = torch.nan                   # refused from row 4 on, every row's bias added all the same
+    assert cpu_kernels.encode_decode(pre, bias, x, sae.W_dec.data, sae.b_dec.data, 8, **out) is False
+    expected = mm + bias
+    expected[4, 100] = torch.nan
+    torch.testing.assert_close(pre, expected, rtol=0, atol=0, equal_nan=True)
+    assert cpu_kernels.encode_decode(pre.double(), bias, x, sae.W_dec.data, sae.b_dec.data, 8, **out) is None
 
 
 def test_encode_decode_dense_and_sparse_agree():
@@ -131,9 +177,17 @@ def test_geometric_median_satisfies_the_optimality_condition():
     assert y.norm() < 2.0                       # the outlying cluster barely moves it (the mean moves ~22)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("static_aux", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("dead_every", [3, 25, None], ids=["many-dead", "few-dead", "none-dead"])
-def test_compute_grads_matches_autograd(dead_every, static_aux, device):
+def test_compute_grads_matches_autograd(dead_every, static_aux, compiled, device, monkeypatch):
+    from emlab.sae import cpu_kernels
+
+    if compiled and (device == "cuda" or static_aux):
+        pytest.skip("the compiled kernels serve eager CPU steps")
+    use_kernels(monkeypatch, compiled)
+    calls, kernel = [], cpu_kernels._encode_decode
+    monkeypatch.setattr(cpu_kernels, "_encode_decode", lambda *a: calls.append(1) or kernel(*a))
     n, k, k_aux, coef = 64, 4, 8, 1 / 32
     sae = random_sae().to(device)
     x = (2 * torch.randn(n, 16, generator=torch.Generator().manual_seed(3)) + 1).to(device)
@@ -166,6 +220,7 @@ def test_compute_grads_matches_autograd(dead_every, static_aux, device):
             # (GPU reductions run in another order: 1e-4 there, as checked on an H200)
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-5 if device == "cpu" else 1e-4, atol=1e-6,
                                        msg=name)
+    assert bool(calls) == compiled
     assert stats.l0.item() == pytest.approx((v > 0).float().sum(1).mean().item())
     assert torch.equal(stats.fired, torch.zeros(64, dtype=torch.bool, device=device).index_fill_(0, i[v > 0], True))
 

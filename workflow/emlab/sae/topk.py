@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+
+from . import cpu_kernels
 
 
 class TopKSAE(nn.Module):
@@ -97,11 +98,6 @@ class TopKSAE(nn.Module):
 # top-k pays for long rows, which the grouped search shortens eightfold.
 GROUPED_MIN_LATENTS: dict[str, int] = {"cpu": 0, "cuda": 8192}
 
-# On CPU, with at most this many torch threads, the row-wise selections use numpy's argpartition (a
-# quickselect), 3x faster than torch.topk on rows of 64 candidates, which pays a large fixed cost per row.
-# numpy runs on one thread, so with more threads torch's parallel top-k is left to win.
-NUMPY_MAX_THREADS = 2
-
 
 def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of ``pre [n, m]``: (values, indices), unsorted.
@@ -111,7 +107,12 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     groups whose maxima are largest (the k group maxima are k entries >= the smallest of them),
     so we take a cheap vectorised max over groups, pick the k best groups, and run the top-k on
     those k * group_size candidates only. Values are gathered from ``pre`` (autograd sees a gather).
+    On CPU (float32, few threads, no autograd) a compiled kernel runs the same search row by row.
     """
+    if not pre.requires_grad:
+        found = cpu_kernels.topk(pre, k)
+        if found is not None:
+            return found
     n, m = pre.shape
     group = _group_size(m, k)
     min_latents = GROUPED_MIN_LATENTS.get(pre.device.type)
@@ -131,11 +132,6 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _topk(a: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of a 2-D tensor and their column indices, in no particular order."""
-    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and \
-            torch.get_num_threads() <= NUMPY_MAX_THREADS:
-        # (NaN counts as the largest value here, as in torch.topk)
-        idx = torch.from_numpy(np.ascontiguousarray(np.argpartition(a.detach().numpy(), -k, axis=1)[:, -k:]))
-        return a.gather(1, idx), idx
     return a.topk(k, dim=1, sorted=False)
 
 

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_kernels
 from .topk import TopKSAE, select_topk
 
 LR_REFERENCE_LATENTS = 2 ** 14  # the base lr is the one for 2^14 latents (sparsify's convention)
@@ -243,6 +244,7 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
         kx = min(k_aux, n_dead)
         aux_scale = min(n_dead / k_aux, 1.0)
 
+    kernels = not static_aux and cpu_kernels.usable(x, W_dec)
     idx = torch.empty(n, k, dtype=torch.long, device=x.device)
     act, g_act = x.new_empty(n, k), x.new_empty(n, k)
     # x_hat - x, and below it AuxK's e_hat - e: the two tables the decoder's gradient sums rows of
@@ -257,16 +259,26 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     for s in range(0, n, rows):
         e = min(n, s + rows)
         xc = x[s:e]
-        pre = torch.addmm(enc_bias, xc, W_enc)
-        vals, ic = select_topk(pre, k)
-        ac = vals.clamp_min(0)
-        # embedding_bag sums the k weighted decoder rows per token in one pass (a batched [1, k] x [k, d]
-        # matmul is 3x slower on CPU); the gathered rows are still needed for the latents' gradients
-        rc = torch.nn.functional.embedding_bag(ic, W_dec, per_sample_weights=ac, mode="sum").add_(b_dec).sub_(xc)
-        w_rows = W_dec.index_select(0, ic.view(-1)).view(e - s, k, d)
-        # d|r|^2/d a_j = 2 <r, W_dec[j]> through the ReLU (the factor 2/var is applied below).
-        g_act[s:e] = torch.bmm(w_rows, rc.unsqueeze(2)).squeeze(2).mul_(vals > 0)
-        idx[s:e], act[s:e], resid[s:e] = ic, ac, rc
+        # d|r|^2/d a_j = 2 <r, W_dec[j]> through the ReLU (the factor 2/var is applied below); on CPU one
+        # compiled pass per token adds the bias and does the top-k, x_hat and these
+        done = None
+        if kernels:
+            pre = torch.mm(xc, W_enc)
+            done = cpu_kernels.encode_decode(pre, enc_bias, xc, W_dec, b_dec, k, idx[s:e], act[s:e],
+                                             g_act[s:e], resid[s:e])
+            if done is None:
+                pre += enc_bias
+        else:
+            pre = torch.addmm(enc_bias, xc, W_enc)
+        if not done:
+            vals, ic = select_topk(pre, k)
+            ac = vals.clamp_min(0)
+            # embedding_bag sums the k weighted decoder rows per token in one pass (a batched [1, k] x [k, d]
+            # matmul is 3x slower); the gathered rows are still needed for the latents' gradients
+            rc = torch.nn.functional.embedding_bag(ic, W_dec, per_sample_weights=ac, mode="sum").add_(b_dec).sub_(xc)
+            w_rows = W_dec.index_select(0, ic.view(-1)).view(e - s, k, d)
+            g_act[s:e] = torch.bmm(w_rows, rc.unsqueeze(2)).squeeze(2).mul_(vals > 0)
+            idx[s:e], act[s:e], resid[s:e] = ic, ac, rc
         if kx:
             if static_aux:
                 aux_pre[s:e], aux_cols[s:e] = select_topk(pre.masked_fill(live, -math.inf), kx)
@@ -307,33 +319,20 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
         aux_coef = auxk_coef * aux_scale * 2.0 / total_var
         g_aact.mul_(aux_coef)
         adiff.mul_(aux_coef)                       # now dL/de_hat
-        keys = torch.cat([idx.view(-1), aidx.view(-1)])
-        enc_rows = torch.cat([_row_ids(n, k, x.device), _row_ids(n, kx, x.device)])
-        dec_rows = torch.cat([_row_ids(n, k, x.device), n + _row_ids(n, kx, x.device)])
-        dec_weights = torch.cat([act.view(-1), aact.view(-1)])
-        enc_weights = torch.cat([g_act.view(-1), g_aact.view(-1)])
     else:
         aux_loss = x.new_zeros(())
-        keys = idx.view(-1)
-        enc_rows = dec_rows = _row_ids(n, k, x.device)
-        dec_weights, enc_weights = act.view(-1), g_act.view(-1)
 
-    # Each latent's weight gradients are sums over the (token, slot) entries that selected it:
-    # sort the entries by latent once, then one embedding_bag per matrix sums the rows per latent.
-    order = _group_by_latent(keys, m)
-    # (bincount would read max(keys) back to the host on a GPU; a scatter-add does not)
-    counts = torch.zeros(m, dtype=torch.long, device=x.device).index_add_(0, keys, torch.ones_like(keys))
-    offsets = torch.cumsum(counts, 0) - counts
-    grad_W_dec = torch.nn.functional.embedding_bag(
-        dec_rows.index_select(0, order), dec_table, offsets, mode="sum",
-        per_sample_weights=dec_weights.index_select(0, order))
-    enc_bags = dict(offsets=offsets, mode="sum", per_sample_weights=enc_weights.index_select(0, order))
-    # grad_b_enc is the same bag sums over a column of ones beside the inputs: a fixed summing order on every
-    # device (on a GPU, index_add_ sums floats with atomics in an order that changes from run to run, and a
-    # top-k SAE amplifies such last-bit differences into different latents: fits would not be reproducible).
-    table = torch.cat([x - b_dec, x.new_ones(n, 1)], dim=1)
-    both = torch.nn.functional.embedding_bag(enc_rows.index_select(0, order), table, **enc_bags)
-    grad_W_enc_rows, grad_b_enc = both[:, :d], both[:, d].contiguous()
+    if kernels:
+        # Each latent's weight gradients are sums over the (token, slot) entries that selected it, added
+        # up token by token: main term first, then AuxK (b_dec is subtracted before the encoder).
+        grad_W_dec, grad_W_enc_rows, grad_b_enc = x.new_zeros(m, d), x.new_zeros(m, d), x.new_zeros(m)
+        x_in = x - b_dec
+        for entries in [(idx, act, resid, g_act)] + ([(aidx, aact, adiff, g_aact)] if kx else []):
+            if not cpu_kernels.scatter_grads(*entries, x_in, grad_W_dec, grad_W_enc_rows, grad_b_enc):
+                raise RuntimeError("compute_grads: the CPU gradient kernel refused its inputs")
+    else:
+        grad_W_dec, grad_W_enc_rows, grad_b_enc = _bag_grads(
+            x, b_dec, dec_table, m, idx, act, g_act, (aidx, aact, g_aact) if kx else None)
     # b_dec is added by the decoder and subtracted before the encoder.
     grad_b_dec = resid.sum(0) - W_enc @ grad_b_enc
 
@@ -348,6 +347,44 @@ def compute_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None, *, k
     fired = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, idx.view(-1), active.view(-1).to(x.dtype)) > 0
     return StepStats(loss=fvu + auxk_coef * aux_loss, fvu=fvu, aux_loss=aux_loss,
                      l0=active.sum() / n, fired=fired)
+
+
+def _bag_grads(x: Tensor, b_dec: Tensor, dec_table: Tensor, n_latents: int, idx: Tensor, act: Tensor,
+               g_act: Tensor, aux: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_W_dec, grad_W_enc as [d_sae, d_in] rows, grad_b_enc) from the active entries, with torch ops.
+
+    ``dec_table`` holds dL/dx_hat in its first n rows and, with ``aux`` = (AuxK indices, activations,
+    dL/d activations), dL/de_hat in the next n."""
+    n, k = idx.shape
+    m = n_latents
+    if aux is not None:
+        aidx, aact, g_aact = aux
+        kx = aidx.shape[1]
+        keys = torch.cat([idx.view(-1), aidx.view(-1)])
+        enc_rows = torch.cat([_row_ids(n, k, x.device), _row_ids(n, kx, x.device)])
+        dec_rows = torch.cat([_row_ids(n, k, x.device), n + _row_ids(n, kx, x.device)])
+        dec_weights = torch.cat([act.view(-1), aact.view(-1)])
+        enc_weights = torch.cat([g_act.view(-1), g_aact.view(-1)])
+    else:
+        keys = idx.view(-1)
+        enc_rows = dec_rows = _row_ids(n, k, x.device)
+        dec_weights, enc_weights = act.view(-1), g_act.view(-1)
+
+    # Sort the entries by latent once, then one embedding_bag per matrix sums the rows per latent.
+    order = _group_by_latent(keys, m)
+    # (bincount would read max(keys) back to the host on a GPU; a scatter-add does not)
+    counts = torch.zeros(m, dtype=torch.long, device=x.device).index_add_(0, keys, torch.ones_like(keys))
+    offsets = torch.cumsum(counts, 0) - counts
+    grad_W_dec = torch.nn.functional.embedding_bag(
+        dec_rows.index_select(0, order), dec_table, offsets, mode="sum",
+        per_sample_weights=dec_weights.index_select(0, order))
+    enc_bags = dict(offsets=offsets, mode="sum", per_sample_weights=enc_weights.index_select(0, order))
+    # grad_b_enc is the same bag sums over a column of ones beside the inputs: a fixed summing order on every
+    # device (on a GPU, index_add_ sums floats with atomics in an order that changes from run to run, and a
+    # top-k SAE amplifies such last-bit differences into different latents: fits would not be reproducible).
+    table = torch.cat([x - b_dec, x.new_ones(n, 1)], dim=1)
+    both = torch.nn.functional.embedding_bag(enc_rows.index_select(0, order), table, **enc_bags)
+    return grad_W_dec, both[:, :x.shape[1]], both[:, x.shape[1]].contiguous()
 
 
 def _group_by_latent(keys: Tensor, m: int) -> Tensor:
