@@ -12,7 +12,8 @@ thread: the same sums in the same order every run).
 The kernels work on numpy views of contiguous float32 tensors and run on one thread; the wrappers
 return None (the caller keeps its torch path) where a kernel does not apply: another dtype or device,
 more torch threads than :data:`MAX_THREADS`, a row with a NaN. Compiled code is cached next to
-this file (numba's ``cache=True``), so only the first process on a machine pays the compile (a few s).
+this file (numba's ``cache=True``), so only the first process on a machine pays the compile (about 10 s
+on a 2-core VM).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _jit = (lambda **kw: numba.njit(cache=True, nogil=True, boundscheck=False,
 
 
 def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these tensors (numba present, few torch threads, contiguous CPU float32)."""
     return numba is not None and torch.get_num_threads() <= MAX_THREADS and all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad
         for t in tensors)
