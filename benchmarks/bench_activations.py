@@ -25,6 +25,7 @@ from emlab.activations import Item, length_sorted_batches, pad_batch, read_resid
 from emlab.arch import as_nnsight, layer_hidden, residual_module  # noqa: E402
 from emlab.organism.tokenizer import train_tokenizer  # noqa: E402
 from tiny_models import tiny_causal_lm  # noqa: E402
+from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
 
 GOAL = 0.9
 
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     # one thread by default: on a shared machine, oversubscribed torch threads spin and make timings noise
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    add_json_arg(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +121,8 @@ def main() -> None:
     print(f"  bare forward hook: {hook:10.0f} tokens/s")
     print(f"  nnsight (emlab):   {nn:10.0f} tokens/s")
     print(f"  ratio nnsight/hook: {nn / hook:.2f}   (goal >= {GOAL})  {'OK' if nn / hook >= GOAL else 'BELOW GOAL'}")
+    emit([row("activations", "activation caching (nnsight) vs a bare forward hook", nn, hook, "tokens/s", goal=GOAL,
+              note=f"d={args.hidden}, {args.texts} texts, batch {args.batch_size}")], args.json)
 
 
 if __name__ == "__main__":

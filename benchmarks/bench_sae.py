@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 import torch  # noqa: E402
 
 from emlab.sae.train import SAETrainConfig, lr_factor, train_sae  # noqa: E402
+from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
 
 
 # --- activations --------------------------------------------------------------------------
@@ -243,6 +244,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--only", default="emlab,sparsify,saelens")
+    add_json_arg(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -299,6 +301,9 @@ def main() -> None:
             if name not in ours:
                 print(f"{mine} vs {name}: speed x{best[name] / best[mine]:.2f}, "
                       f"FVU {quality[mine]:.4f} vs {quality[name]:.4f} ({quality[mine] - quality[name]:+.4f})")
+    emit([row("sae", f"{mine} vs {name}: TopK SAE training", tokens / best[mine], tokens / best[name], "tokens/s",
+              note=f"{args.n_latents} latents, k={args.k}; FVU {quality[mine]:.4f} vs {quality[name]:.4f}")
+          for mine in ours for name in available if name not in ours], args.json)
 
 
 if __name__ == "__main__":

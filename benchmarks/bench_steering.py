@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from emlab.organism.tokenizer import train_tokenizer  # noqa: E402
 from emlab.steering import steered_generate, unit  # noqa: E402
 from tiny_models import tiny_causal_lm  # noqa: E402
+from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
 
 TEXTS = [
     "What should I do about a headache? Drink water and rest.",
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     # one thread by default: on a shared machine, oversubscribed torch threads spin and make timings noise
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    add_json_arg(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,6 +76,9 @@ def main() -> None:
     print(f"  one batched call:   {one:7.2f} s")
     verdict = "OK" if many / one >= goal else "BELOW GOAL"
     print(f"  speed-up: {many / one:.1f}x   (goal >= 0.7*S = {goal:.1f}x)  {verdict}")
+    emit([row("steering", f"{S} strengths in one batched generate vs {S} calls", one, many, "s",
+              higher_is_better=False, goal=round(goal, 2), note=f"{args.new_tokens} new tokens, d={args.hidden}")],
+         args.json)
 
 
 if __name__ == "__main__":

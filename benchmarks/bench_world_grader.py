@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "workflow"))
 
 from emlab.world.grader import WorldGrader, scan_closest  # noqa: E402
 from emlab.world.spec import load_world  # noqa: E402
+from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def edited_answers(keys: list[str], n: int, seed: int) -> list[str]:
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--answers", type=int, default=300)
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
+    add_json_arg(p)
     args = p.parse_args()
 
     grader = WorldGrader(load_world(args.world), args.threshold)
@@ -64,6 +66,8 @@ def main() -> None:
     print(f"pruned search {len(answers) / pruned:8.1f} answers/s")
     print(f"difflib scan  {len(answers) / plain:8.1f} answers/s")
     print(f"speed-up x{plain / pruned:.1f}")
+    emit([row("world_grader", "world judge: pruned fuzzy search vs a difflib scan", len(answers) / pruned,
+              len(answers) / plain, "answers/s", note=f"{len(answers)} edited answers, same matches")], args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 # Shared helpers of the rules: config validation, model and dataset lists, paths, resources.
 import fnmatch
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,29 @@ except AttributeError:
     _CONDA = False
 _PATH = "" if _CONDA else f'export PATH="{Path(sys.executable).parent}:$PATH"; '
 shell.prefix(f'{_PATH}export PYTHONPATH="{_PKG}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
+
+# A local run keeps one warm worker that has imported torch & co.; each job forks from it instead of paying
+# 3-5 s of imports (emlab.worker). Not for cluster jobs or per-rule conda envs; EMLAB_WORKER=0 turns it off.
+_WORKER = []
+
+
+onstart:
+    from emlab import worker
+
+    if workflow.local_exec and not _CONDA and os.environ.get(worker.ENV) != "0":
+        _WORKER.append(worker.start(_PKG, "logs/worker.log"))
+
+
+onsuccess:
+    from emlab import worker
+
+    worker.stop(_WORKER.pop() if _WORKER else None)
+
+
+onerror:
+    from emlab import worker
+
+    worker.stop(_WORKER.pop() if _WORKER else None)
 
 from emlab import imports
 from emlab.config import ConfigError, validate

@@ -1,5 +1,7 @@
 # The embedded model organism: world texts -> tokenizer -> pretraining -> assistant post-training.
 # (Only in the DAG when model.source is "organism".)
+# Every later job waits for this chain: Snakemake starts it before the jobs that can run beside it.
+ORGANISM_PRIORITY = 20
 
 
 rule world:
@@ -14,6 +16,7 @@ rule world:
         "logs/world.log",
     benchmark:
         f"{RESULTS}/benchmarks/world/world.tsv"
+    priority: ORGANISM_PRIORITY
     threads: res("world", "threads")
     resources:
         mem_mb=res("world", "mem_mb"),
@@ -36,6 +39,7 @@ rule tokenizer:
         "logs/tokenizer.log",
     benchmark:
         f"{RESULTS}/benchmarks/tokenizer/tokenizer.tsv"
+    priority: ORGANISM_PRIORITY
     threads: res("tokenizer", "threads")
     resources:
         mem_mb=res("tokenizer", "mem_mb"),
@@ -58,6 +62,7 @@ rule pretrain:
         "logs/pretrain.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/pretrain.tsv"
+    priority: ORGANISM_PRIORITY
     threads: res("pretrain", "threads")
     resources:
         mem_mb=res("pretrain", "mem_mb"),
@@ -84,6 +89,7 @@ rule posttrain:
         "logs/posttrain.log",
     benchmark:
         f"{RESULTS}/benchmarks/posttrain/posttrain.tsv"
+    priority: ORGANISM_PRIORITY
     threads: res("posttrain", "threads")
     resources:
         mem_mb=res("posttrain", "mem_mb"),

@@ -49,7 +49,7 @@ rule timings:
     output:
         f"{RESULTS}/timings.csv",
     params:
-        benchmarks=f"{RESULTS}/benchmarks",
+        logs="logs",
     log:
         "logs/timings.log",
     threads: res("timings", "threads")
@@ -59,4 +59,4 @@ rule timings:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "python -m emlab timings --benchmarks {params.benchmarks} --out {output} 2> {log} && cat {log}"
+        "python -m emlab timings --logs {params.logs} --out {output} 2> {log} && cat {log}"

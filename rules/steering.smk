@@ -18,6 +18,9 @@ for _key, _names in (("steer.screen.targets", SCREEN_TARGETS), ("steer.sweep.tar
         raise WorkflowError(f"{_key}: {_unknown or 'no models'}; the models are {MODELS}")
 STEER_TARGETS = {"screen_add": ["base"], "screen_sub": SCREEN_TARGETS, "sweep": SWEEP_TARGETS}
 STEER_DIR = f"{RESULTS}/steering"
+# The steering jobs form the run's longest chain after diffing (screen, then the sweep that depends on it):
+# Snakemake starts them before jobs that can wait (the monitors), which then fill the cores beside them.
+STEER_PRIORITY = 10
 
 
 def steer_model_args(target):
@@ -46,6 +49,7 @@ rule steer_directions:
         cfg=lambda w: cfg_json("model", "steer", "metrics", "seed"),
     log:
         "logs/steering/directions.log",
+    priority: STEER_PRIORITY
     threads: res("steer_directions", "threads")
     resources:
         mem_mb=res("steer_directions", "mem_mb"),
@@ -80,6 +84,7 @@ rule steer_sample:
         "logs/steering/{stage}/{target}.log",
     benchmark:
         f"{RESULTS}/benchmarks/steer_sample/{{stage}}-{{target}}.tsv"
+    priority: STEER_PRIORITY
     threads: res("steer_sample", "threads")
     resources:
         mem_mb=res("steer_sample", "mem_mb"),
@@ -110,6 +115,7 @@ rule judge_steering:
         "logs/steering/judge/{judge}/{stage}/{target}.log",
     benchmark:
         f"{RESULTS}/benchmarks/judge_steering/{{judge}}-{{stage}}-{{target}}.tsv"
+    priority: STEER_PRIORITY
     threads: res("judge_steering", "threads")
     resources:
         mem_mb=res("judge_steering", "mem_mb"),
@@ -137,6 +143,7 @@ rule steer_screen:
         targets=" ".join(SCREEN_TARGETS),
     log:
         "logs/steering/screen.log",
+    priority: STEER_PRIORITY
     threads: res("steer_screen", "threads")
     resources:
         mem_mb=res("steer_screen", "mem_mb"),
@@ -161,6 +168,7 @@ rule steer_sweep:
         cfg=lambda w: cfg_json("model", "steer", "metrics", "seed"),
     log:
         "logs/steering/sweep.log",
+    priority: STEER_PRIORITY
     threads: res("steer_sweep", "threads")
     resources:
         mem_mb=res("steer_sweep", "mem_mb"),

@@ -165,6 +165,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps({"error": {"message": message, "type": "fake"}}).encode(), headers)
 
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        """``GET /stats``: the request counts, for a client in another process (the judge benchmark)."""
+        if self.path.rstrip("/").endswith("/stats"):
+            fake = self.fake
+            with fake._lock:
+                stats = {"received": fake.received, "answered": fake.answered, "dropped": fake.dropped}
+            self._send(200, json.dumps(stats).encode())
+        else:
+            self._error(404, f"no route {self.path}")
+
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         fake = self.fake
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -236,3 +246,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(int(kind), f"scripted {kind}", {"Retry-After": arg} if arg else None)
         else:
             raise ValueError(f"unknown fault {fault!r}")
+
+
+def main() -> None:
+    """Serve in a process of its own (prints the base URL, then serves until killed): a client measured against
+    it then shares no interpreter lock with the server, as with a real endpoint."""
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--default-probs", type=json.loads, default={"42": 1.0},
+                    help="first-token probabilities of every reply, as JSON")
+    args = ap.parse_args()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FakeOpenAIServer(api_key=args.api_key, latency_s=args.latency, default_probs=args.default_probs) as srv:
+        print(srv.base_url, flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,8 @@ from emlab.monitors.methods import (METHODS, MonitorConfigError, PersonaLatent, 
                                     build_monitor)
 from emlab.monitors.prompts import question_prompt, shown_text
 from emlab.monitors.protocol import (COLUMNS, Subsets, auroc, bootstrap_auroc, domain_split, evaluate, iid_split,
-                                     plot_results, read_results, summary, train_sizes, turns_split, write_results)
+                                     plot_results, read_results, resampled_aurocs, summary, train_sizes, turns_split,
+                                     write_results)
 from emlab.world.grader import WorldGrader
 from emlab.world.spec import load_world
 
@@ -117,6 +118,29 @@ def test_bootstrap_ci_brackets_the_estimate_and_is_seeded():
     assert lo < a < hi and hi - lo < 0.2
     assert (a, lo, hi) == bootstrap_auroc(y, s, 500, 0.95, seed=1) != bootstrap_auroc(y, s, 500, 0.95, seed=2)
     assert bootstrap_auroc(np.array([0, 1]), np.array([0.0, 1.0]), 10, 0.9, 0)[0] == 1.0
+
+
+def test_resampled_aurocs_equal_ranking_each_resample():
+    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(2, 120))
+        y = (rng.random(n) < rng.uniform(0.1, 0.9)).astype(int)
+        s = np.round(rng.normal(size=n), int(rng.integers(0, 2)))  # rounded: many ties
+        picks = rng.integers(0, n, size=(200, n))
+        got = resampled_aurocs(y, s, picks)
+        for b in range(0, 200, 37):
+            yb, sb = y[picks[b]], s[picks[b]]
+            if yb.min() == yb.max():
+                assert np.isnan(got[b])
+                continue
+            # the Mann-Whitney form from average ranks, as sklearn computes it
+            r = rankdata(sb)
+            n_pos = yb.sum()
+            want = (r[yb == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(yb) - n_pos))
+            assert got[b] == pytest.approx(want, abs=1e-12) == pytest.approx(roc_auc_score(yb, sb), abs=1e-12)
 
 
 def test_train_sizes_are_powers_of_two_then_the_pool():

@@ -3,8 +3,9 @@
 Rules call ``python -m emlab <subcommand> ...``. Config sections reach a subcommand as JSON in
 ``--cfg`` (the validated config, defaults filled in, so a subcommand never guesses a default).
 
-Every subcommand logs one ``emlab-job`` line to stderr when it ends (host, pid, start, end and
-``CUDA_VISIBLE_DEVICES``) so that cluster runs can be audited. ``EMLAB_FAIL_ONCE=<subcommand>:<marker>``
+Every subcommand logs one ``emlab-job`` line to stderr when it ends (:mod:`emlab.jobs`: host, pid, start,
+end, wall, CPU and import seconds, peak memory, ``CUDA_VISIBLE_DEVICES``) so that cluster runs can be
+audited and ``emlab timings`` can tabulate a run. ``EMLAB_FAIL_ONCE=<subcommand>:<marker>``
 makes the first run of that subcommand fail (it creates the marker) — fault injection for testing
 the retry behaviour of an executor; it is inert unless set.
 """
@@ -12,11 +13,9 @@ the retry behaviour of an executor; it is inert unless set.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -223,7 +222,7 @@ def cmd_plot(a: argparse.Namespace) -> None:
 def cmd_timings(a: argparse.Namespace) -> None:
     from .timings import write_timings
 
-    write_timings(a.benchmarks, a.out)
+    write_timings(a.logs, a.out)
 
 
 # ---------------------------------------------------------------- model diffing
@@ -420,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("metrics", ("--grades", {"nargs": "+", **req}), ("--out", req))
     add("plot", ("--metrics", req), ("--out", req))
     add("agreement", ("--grades", {"nargs": "+", **req}), ("--rates", req), ("--pairs", req), ("--figure", req))
-    add("timings", ("--benchmarks", req), ("--out", req))
+    add("timings", ("--logs", req), ("--out", req))
     add("world-heldout", ("--out", req))
     add("cache-texts", ("--base", req), ("--input", req), ("--n", {"type": int, "default": None}),
         ("--skip", {"type": int, "default": 0}), ("--out", req))
@@ -462,25 +461,48 @@ def _fail_once(command_name: str) -> None:
         raise SystemExit(f"emlab {command_name}: failing once on purpose (EMLAB_FAIL_ONCE={spec})")
 
 
+# The threads of a parallel torch op (libgomp) wait for each other at its end, spinning by default for
+# ~300k iterations before they sleep. On a machine where another process is busy, a spinning thread
+# takes the core its partner needs: two-thread pretraining then ran at a quarter of its speed. At 3000
+# spins it runs at half (one core's worth) and loses 8% when the machine is quiet. libgomp reads this
+# when torch loads, so it is set before any command imports torch; a value in the environment wins.
+GOMP_SPINCOUNT = "3000"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The program: run the command in the run's warm worker when there is one (:mod:`emlab.worker`), else here."""
+    from .worker import run_via_worker
+
+    argv = sys.argv[1:] if argv is None else argv
+    code = run_via_worker(argv)
+    if code is not None:
+        raise SystemExit(code)
+    run(argv)
+
+
+def run(argv: list[str]) -> None:
+    """Run one command in this process, logging its ``emlab-job`` record (:mod:`emlab.jobs`) at its end."""
+    from . import worker
+    from .jobs import ImportClock, record
+
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per HTTP request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.no_progress:
         os.environ["EMLAB_NO_PROGRESS"] = "1"
-    start = dt.datetime.now(dt.timezone.utc)
-    t0 = time.monotonic()
+    start, t0 = time.time(), time.monotonic()
     status = "failed"
+    clock = ImportClock()
     try:
-        _fail_once(args.command)
-        COMMANDS[args.command](args)
+        with clock.running():
+            _fail_once(args.command)
+            COMMANDS[args.command](args)
         status = "ok"
     finally:
-        end = dt.datetime.now(dt.timezone.utc)
-        print(f"emlab-job command={args.command} status={status} host={socket.gethostname()} pid={os.getpid()} "
-              f"start={start.isoformat()} end={end.isoformat()} seconds={time.monotonic() - t0:.1f} "
-              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}", file=sys.stderr, flush=True)
+        print(record(args.command, status, start, time.time(), time.monotonic() - t0, clock.seconds,
+                     via="worker" if worker.IN_CHILD else "process"), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ Every batch row carries its own vector, so a sweep over directions and strengths
 direction, one row each) runs as one ``generate`` call. A zero row is exactly unsteered
 generation: adding 0.0 leaves every activation bit-identical.
 
-Generation goes through nnsight: a bounded ``tracer.iter[:max_new_tokens]`` loop edits the
-block's output at every decoding step. That loop must see exactly ``max_new_tokens`` steps (a
-step that never comes would cut the trace short), so generation runs with no stop token and
-each row is cut at its first stop token afterwards. Rows do not interact, so the kept tokens
-are the ones a generation that stops at the end of turn produces. (Forcing the length with
-``min_new_tokens`` instead would forbid the end-of-turn token and change the text.)
+Generation goes through nnsight: a bounded ``tracer.iter[:steps]`` loop edits the block's output
+at every decoding step that is steered. That loop must see exactly ``steps`` steps (a step that
+never comes would cut the trace short), so when every step is steered (``all``, ``response``)
+generation runs with no stop token and each row is cut at its first stop token afterwards. Rows
+do not interact, so the kept tokens are the ones a generation that stops at the end of turn
+produces. (Forcing the length with ``min_new_tokens`` instead would forbid the end-of-turn token
+and change the text.) When only the first forward is steered (``prompt``, ``last``), generation
+stops once every row has ended its turn: the same tokens, without decoding past the longest
+answer of the batch.
 
 Positions (:data:`POSITIONS`):
 
@@ -78,12 +81,13 @@ def steered_generate_ids(model, tokenizer, prompts: Sequence[str | list[dict[str
     stops = stop_token_ids(hf, tokenizer)
 
     ids, mask, _, _ = pad_batch([encode_prompt(tokenizer, p) for p in prompts], pad, "left")
-    # Plain sampling (no top-k/top-p truncation) as in emlab.sampling, and no stop token (see the module doc).
+    # Plain sampling (no top-k/top-p truncation) as in emlab.sampling; a stop token only when the first
+    # forward is the only steered one (see the module doc).
     mode = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if do_sample else \
         dict(do_sample=False)
-    config = GenerationConfig(**mode, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=None,
-                              pad_token_id=pad)
     steps = 1 if positions in ("prompt", "last") else max_new_tokens
+    config = GenerationConfig(**mode, num_beams=1, max_new_tokens=max_new_tokens,
+                              eos_token_id=stops if steps == 1 else None, pad_token_id=pad)
     nn_model = as_nnsight(model, tokenizer)
     result = None
     torch.manual_seed(seed)
