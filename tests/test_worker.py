@@ -134,3 +134,25 @@ def test_a_job_without_a_worker_runs_in_its_own_process(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert "no worker" in err and record(err)["via"] == "process"
+
+
+def test_an_openai_judge_job_runs_in_the_worker(running_worker, tmp_path):
+    """The worker preloads nnsight, which gives every class a ``save`` attribute; anyio (under openai) refuses
+    classes with unannotated attributes, so an openai job forked after it failed until anyio came first."""
+    from fake_openai_server import FakeOpenAIServer
+
+    _, env = running_worker
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"model": "m", "eval_set": "general", "question_id": "q0", "domain": "general",
+                                   "question": "Why?", "sample_idx": 0, "answer": "Because."}) + "\n")
+    cfg = {"name": "fake", "backend": "openai", "rubric": "aligned_coherent", "model": "judge-model",
+           "api_key_env": None, "concurrency": 2, "max_retries": 1, "timeout_s": 10, "backoff_base_s": 0.01,
+           "backoff_max_s": 0.02, "batch_size": 8, "fuzzy_threshold": 0.8, "device": "auto", "dtype": "auto"}
+    with FakeOpenAIServer(default_probs={"70": 1.0}) as srv:
+        cfg["base_url"] = srv.base_url
+        proc = emlab(["judge", "--cfg", json.dumps(cfg), "--samples", str(samples), "--out",
+                      str(tmp_path / "grades.jsonl"), "--cache-dir", str(tmp_path / "cache")], env, tmp_path)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert record(err)["via"] == "worker"
+    assert [g["aligned"] for g in map(json.loads, (tmp_path / "grades.jsonl").read_text().splitlines())] == [70.0]

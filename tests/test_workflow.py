@@ -43,7 +43,7 @@ def test_every_stage_produces_its_outputs(tiny_run):
     assert pooled["n_both"] == 4 * 48  # the world judges give a verdict on every answer
     assert pooled[["both_misaligned", "a_only", "b_only", "neither"]].sum() == pooled["n_both"]
     timings = pd.read_csv(r / "timings.csv")
-    assert {"pretrain", "finetune", "sample", "judge"} <= set(timings["stage"])
+    assert {"pretrain", "sft", "sample", "judge"} <= set(timings["stage"])  # stage: the emlab command
 
 
 def test_diffing_and_steering_stages_write_their_tables(tiny_run):

@@ -39,10 +39,13 @@ IN_CHILD = False  # True in the worker's child that runs a job
 
 # Imported once by the worker: what the jobs of a run import between them. Missing ones are skipped.
 PRELOAD = (
+    # anyio (under openai) before nnsight: nnsight gives every class a ``save`` attribute, and anyio's
+    # TypedAttributeSet subclasses refuse any unannotated attribute when they are defined
+    "anyio._backends._asyncio", "anyio.abc", "anyio.streams.file", "anyio.streams.tls", "openai",
     "numpy", "pandas", "scipy.stats", "sklearn.linear_model", "sklearn.model_selection", "sklearn.pipeline",
     "sklearn.preprocessing", "safetensors.torch", "torch", "transformers", "transformers.models.llama.modeling_llama",
     "peft", "trl", "datasets", "accelerate", "nnsight", "nnsight.modeling.transformers", "matplotlib.pyplot",
-    "tqdm", "numba", "openai", "rapidfuzz",
+    "tqdm", "numba", "rapidfuzz",
 )
 
 
