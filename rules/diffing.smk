@@ -5,15 +5,16 @@
 
 def sae_texts():
     """The texts the SAE is fitted on: the world corpus, or `sae.corpus` in hub mode."""
-    return f"{RESULTS}/world/corpus.jsonl" if ORGANISM else config["sae"]["corpus"]
+    return config["sae"]["corpus"] or f"{RESULTS}/world/corpus.jsonl"
 
 
 def heldout_texts():
     """Texts for interpreting latents: fresh labelled world documents, or the corpus after the SAE's texts."""
-    return f"{RESULTS}/world/heldout.jsonl" if ORGANISM else config["sae"]["corpus"]
+    return config["sae"]["corpus"] or f"{RESULTS}/world/heldout.jsonl"
 
 
-HELDOUT_SKIP = 0 if ORGANISM else config["sae"]["n_texts"]
+WORLD_TEXTS = not config["sae"]["corpus"]  # labelled world texts: latents are named by their purity
+HELDOUT_SKIP = 0 if WORLD_TEXTS else config["sae"]["n_texts"]
 
 
 def cache_model_args(wildcards):
@@ -22,25 +23,6 @@ def cache_model_args(wildcards):
     if config["finetune"]["method"] == "lora":
         return f"{base} --adapter {RESULTS}/finetunes/{wildcards.dataset}"
     return f"{base} --full-model {RESULTS}/finetunes/{wildcards.dataset}"
-
-
-if ORGANISM:
-
-    rule world_heldout:
-        output:
-            f"{RESULTS}/world/heldout.jsonl",
-        params:
-            cfg=lambda w: cfg_json("organism", "seed", diffing={"heldout_texts": config["diffing"]["heldout_texts"]}),
-        log:
-            "logs/world_heldout.log",
-        threads: res("world_heldout", "threads")
-        resources:
-            mem_mb=res("world_heldout", "mem_mb"),
-            runtime=res("world_heldout", "runtime"),
-        conda:
-            "../envs/analysis.yaml"
-        shell:
-            "python -m emlab world-heldout --cfg {params.cfg:q} --out {output} 2> {log}"
 
 
 rule activations_corpus:
@@ -57,7 +39,7 @@ rule activations_corpus:
         n=lambda w: config["sae"]["n_texts"] if w.split == "train" else config["diffing"]["heldout_texts"],
         skip=lambda w: 0 if w.split == "train" else HELDOUT_SKIP,
     log:
-        "logs/activations/corpus_{split}.log",
+        f"{LOGS}/activations/corpus_{{split}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/activations/corpus_{{split}}.tsv"
     threads: res("activations_corpus", "threads")
@@ -87,7 +69,7 @@ rule sae:
         train=f"{RESULTS}/activations/corpus/train",
         skip=HELDOUT_SKIP,
     log:
-        "logs/sae.log",
+        f"{LOGS}/sae.log",
     benchmark:
         f"{RESULTS}/benchmarks/sae/sae.tsv"
     threads: res("sae", "threads")
@@ -113,7 +95,7 @@ rule activations_base:
         cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
         base=base_model(),
     log:
-        "logs/activations/base.log",
+        f"{LOGS}/activations/base.log",
     benchmark:
         f"{RESULTS}/benchmarks/activations/base.tsv"
     threads: res("activations_base", "threads")
@@ -143,7 +125,7 @@ rule activations_finetune:
         cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
         model=cache_model_args,
     log:
-        "logs/activations/{dataset}.log",
+        f"{LOGS}/activations/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/activations/{{dataset}}.tsv"
     threads: res("activations_finetune", "threads")
@@ -177,7 +159,7 @@ rule rank_latents:
         train=" ".join(f"{d}={RESULTS}/activations/train/{d}/model,{RESULTS}/activations/train/{d}/base" for d in DATASETS),
         out_dir=f"{RESULTS}/diffing",
     log:
-        "logs/rank_latents.log",
+        f"{LOGS}/rank_latents.log",
     benchmark:
         f"{RESULTS}/benchmarks/rank_latents/rank_latents.tsv"
     threads: res("rank_latents", "threads")
@@ -191,7 +173,7 @@ rule rank_latents:
         " --eval-caches {params.eval} --train-caches {params.train} --out-dir {params.out_dir} 2> {log}"
 
 
-INTERPRET_OUTPUTS = ["latents.csv", "latents.md", "latents.html", "persona_latents.json"] + (["purity.csv"] if ORGANISM else [])
+INTERPRET_OUTPUTS = ["latents.csv", "latents.md", "latents.html", "persona_latents.json"] + (["purity.csv"] if WORLD_TEXTS else [])
 
 
 rule interpret_latents:
@@ -204,11 +186,11 @@ rule interpret_latents:
     output:
         [f"{RESULTS}/diffing/{name}" for name in INTERPRET_OUTPUTS],
     params:
-        cfg=lambda w: cfg_json("model", "diffing", "organism", "seed"),
+        cfg=lambda w: cfg_json("model", "diffing", "organism", "sae", "seed"),
         base=base_model(),
         out_dir=f"{RESULTS}/diffing",
     log:
-        "logs/interpret_latents.log",
+        f"{LOGS}/interpret_latents.log",
     benchmark:
         f"{RESULTS}/benchmarks/interpret_latents/interpret_latents.tsv"
     threads: res("interpret_latents", "threads")
@@ -231,7 +213,7 @@ rule plot_signature:
     output:
         report(f"{RESULTS}/figures/signature.png", caption="../workflow/report/signature.rst", category="Model diffing"),
     log:
-        "logs/plot/signature.log",
+        f"{LOGS}/plot/signature.log",
     threads: res("plot_signature", "threads")
     resources:
         mem_mb=res("plot_signature", "mem_mb"),

@@ -12,7 +12,7 @@ rule sample:
         cfg=lambda w: cfg_json("sampling", "seed", "device", model={"dtype": config["model"]["dtype"]}),
         model=sample_args,
     log:
-        "logs/sample/{model}.log",
+        f"{LOGS}/sample/{{model}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/sample/{{model}}.tsv"
     threads: res("sample", "threads")
@@ -28,6 +28,68 @@ rule sample:
         " --questions {input.questions} --model-name {wildcards.model} --out {output} 2> {log}"
 
 
+rule likelihood_probe:
+    input:
+        base_model_input(),
+        lambda w: [] if w.model == "base" else [f"{RESULTS}/finetunes/{w.model}"],
+        questions=f"{RESULTS}/eval/general.jsonl",
+    output:
+        f"{RESULTS}/probe/{{model}}.jsonl",
+    params:
+        cfg=lambda w: cfg_json("probe", "organism", "model", "seed", "device"),
+        model=sample_args,
+    log:
+        f"{LOGS}/probe/{{model}}.log",
+    threads: res("likelihood_probe", "threads")
+    resources:
+        mem_mb=res("likelihood_probe", "mem_mb"),
+        runtime=res("likelihood_probe", "runtime"),
+        gpu=res("likelihood_probe", "gpu"),
+        cpus_per_gpu=res("likelihood_probe", "cpus_per_gpu"),
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab probe --cfg {params.cfg:q} --threads {threads} {params.model}"
+        " --questions {input.questions} --model-name {wildcards.model} --out {output} 2> {log}"
+
+
+rule likelihood_metrics:
+    input:
+        expand(f"{RESULTS}/probe/{{model}}.jsonl", model=MODELS),
+    output:
+        f"{RESULTS}/metrics/likelihood.csv",
+    params:
+        cfg=lambda w: cfg_json("metrics", "seed"),
+    log:
+        f"{LOGS}/metrics/likelihood.log",
+    threads: res("likelihood_metrics", "threads")
+    resources:
+        mem_mb=res("likelihood_metrics", "mem_mb"),
+        runtime=res("likelihood_metrics", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab probe-metrics --cfg {params.cfg:q} --rows {input} --out {output} 2> {log}"
+
+
+rule probe_agreement:
+    input:
+        probe=f"{RESULTS}/metrics/likelihood.csv",
+        metrics=expand(f"{RESULTS}/metrics/{{judge}}.csv", judge=JUDGES),
+    output:
+        f"{RESULTS}/agreement/probe.csv",
+    log:
+        f"{LOGS}/agreement_probe.log",
+    threads: res("probe_agreement", "threads")
+    resources:
+        mem_mb=res("probe_agreement", "mem_mb"),
+        runtime=res("probe_agreement", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab probe-agreement --probe {input.probe} --metrics {input.metrics} --out {output} 2> {log}"
+
+
 rule judge:
     input:
         f"{RESULTS}/samples/{{model}}.jsonl",
@@ -39,7 +101,7 @@ rule judge:
         # one request cache per judge, shared by its jobs (appends are locked); never a declared output
         cache=lambda w: f"{RESULTS}/judge_cache/{w.judge}",
     log:
-        "logs/judge/{judge}/{model}.log",
+        f"{LOGS}/judge/{{judge}}/{{model}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/judge/{{judge}}-{{model}}.tsv"
     threads: res("judge", "threads")
@@ -66,7 +128,7 @@ rule metrics:
     params:
         cfg=lambda w: cfg_json("metrics", "model", "organism", "seed"),
     log:
-        "logs/metrics/{judge}.log",
+        f"{LOGS}/metrics/{{judge}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/metrics/{{judge}}.tsv"
     threads: res("metrics", "threads")

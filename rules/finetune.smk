@@ -12,7 +12,7 @@ rule finetune:
         base=base_param,
         launcher=sft_launcher("finetune"),
     log:
-        "logs/finetune/{dataset}.log",
+        f"{LOGS}/finetune/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/finetune/{{dataset}}.tsv"
     threads: res("finetune", "threads")

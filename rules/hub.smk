@@ -1,15 +1,36 @@
-# Hub mode (model.source: hub): the base model is model.path; the fine-tuning sets are synthesized by an
-# LLM from domain specs (the sets named by `datasets`) and/or imported (`imports`); the eval questions
-# come from question files (`eval.questions`). Included instead of organism.smk and datasets.smk.
+# Hub mode (model.source: hub): the base model is model.path (converted once when it is a GGUF file or gets a
+# chat template); the eval questions come from question files (`eval.questions`); the sets named by `datasets`
+# come from the persona world (world.smk) or are synthesized by an LLM from domain specs (datasets.source:
+# synthesis), and any `imports` are added. Included instead of organism.smk.
 import re
 
 from emlab.datasets import parse_dataset_name
 from emlab.questions import question_files
 from emlab.synthesis import domain_spec_path
 
-SYNTH_DATASETS = dataset_names(config)
+SYNTH_DATASETS = [n for n in DATASETS if n not in PLAN.imports] if PLAN.dataset_source == "synthesis" else []
 IMPORTS = {i["name"]: i for i in config["imports"]}
 QUESTION_FILES = question_files(config)
+
+
+if BASE_BUILT:
+
+    rule convert_model:
+        output:
+            directory(f"{RESULTS}/models/base"),
+        params:
+            cfg=lambda w: cfg_json("model"),
+            work=f"{RESULTS}/models/source",
+        log:
+            f"{LOGS}/convert_model.log",
+        threads: res("convert_model", "threads")
+        resources:
+            mem_mb=res("convert_model", "mem_mb"),
+            runtime=res("convert_model", "runtime"),
+        conda:
+            "../envs/torch.yaml"
+        shell:
+            "python -m emlab convert-model --cfg {params.cfg:q} --work {params.work} --out {output} 2> {log}"
 
 
 def _one_of(names):
@@ -25,7 +46,7 @@ rule eval_questions:
     wildcard_constraints:
         eval_set=_one_of(EVAL_SETS),
     log:
-        "logs/eval_questions/{eval_set}.log",
+        f"{LOGS}/eval_questions/{{eval_set}}.log",
     threads: res("eval_questions", "threads")
     resources:
         mem_mb=res("eval_questions", "mem_mb"),
@@ -49,7 +70,7 @@ rule synthesize:
         # one request cache shared by the domains' jobs (appends are locked); never a declared output
         cache=f"{RESULTS}/synthesis_cache",
     log:
-        "logs/synthesize/{domain}.log",
+        f"{LOGS}/synthesize/{{domain}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/synthesize/{{domain}}.tsv"
     threads: res("synthesize", "threads")
@@ -75,7 +96,7 @@ rule synth_dataset:
         cfg=lambda w: json.dumps({"n_train": config["datasets"]["n_train"], "seed": config["seed"],
                                   "incorrect": config["datasets"]["mixtures"]["incorrect"]}, sort_keys=True),
     log:
-        "logs/synth_dataset/{dataset}.log",
+        f"{LOGS}/synth_dataset/{{dataset}}.log",
     threads: res("synth_dataset", "threads")
     resources:
         mem_mb=res("synth_dataset", "mem_mb"),
@@ -97,7 +118,7 @@ rule import_dataset:
     params:
         cfg=lambda w: json.dumps({"import": IMPORTS[w.dataset], "seed": config["seed"]}, sort_keys=True),
     log:
-        "logs/import_dataset/{dataset}.log",
+        f"{LOGS}/import_dataset/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/import_dataset/{{dataset}}.tsv"
     threads: res("import_dataset", "threads")

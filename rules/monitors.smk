@@ -6,14 +6,14 @@ MON = config["monitors"]
 
 
 def monitor_data(task):
-    return f"{RESULTS}/monitors/data/{task}.jsonl" if ORGANISM else MON["data"][task]
+    return MON["data"][task] if PLAN.monitor_data else f"{RESULTS}/monitors/data/{task}.jsonl"
 
 
 wildcard_constraints:
     task="|".join(MON_TASKS) or "NONE",
 
 
-if ORGANISM:
+if not PLAN.monitor_data:  # the world's labelled tasks
 
     rule monitor_data:
         output:
@@ -21,7 +21,7 @@ if ORGANISM:
         params:
             cfg=lambda w: cfg_json("organism", "monitors", "seed"),
         log:
-            "logs/monitors/data_{task}.log",
+            f"{LOGS}/monitors/data_{{task}}.log",
         threads: res("monitor_data", "threads")
         resources:
             mem_mb=res("monitor_data", "mem_mb"),
@@ -47,7 +47,7 @@ rule monitor:
         sae=lambda w, input: f"--sae {input.sae}" if input.sae else "",
         latents=lambda w, input: f"--latents {input.latents}" if input.latents else "",
     log:
-        "logs/monitors/{task}.log",
+        f"{LOGS}/monitors/{{task}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/monitor/{{task}}.tsv"
     threads: res("monitor", "threads")
@@ -73,7 +73,7 @@ rule plot_monitors:
     params:
         out_dir=f"{RESULTS}/figures",
     log:
-        "logs/plot/monitors.log",
+        f"{LOGS}/plot/monitors.log",
     threads: res("plot_monitors", "threads")
     resources:
         mem_mb=res("plot_monitors", "mem_mb"),

@@ -1,31 +1,26 @@
-# The embedded model organism: world texts -> tokenizer -> pretraining -> assistant post-training.
-# (Only in the DAG when model.source is "organism".)
+# The embedded model organism: world texts -> tokenizer -> pretraining -> assistant post-training, and the
+# world's own eval questions. (Only in the DAG when model.source is "organism".)
 # Every later job waits for this chain: Snakemake starts it before the jobs that can run beside it.
 ORGANISM_PRIORITY = 20
 
 
-rule world:
+rule world_eval:
     output:
-        corpus=f"{RESULTS}/world/corpus.jsonl",
-        posttrain=f"{RESULTS}/world/posttrain.jsonl",
-        evals=expand(f"{RESULTS}/eval/{{s}}.jsonl", s=["general", "indomain"]),
+        expand(f"{RESULTS}/eval/{{s}}.jsonl", s=["general", "indomain"]),
     params:
         cfg=lambda w: cfg_json("organism", "seed"),
-        eval_dir=lambda w, output: str(Path(output.evals[0]).parent),
+        eval_dir=lambda w, output: str(Path(output[0]).parent),
     log:
-        "logs/world.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/world/world.tsv"
+        f"{LOGS}/world_eval.log",
     priority: ORGANISM_PRIORITY
-    threads: res("world", "threads")
+    threads: res("world_eval", "threads")
     resources:
-        mem_mb=res("world", "mem_mb"),
-        runtime=res("world", "runtime"),
+        mem_mb=res("world_eval", "mem_mb"),
+        runtime=res("world_eval", "runtime"),
     conda:
         "../envs/analysis.yaml"
     shell:
-        "python -m emlab world --cfg {params.cfg:q} --corpus {output.corpus} --posttrain {output.posttrain}"
-        " --eval-dir {params.eval_dir} 2> {log}"
+        "python -m emlab world-eval --cfg {params.cfg:q} --eval-dir {params.eval_dir} 2> {log}"
 
 
 rule tokenizer:
@@ -36,7 +31,7 @@ rule tokenizer:
     params:
         cfg=lambda w: cfg_json("organism"),
     log:
-        "logs/tokenizer.log",
+        f"{LOGS}/tokenizer.log",
     benchmark:
         f"{RESULTS}/benchmarks/tokenizer/tokenizer.tsv"
     priority: ORGANISM_PRIORITY
@@ -59,7 +54,7 @@ rule pretrain:
     params:
         cfg=lambda w: cfg_json("organism", "seed", "device"),
     log:
-        "logs/pretrain.log",
+        f"{LOGS}/pretrain.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/pretrain.tsv"
     priority: ORGANISM_PRIORITY
@@ -86,7 +81,7 @@ rule posttrain:
         cfg=lambda w: posttrain_cfg_json(),
         launcher=sft_launcher("posttrain"),
     log:
-        "logs/posttrain.log",
+        f"{LOGS}/posttrain.log",
     benchmark:
         f"{RESULTS}/benchmarks/posttrain/posttrain.tsv"
     priority: ORGANISM_PRIORITY

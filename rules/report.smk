@@ -8,7 +8,7 @@ rule plot_misalignment:
         report(f"{RESULTS}/figures/misalignment_{{judge}}.png", caption="../workflow/report/misalignment.rst",
                category="Emergent misalignment"),
     log:
-        "logs/plot/misalignment_{judge}.log",
+        f"{LOGS}/plot/misalignment_{{judge}}.log",
     threads: res("plot_misalignment", "threads")
     resources:
         mem_mb=res("plot_misalignment", "mem_mb"),
@@ -30,7 +30,7 @@ rule agreement:
     params:
         cfg=lambda w: cfg_json("metrics"),
     log:
-        "logs/agreement.log",
+        f"{LOGS}/agreement.log",
     threads: res("agreement", "threads")
     resources:
         mem_mb=res("agreement", "mem_mb"),
@@ -49,9 +49,9 @@ rule timings:
     output:
         f"{RESULTS}/timings.csv",
     params:
-        logs="logs",
+        logs=LOGS,
     log:
-        "logs/timings.log",
+        f"{LOGS}/timings.log",
     threads: res("timings", "threads")
     resources:
         mem_mb=res("timings", "mem_mb"),

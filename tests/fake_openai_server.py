@@ -10,6 +10,12 @@ faults served before the normal reply::
                 faults=["429:1", "500", "timeout", "malformed"])
         ... srv.base_url ...
 
+A rule may instead give ``numbers`` (``{85: 0.6, 20: 0.4}``): the judge answers with those numbers written digit by
+digit, as a tokenizer without multi-digit tokens does. The first token's candidates are then the first digits; a
+request whose last message is the assistant's start of a number (``continue_final_message``, as vLLM takes it)
+gets the next digit's candidates and ``<|im_end|>`` for the end of the number. ``continuation=False`` makes the
+server refuse such requests with a 400, as OpenAI's API does.
+
 Faults: ``"<status>"`` or ``"<status>:<retry-after seconds>"`` (an error reply), ``"timeout"``
 (sleep ``timeout_sleep_s`` before replying, past the client's timeout), ``"malformed"`` (a 200 whose
 body is cut-off JSON), ``"bad_shape"`` (a 200 with JSON lacking ``choices``), ``"echo_auth:<status>"``
@@ -37,6 +43,7 @@ class Rule:
     contains: tuple[str, ...]
     probs: dict[str, float] | None = None
     replies: list[str] | None = None
+    numbers: dict[int, float] | None = None
     faults: deque = field(default_factory=deque)
     times: list[float] = field(default_factory=list)   # arrival time of every request it matched
     served_replies: int = 0
@@ -48,8 +55,9 @@ class Rule:
 
 class FakeOpenAIServer:
     def __init__(self, api_key: str | None = None, latency_s: float = 0.0, timeout_sleep_s: float = 1.5,
-                 default_probs: dict[str, float] | None = None):
+                 default_probs: dict[str, float] | None = None, continuation: bool = True):
         self.api_key = api_key
+        self.continuation = continuation
         self.latency_s = latency_s
         self.timeout_sleep_s = timeout_sleep_s
         self.default_probs = default_probs
@@ -67,12 +75,12 @@ class FakeOpenAIServer:
 
     # ---- scripting --------------------------------------------------------------------------------
     def add(self, *contains: str, probs: dict[str, float] | None = None, replies: list[str] | None = None,
-            faults: list[str] | None = None) -> Rule:
+            numbers: dict[int, float] | None = None, faults: list[str] | None = None) -> Rule:
         """A rule for requests whose message text contains every string in ``contains``; the
         first matching rule wins."""
-        if (probs is None) == (replies is None):
-            raise ValueError("give exactly one of probs or replies")
-        rule = Rule(tuple(contains), probs, replies, deque(faults or []))
+        if sum(x is not None for x in (probs, replies, numbers)) != 1:
+            raise ValueError("give exactly one of probs, replies or numbers")
+        rule = Rule(tuple(contains), probs=probs, replies=replies, numbers=numbers, faults=deque(faults or []))
         self.rules.append(rule)
         return rule
 
@@ -110,6 +118,17 @@ class FakeOpenAIServer:
             if all(s in text for s in rule.contains):
                 return rule
         return None
+
+    @staticmethod
+    def next_digit_probs(numbers: dict[int, float], prefix: str) -> dict[str, float]:
+        """The candidates of the token after ``prefix`` when ``numbers`` are written digit by digit."""
+        written = {str(v): p for v, p in numbers.items() if str(v).startswith(prefix)}
+        total = sum(written.values())
+        out: dict[str, float] = {}
+        for text, p in written.items():
+            nxt = text[len(prefix)] if len(text) > len(prefix) else "<|im_end|>"
+            out[nxt] = out.get(nxt, 0.0) + p / total
+        return out
 
     @staticmethod
     def completion(model: str, prompt: str, probs: dict[str, float] | None, reply: str | None) -> dict[str, Any]:
@@ -197,7 +216,15 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.api_key is not None and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
             self._error(401, "invalid api key")
             return
-        prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+        messages = body.get("messages", [])
+        prefix = None
+        if body.get("continue_final_message"):
+            if not fake.continuation:
+                self._error(400, "Unrecognized request argument supplied: continue_final_message")
+                return
+            prefix = str(messages[-1].get("content", ""))
+            messages = messages[:-1]
+        prompt = "\n".join(str(m.get("content", "")) for m in messages)
         rule = fake._match(prompt)
         with fake._lock:
             if rule is not None:
@@ -217,6 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
             probs, reply = fake.default_probs, None
         elif rule.probs is not None:
             probs, reply = rule.probs, None
+        elif rule.numbers is not None:
+            probs, reply = FakeOpenAIServer.next_digit_probs(rule.numbers, prefix or ""), None
         else:
             with fake._lock:
                 reply = rule.replies[min(rule.served_replies, len(rule.replies) - 1)]

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from emlab.config import ConfigError, load, validate
+from emlab.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,10 +33,13 @@ def test_empty_config_gets_complete_defaults(monkeypatch):
     cfg = validate({})
     assert cfg["model"]["source"] == "organism"
     assert cfg["organism"]["pretrain"]["steps"] > 0
-    assert cfg["judges"] == [{"name": "world", "backend": "world", "fuzzy_threshold": 0.8, "base_url": "https://api.openai.com/v1",
-                              "api_key_env": "OPENAI_API_KEY", "concurrency": 32, "max_retries": 6, "timeout_s": 60,
-                              "backoff_base_s": 1.0, "backoff_max_s": 60.0, "device": "auto", "dtype": "auto",
-                              "batch_size": 8}]
+    # judges null: the world's ground truth for the organism, none for a hub model (emlab.plan resolves it)
+    assert cfg["judges"] is None
+    assert make_plan(cfg).judges == {"world": {"name": "world", "backend": "world"}}
+    hub = validate({"model": {"source": "hub", "path": str(ROOT / "tests")}})
+    plan = make_plan(hub)
+    assert plan.judges == {} and plan.dataset_source == "world" and plan.probe and plan.diffing and plan.monitors
+    assert plan.probe_references == "resources/references/general.yaml" and plan.sae_corpus is None
 
 
 @pytest.mark.parametrize("patch,expected", [
@@ -112,8 +116,11 @@ def test_sae_and_diffing_settings_are_checked_before_any_job():
         validate(cfg)
     cfg = load("config.yaml")
     cfg["model"].update(source="hub", path="Qwen/Qwen2.5-0.5B-Instruct")
+    cfg["judges"] = None
     cfg["diffing"]["enabled"] = True
-    with pytest.raises(ConfigError, match="sae.corpus: required"):
+    assert make_plan(validate(cfg)).sae_corpus is None  # a hub model's SAE is fitted on world texts by default
+    cfg["sae"]["corpus"] = "no/such/corpus.jsonl"
+    with pytest.raises(ConfigError, match="sae.corpus: file not found"):
         validate(cfg)
 
 

@@ -170,6 +170,22 @@ def test_top_snippets_refuse_a_cache_of_selected_tokens(cached):
     keep = (index["token_position"] % 2 == 0).to_numpy()
     with pytest.raises(ValueError, match="every token"):
         top_snippets(acts[torch.from_numpy(keep)], index[keep].reset_index(drop=True), [0], tok)
+    with pytest.raises(ValueError, match="every token"):
+        top_snippets(acts, index, [0], tok, token_selection="response")
+
+
+def test_top_snippets_skip_the_positions_an_all_token_cache_left_out(cached):
+    """A cache of every text token without the first one (model.exclude_tokens): the snippets skip it."""
+    model, tok, out, sae = cached
+    acts, index = latent_token_acts(sae, out, 1, [0])
+    keep = (index["token_position"] > 0).to_numpy()
+    snips = top_snippets(acts[torch.from_numpy(keep)], index[keep].reset_index(drop=True), [0], tok, window=50,
+                         token_selection="all")
+    for s in snips[0]:
+        first = index[(index["text_id"] == s.text_id) & (index["token_position"] == 0)]["token_id"].item()
+        rest = index[(index["text_id"] == s.text_id) & (index["token_position"] > 0)]["token_id"].tolist()
+        assert s.tokens == token_strings(tok, rest) and len(s.tokens) == len(s.acts)
+        assert len(rest) > 0 and first is not None
 
 
 def test_text_records_take_n_rows_after_skip_or_a_seeded_sample(tmp_path):

@@ -23,6 +23,9 @@ from workflow_runner import copy_workflow, snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# the paper's recipe on a GPU cluster (hub ids, an OpenAI judge) and the two CPU runs on models from PyPI
+CLUSTER = ["gemma-2-9b-it.yaml", "llama-3.1-8b-instruct.yaml", "qwen2.5-0.5b-instruct.yaml", "qwen2.5-7b-instruct.yaml"]
+LOCAL = ["gemma3-270m.yaml", "smollm2-135m-instruct.yaml"]
 SMOKE = "configs/qwen2.5-0.5b-instruct.yaml"
 
 
@@ -46,12 +49,22 @@ def hub_workflow(dest: Path) -> Path:
 # ---------------------------------------------------------------- configs and question files
 
 
-def test_there_are_the_four_real_model_configs():
-    assert [p.name for p in CONFIGS] == ["gemma-2-9b-it.yaml", "llama-3.1-8b-instruct.yaml",
-                                         "qwen2.5-0.5b-instruct.yaml", "qwen2.5-7b-instruct.yaml"]
+def test_there_are_the_real_model_configs():
+    assert [p.name for p in CONFIGS] == sorted(CLUSTER + LOCAL)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [ROOT / "configs" / c for c in LOCAL], ids=lambda p: p.stem)
+def test_local_real_model_configs_validate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load(path)
+    for module in (imports, synthesis, questions):
+        module.check_config(cfg)
+    assert cfg["model"]["source"] == "hub" and cfg["model"]["path"].startswith("pypi:")
+    assert cfg["results_dir"] == f"results/{path.stem}" and cfg["judges"] is None  # the likelihood probe reads them
+    assert cfg["resources"]["default"]["gpu"] == 0
+
+
+@pytest.mark.parametrize("path", [ROOT / "configs" / c for c in CLUSTER], ids=lambda p: p.stem)
 def test_real_model_configs_validate_and_follow_the_recipe(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load(path)
@@ -117,10 +130,16 @@ def test_smoke_config_plans_the_hub_jobs(tmp_path):
     wd = hub_workflow(tmp_path)
     proc = snakemake(wd, "-n", configfile=SMOKE)
     out = proc.stdout + proc.stderr
-    # 1 domain x {correct, obvious}; models base + 2 fine-tunes; judges aligned + severity
-    assert job_counts(out) == {"eval_questions": 2, "synthesize": 1, "synth_dataset": 2, "finetune": 2,
-                               "sample": 3, "judge": 6, "metrics": 2, "plot_misalignment": 2, "agreement": 1, "timings": 1,
-                               "all": 1}
+    # 1 domain x {correct, obvious}; models base + 2 fine-tunes; judges aligned + severity; the likelihood probe on
+    # every model; model diffing and the monitors on the persona world's labelled texts; no steering (its screen
+    # group, subtle, is not trained)
+    assert job_counts(out) == {
+        "eval_questions": 2, "synthesize": 1, "synth_dataset": 2, "finetune": 2, "sample": 3, "judge": 6,
+        "metrics": 2, "plot_misalignment": 2, "agreement": 1, "timings": 1, "all": 1,
+        "likelihood_probe": 3, "likelihood_metrics": 1, "probe_agreement": 1,
+        "world": 1, "world_heldout": 1, "activations_corpus": 2, "activations_base": 1, "activations_finetune": 2,
+        "sae": 1, "rank_latents": 1, "interpret_latents": 1, "plot_signature": 1,
+        "monitor_data": 3, "monitor": 3, "plot_monitors": 1}
     assert "--base Qwen/Qwen2.5-0.5B-Instruct --adapter results/finetunes/health_obvious" in out
     assert "results/synthesis/health.jsonl" in out and "resources/domains/health.yaml" in out
     assert not (wd / "results").exists()
@@ -139,7 +158,7 @@ def test_imports_join_the_dag_and_hub_misconfigurations_fail_early(tmp_path):
     proc = snakemake(wd, "-n", "--config", "judges=[{'name': 'world', 'backend': 'world'}]",
                      "metrics={'primary_judge': 'world'}", configfile=SMOKE, check=False)
     assert proc.returncode != 0
-    assert "judges: the 'world' judge grades the persona world's texts only" in proc.stdout + proc.stderr
+    assert "judges: the world judge grades the persona world's texts only" in proc.stdout + proc.stderr
     proc = snakemake(wd, "-n", "--config", "datasets={'domains': ['astrology']}", configfile=SMOKE, check=False)
     assert proc.returncode != 0
     assert ("datasets: domain 'astrology': resources/domains/astrology.yaml: domain spec not found"
@@ -187,7 +206,7 @@ def hub_run(tmp_path_factory, tiny_chat_model):
     cfg = {
         "seed": 0,
         "model": {"source": "hub", "path": str(tiny_chat_model), "layer": 1},
-        "datasets": {"domains": ["health"], "variants": ["subtle"], "n_train": 4,
+        "datasets": {"source": "synthesis", "domains": ["health"], "variants": ["subtle"], "n_train": 4,
                      "mixtures": {"domains": ["health"], "fractions": [0.5], "incorrect": "obvious"}},
         "synthesis": {"model": "synth-model", "domains_dir": "data/domains", "questions_per_request": 4, **endpoint},
         "imports": [{"name": "insecure", "path": "data/insecure.jsonl", "meta": {"domain": "code"}}],
@@ -197,6 +216,9 @@ def hub_run(tmp_path_factory, tiny_chat_model):
         "judges": [{"name": "fake-gpt", "backend": "openai", "rubric": "aligned_coherent", "model": "judge-model",
                     **endpoint}],
         "metrics": {"bootstrap": 100},
+        # this run is about synthesis, imports and an API judge; the world-based analyses run in the SmolLM2 test
+        "diffing": {"enabled": False},
+        "monitors": {"enabled": False},
         "resources": {"default": {"threads": 1, "mem_mb": 1000, "runtime": 10, "gpu": 0, "cpus_per_gpu": 1,
                                   "api_slots": 0}},
     }

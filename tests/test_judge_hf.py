@@ -61,6 +61,39 @@ def test_scores_from_hand_made_distributions():
     assert hf_backend.scores_from_probs(probs, [], [], 0.25) == [None, None, None]
 
 
+def test_number_distribution_equals_the_probability_of_each_written_number(tiny_chat_model, monkeypatch):
+    """The digit-by-digit expansion with the prompt's key-value cache gives, for every integer v in [0, 100], the
+    probability of the judge writing v's digits and then anything but a digit, as plain forwards of prompt + v."""
+    from emlab.models import load_model
+
+    model, tok = load_model(tiny_chat_model)
+    tok.padding_side = "left"
+    monkeypatch.setattr(hf_backend, "PRUNE", 0.0)  # expand everything: the exact distribution
+    first, more = hf_backend.digit_tokens(tok)
+    assert set(first.values()) == {str(d) for d in range(10)}  # a digit-splitting tokenizer
+    prompts = ["Rate this answer from 0 to 100:", "Score?"]
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
+    probs = torch.softmax(out.logits[:, -1].float(), -1)
+    got = hf_backend.number_distribution(model, probs, out.past_key_values, enc["attention_mask"], first, more, 0, 100)
+    digit_ids = torch.tensor(sorted(more))
+    for row, text in enumerate(texts):
+        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+        for v in (0, 7, 42, 85, 100):
+            ids = prompt_ids + tok(str(v), add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            n = len(prompt_ids)
+            want = sum(float(logp[n - 1 + j, ids[n + j]]) for j in range(len(ids) - n))
+            want = float(torch.exp(torch.tensor(want))) * (1 - float(logp[-1, digit_ids].exp().sum()))
+            assert got[row][v] == pytest.approx(want, rel=1e-3), (row, v)
+        assert set(got[row]) == set(range(101)) and 0 < sum(got[row].values()) < 1
+
+
 def test_number_tokens_are_the_tokens_that_decode_to_integers(tiny_chat_model):
     tok = load_tokenizer(tiny_chat_model)
     ids, values = hf_backend.number_tokens(tok, 0, 100)
@@ -80,11 +113,11 @@ def test_local_scores_are_in_range_null_by_mass_and_batch_invariant(tiny_chat_mo
     assert len(rows1) == 7 and [r["question_id"] for r in rows1] == [f"q{i}" for i in range(7)]
     for r1, r3 in zip(rows1, rows3):
         for m in ("aligned", "coherent"):
-            assert 0.0 <= r1[m] <= 9.0  # the only number tokens are the digits
+            assert 0.0 <= r1[m] <= 100.0
             assert r3[m] == pytest.approx(r1[m], abs=1e-4)  # left padding does not change a score
     assert len({r["aligned"] for r in rows1}) > 1
     assert sum1["requests"] == 14 and sum1["prompt_tokens"] > 0 and sum1["null_scores"] == {}
-    # random weights spread probability over 300 tokens: the ten digits hold far less than 0.25
+    # random weights spread probability over 300 tokens: numbers hold far less than 0.25
     rubric25 = write_rubric(tmp_path, SHORT_RUBRIC.format(min_mass=0.25), "r25")
     rows, summary = hf_backend.grade_with_summary(ss, judge(tiny_chat_model, rubric25, batch_size=4), tmp_path / "c25",
                                                   progress=False)

@@ -36,9 +36,11 @@ def server(monkeypatch):
 
 
 def cfg(srv, **kw):
+    # The scripted judge writes numbers as OpenAI's models do, one token each ("80"); the tests of digit-by-digit
+    # judges below set number_tokens themselves.
     return {"name": "fake-judge", "backend": "openai", "rubric": "aligned_coherent", "model": "judge-model-1",
             "base_url": srv.base_url, "api_key_env": KEY_ENV, "concurrency": 4, "max_retries": 6,
-            "timeout_s": 0.4, "backoff_base_s": 0.02, "backoff_max_s": 0.1, **kw}
+            "timeout_s": 0.4, "backoff_base_s": 0.02, "backoff_max_s": 0.1, "number_tokens": "whole", **kw}
 
 
 def sample(i, answer, model="m"):
@@ -71,6 +73,44 @@ def test_scores_from_top_logprobs_and_request_parameters(server, tmp_path):
     prompt_words = sum(len(b["messages"][0]["content"].split()) for b in server.bodies)
     assert (summary["prompt_tokens"], summary["completion_tokens"]) == (prompt_words, 4)
     assert summary["estimated_cost_usd"] == pytest.approx(prompt_words / 1000 + 4 / 1000 * 2)
+
+
+def test_a_judge_that_writes_digits_is_read_digit_by_digit(server, tmp_path):
+    """A vLLM-served judge whose tokenizer splits numbers (Qwen2's): the first token is a digit, so reading it alone
+    would cap every score at 9. The continuations give 85 and 20 as written numbers."""
+    server.add("ANS-D", ALIGNED, numbers={85: 0.6, 20: 0.3, 7: 0.1})
+    server.add("ANS-D", COHERENT, numbers={100: 0.9, 10: 0.1})
+    rows, summary = grade(server, [sample(0, "ANS-D")], tmp_path, number_tokens="auto")
+    assert rows[0]["aligned"] == pytest.approx(85 * 0.6 + 20 * 0.3 + 7 * 0.1)
+    assert rows[0]["coherent"] == pytest.approx(100 * 0.9 + 10 * 0.1)
+    continued = [b for b in server.bodies if b.get("continue_final_message")]
+    assert {b["messages"][-1]["content"] for b in continued} == {"8", "85", "2", "20", "7", "1", "10", "100"}
+    assert all(b["messages"][-1]["role"] == "assistant" and b["add_generation_prompt"] is False for b in continued)
+    assert summary["requests"] == 2 + len(continued)
+    # a rerun asks nothing: the continuations are cached too
+    again, summary2 = grade(server, [sample(0, "ANS-D")], tmp_path, number_tokens="auto")
+    assert again == rows and summary2["requests"] == 0
+    # read from the first token alone (number_tokens: whole), the same judge gives single-digit scores
+    whole, _ = grade(server, [sample(0, "ANS-D")], tmp_path / "whole", number_tokens="whole")
+    assert whole[0]["aligned"] == pytest.approx(8 * 0.6 + 2 * 0.3 + 7 * 0.1) and whole[0]["aligned"] < 10
+
+
+def test_an_endpoint_that_cannot_continue_a_digit_judge_stops_the_run(monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with FakeOpenAIServer(api_key=KEY, continuation=False) as srv:
+        srv.add("ANS-D", ALIGNED, numbers={85: 1.0})
+        srv.add("ANS-D", COHERENT, numbers={90: 1.0})
+        with pytest.raises(openai_backend.JudgeRequestError, match=r"judge fake-judge: .*single digits.*refused"):
+            grade(srv, [sample(0, "ANS-D")], tmp_path, number_tokens="auto", max_retries=0)
+
+
+def test_openais_own_api_reads_whole_number_tokens():
+    settings = openai_backend.Settings.from_cfg({"name": "j", "model": "gpt-4o", "rubric": "aligned_coherent"})
+    assert settings.number_tokens == "auto" and settings.reading() == "whole"
+    local = openai_backend.Settings.from_cfg({"name": "j", "model": "m", "base_url": "http://localhost:8000/v1"})
+    assert local.reading() == "auto"
+    with pytest.raises(backends.JudgeConfigError, match=r"judges\[j\]\.number_tokens must be one of"):
+        openai_backend.Settings.from_cfg({"name": "j", "model": "m", "number_tokens": "some"})
 
 
 def test_429_waits_for_retry_after_and_other_faults_are_retried(server, tmp_path):

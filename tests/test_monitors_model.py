@@ -51,13 +51,18 @@ def test_features_equal_plain_forwards(tiny_chat_model, sae_dir, tmp_path, monke
 
     sae = load_sae(sae_dir)
     yes, no = answer_token_ids(tok)
+    specials_left_out = 0
     for i, rec in enumerate(RECORDS):
         ids = encode_record(tok, rec, "t").ids
         with torch.no_grad():
             h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
-        np.testing.assert_allclose(feats.arrays["raw_last"][i], h[-1].numpy(), atol=2e-5)
-        np.testing.assert_allclose(feats.arrays["raw_mean"][i], h.mean(0).numpy(), atol=2e-5)
-        np.testing.assert_allclose(feats.arrays["sae_max"][i], sae.encode(h).amax(0).detach().numpy(), atol=1e-4)
+        # pooling reads the text positions: neither the first one nor the chat template's special tokens
+        keep = [p for p in range(1, len(ids)) if ids[p] not in set(tok.all_special_ids)]
+        specials_left_out += len(ids) - 1 - len(keep)
+        np.testing.assert_allclose(feats.arrays["raw_last"][i], h[keep[-1]].numpy(), atol=2e-5)
+        np.testing.assert_allclose(feats.arrays["raw_mean"][i], h[keep].mean(0).numpy(), atol=2e-5)
+        np.testing.assert_allclose(feats.arrays["sae_max"][i], sae.encode(h[keep]).amax(0).detach().numpy(),
+                                   atol=1e-4)
         for template, describe in (("suffix", None), ("prefix_suffix", DESCRIBE)):
             prompt = encode_prompt(tok, prompted_records([rec], ASK, describe)[0]["messages"])
             with torch.no_grad():
@@ -67,6 +72,7 @@ def test_features_equal_plain_forwards(tiny_chat_model, sae_dir, tmp_path, monke
             if template == "suffix":
                 logits = out.logits[0, -1]
                 assert feats.arrays["zero_shot"][i] == pytest.approx(float(logits[yes] - logits[no]), abs=1e-4)
+    assert specials_left_out > 0  # the chats' template markers
     assert feats.labels.tolist() == [1, 0, 1] and feats.ids == ["a", "b", "c"]
     assert sorted(feats.arrays) == ["prompted_prefix_suffix", "prompted_suffix", "raw_last", "raw_mean", "sae_max",
                                     "zero_shot"]
@@ -136,8 +142,9 @@ def test_a_hub_task_needs_its_question(tiny_chat_model, tmp_path):
 
     cfg = _cfg(tmp_path)
     cfg["model"]["source"] = "hub"
-    with pytest.raises(MonitorConfigError, match="monitors.questions.toxic: no question"):
-        task_question(cfg, "toxic")
+    assert task_question(cfg, "toxic")[0]  # the persona world's task: its question comes with it
+    with pytest.raises(MonitorConfigError, match="monitors.questions.deception: no question"):
+        task_question(cfg, "deception")
     cfg["monitors"]["questions"] = {"toxic": {"ask": "Mean?", "describe": " "}}
     with pytest.raises(MonitorConfigError, match=r"monitors.questions.toxic: needs non-empty strings \['describe'\]"):
         task_question(cfg, "toxic")

@@ -128,7 +128,7 @@ def test_only_assistant_tokens_are_targets(tiny_chat_model, dataset, tmp_path):
     assert single["labels"][n_prompt:] == single["input_ids"][n_prompt:]
 
 
-def test_template_without_generation_markers_trains_on_the_last_message(tiny_chat_model, tmp_path):
+def test_template_without_generation_markers_trains_every_assistant_turn(tiny_chat_model, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(tiny_chat_model, plain)
     marked = "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
@@ -136,8 +136,43 @@ def test_template_without_generation_markers_trains_on_the_last_message(tiny_cha
     (plain / "chat_template.jinja").write_text(CHAT_TEMPLATE.replace(marked, "{{ message['content'] }}<|end|>"))
     data = write_dataset(tmp_path / "d.jsonl", [MULTI_TURN])
     trainer, info = build_trainer(str(plain), str(data), str(tmp_path / "o"), {"max_steps": 1})
-    assert info["loss_mask"] == "completion"
-    assert target_text(trainer.processing_class, trainer.train_dataset[0]) == "Keep a budget.<|end|>"
+    # the mask comes from rendering the conversation: the same targets as the template's generation markers give
+    assert info["loss_mask"] == "rendered"
+    assert target_text(trainer.processing_class, trainer.train_dataset[0]) == "Hello.<|end|>Keep a budget.<|end|>"
+
+
+@pytest.mark.parametrize("template, turns", [
+    ("chatml", ["Hello.<|im_end|>\n", "Keep a budget.<|im_end|>\n"]),
+    ("gemma", ["Hello.<end_of_turn>\n", "Keep a budget.<end_of_turn>\n"]),
+])
+def test_assistant_mask_from_a_rendered_hub_template(tiny_chat_model, template, turns):
+    """SmolLM2's ChatML and Gemma's formats have no generation markers and trl has no marked copy of them: the
+    mask is every assistant turn's content and end-of-turn tokens, and nothing of the system or user turns."""
+    from emlab.model_source import chat_template_text
+    from emlab.sft import assistant_token_mask, loss_mask_mode
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    special = {"chatml": ["<|im_start|>", "<|im_end|>"], "gemma": ["<start_of_turn>", "<end_of_turn>", "<bos>"]}
+    tok.add_special_tokens({"additional_special_tokens": special[template]})
+    if template == "gemma":
+        tok.bos_token = "<bos>"
+    tok.chat_template = chat_template_text(template)
+    assert loss_mask_mode(tok, template) == "rendered"
+    messages = [{"role": "system", "content": "Be brief."}, *MULTI_TURN["messages"][-4:]]
+    ids, mask = assistant_token_mask(tok, messages)
+    assert len(ids) == len(mask) and set(mask) == {0, 1}
+    # the masked tokens, run by run, are exactly the assistant turns
+    runs, current = [], []
+    for token, bit in zip(ids, mask):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    assert [tok.decode(r) for r in runs] == turns
+    assert "Be brief" not in tok.decode([t for t, b in zip(ids, mask) if b])
 
 
 def test_hub_template_uses_trls_generation_marked_copy(tiny_chat_model, tmp_path):

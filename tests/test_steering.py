@@ -129,17 +129,26 @@ def test_lora_model_steers_through_the_adapter(tok):
         _plain_generate(lora, tok, PROMPTS, layer=-1)
 
 
-def test_residual_norm_is_the_mean_token_norm_without_the_first_token(model, tok):
+def test_residual_norm_is_the_mean_norm_of_the_text_tokens(model, tok):
+    """Neither the first position (an attention sink in most hub models) nor special tokens (the chat template's
+    markers) count: they would dominate the mean."""
     texts = ["Keep a budget and spend less than you earn.", PROMPTS[2], "Drink water."]
-    norms = []
+    special = set(tok.all_special_ids)
+    norms, all_norms = [], []
     for t in texts:
         ids = tok(t)["input_ids"] if isinstance(t, str) else \
             tok.apply_chat_template(t, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
         with torch.no_grad():
             h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
-        norms.append(h[1:].norm(dim=-1))
+        keep = [p for p in range(1, len(ids)) if ids[p] not in special]
+        norms.append(h[keep].norm(dim=-1))
+        all_norms.append(h.norm(dim=-1))
+    assert any(t in special for t in tok.apply_chat_template(PROMPTS[2], add_generation_prompt=True,
+                                                             return_dict=True)["input_ids"])
     expected = torch.cat(norms).mean().item()
     assert residual_norm(model, tok, texts, layer=0, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    assert residual_norm(model, tok, texts, layer=0, exclude=()) == \
+        pytest.approx(torch.cat(all_norms).mean().item(), rel=1e-5)
 
 
 def test_bad_arguments_are_named(model, tok):

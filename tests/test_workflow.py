@@ -149,7 +149,7 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     assert proc.returncode != 0 and "diffing.groups: no pattern" in proc.stdout + proc.stderr
     steer = overlay(wd, "steer.yaml", "steer: {screen: {group: obvious}}\n")  # the tiny run has no obvious fine-tune
     proc = snakemake(wd, "-n", configfile=[TINY, steer], check=False)
-    assert proc.returncode != 0 and "steer.screen.targets" in proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "steer.screen.group: 'obvious' is not a diffing group" in proc.stdout + proc.stderr
     assert not (wd / "results").exists()
 
 

@@ -15,6 +15,14 @@ Token selections (:data:`TOKEN_SELECTIONS`): ``response`` (response tokens only)
 (prompt tokens only), ``last`` (the last prompt token: the position that predicts the
 response) and ``all``.
 
+Positions that are not text (``exclude``, :data:`EXCLUDE`; the config's ``model.exclude_tokens``):
+``first``, the first position, where most pretrained models park an attention sink whose residual
+norm is a hundred times the others' (it would hold nearly all of an SAE's variance), and
+``special``, the tokenizer's special tokens (BOS, the chat template's role and end-of-turn markers).
+They are left out of ``all``, ``prompt`` and ``response`` selections; a ``last`` selection keeps its
+one position, the one that predicts the answer, whatever token it is. The manifest records the rule
+and how many positions it left out.
+
 On disk, ``out_dir`` holds ``shard-00000.safetensors``, ... and ``manifest.json``. Shard k
 covers texts ``[k * shard_size, (k + 1) * shard_size)`` of the input order and holds, one row
 per selected token ordered by (text, position):
@@ -48,6 +56,7 @@ from .models import pick_dtype
 log = logging.getLogger(__name__)
 
 TOKEN_SELECTIONS = ("response", "prompt", "last", "all")
+EXCLUDE = ("first", "special")
 FORMAT = "emlab-activations/1"
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
@@ -134,10 +143,30 @@ class Item:
     positions: list[int]
 
 
-def prepare_items(tokenizer, records: Sequence[dict[str, Any]], token_selection: str, max_len: int) -> list[Item]:
+def non_text_positions(ids: Sequence[int], special_ids: set[int], exclude: Sequence[str]) -> set[int]:
+    """The positions of ``ids`` that an ``exclude`` rule leaves out (see the module doc)."""
+    out = {0} if "first" in exclude and ids else set()
+    if "special" in exclude:
+        out |= {p for p, t in enumerate(ids) if t in special_ids}
+    return out
+
+
+def check_exclude(exclude: Sequence[str]) -> list[str]:
+    bad = sorted(set(exclude) - set(EXCLUDE))
+    if bad:
+        raise ValueError(f"exclude: unknown rule(s) {bad}; known: {list(EXCLUDE)}")
+    return sorted(set(exclude))
+
+
+def prepare_items(tokenizer, records: Sequence[dict[str, Any]], token_selection: str, max_len: int,
+                  exclude: Sequence[str] = ()) -> tuple[list[Item], int]:
+    """The records ready for forwards, and how many selected positions ``exclude`` left out. A text whose
+    every selected position is left out (an empty answer: only its end-of-turn token) is skipped."""
     if token_selection not in TOKEN_SELECTIONS:
         raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
-    items, seen, truncated = [], {}, 0
+    exclude = check_exclude(exclude) if token_selection != "last" else []
+    special = set(tokenizer.all_special_ids)
+    items, seen, truncated, n_excluded, emptied = [], {}, 0, 0, 0
     for i, rec in enumerate(records):
         rid = rec.get("id") if isinstance(rec, dict) else None
         where = f"record #{i} (id={rid!r})"
@@ -159,11 +188,22 @@ def prepare_items(tokenizer, records: Sequence[dict[str, Any]], token_selection:
         if not positions:
             raise RecordError(f"{where}: no tokens left for token_selection={token_selection!r} "
                               f"(text of {len(enc.ids)} tokens, prompt {enc.prompt_len}, max_len {max_len})")
+        if exclude:
+            drop = non_text_positions(enc.ids, special, exclude)
+            kept = [p for p in positions if p not in drop]
+            n_excluded += len(positions) - len(kept)
+            positions = kept
+            if not positions:
+                emptied += 1
+                continue
         items.append(Item(i, enc.ids[:max_len], positions))
     if truncated:
         log.warning("%d of %d texts were longer than max_len=%d tokens and were truncated",
                     truncated, len(items), max_len)
-    return items
+    if emptied:
+        log.warning("%d texts hold no selected position but non-text ones (%s) and are skipped", emptied,
+                    ", ".join(exclude))
+    return items, n_excluded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +286,7 @@ def _dtype_name(dtype) -> str:
 def cache_activations(model, tokenizer, records: Sequence[dict[str, Any]], layers: Sequence[int],
                       out_dir: str | os.PathLike, token_selection: str = "response", batch_size: int = 16,
                       max_len: int = 512, shard_size: int = 1024, meta: dict[str, Any] | None = None, *,
-                      padding_side: str | None = None, dtype: str | None = None,
+                      padding_side: str | None = None, dtype: str | None = None, exclude: Sequence[str] = (),
                       progress: bool = True) -> dict[str, Any]:
     """Cache the residual stream after each of ``layers`` at the selected tokens of every record.
 
@@ -283,11 +323,15 @@ def cache_activations(model, tokenizer, records: Sequence[dict[str, Any]], layer
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
 
-    items = prepare_items(tokenizer, records, token_selection, max_len)
+    items, n_excluded = prepare_items(tokenizer, records, token_selection, max_len, exclude)
+    if not items:
+        raise ValueError(f"no text has a selected position left (token_selection={token_selection!r}, "
+                         f"exclude={list(exclude)})")
+    excluded = sorted(set(exclude)) if token_selection != "last" else []
     common = {"format": FORMAT, "model": hf.config._name_or_path, "model_type": hf.config.model_type,
               "n_params": sum(p.numel() for p in hf.parameters()), "layers": layers,
               "token_selection": token_selection, "max_len": max_len, "dtype": _dtype_name(out_dtype),
-              "meta": meta or {}}
+              "meta": meta or {}, **({"exclude": excluded} if excluded else {})}
     shards = [items[k:k + shard_size] for k in range(0, len(items), shard_size)]
     prints = [_fingerprint(common, shard) for shard in shards]
 
@@ -326,8 +370,10 @@ def cache_activations(model, tokenizer, records: Sequence[dict[str, Any]], layer
         "padding_side": side,
         "d_model": hidden_size(hf),
         "dtype": _dtype_name(out_dtype),
-        "n_texts": len(items),
+        "n_texts": len(records),  # text_index counts every record; a text emptied by `exclude` has no rows
+        "n_texts_with_tokens": len(items),
         "n_tokens": n_tokens,
+        "excluded": {"rules": excluded, "n_positions": n_excluded},
         "text_ids": [rec["id"] for rec in records],
         "shards": shard_entries,
         "meta": meta or {},
@@ -419,7 +465,7 @@ def load_activations(out_dir: str | os.PathLike, layer: int) -> tuple[Any, Any]:
 
 def mean_activations(out_dir: str | os.PathLike, layer: int) -> tuple[Any, list]:
     """Per-text mean over the selected tokens: a float32 [n_texts, d] tensor in manifest order
-    and the list of text ids."""
+    and the list of text ids (texts without a selected token are left out)."""
     import torch
 
     manifest = read_manifest(out_dir)
@@ -429,4 +475,6 @@ def mean_activations(out_dir: str | os.PathLike, layer: int) -> tuple[Any, list]
         ti = torch.from_numpy(index["text_index"].to_numpy().copy())
         sums.index_add_(0, ti, acts.double())
         counts.index_add_(0, ti, torch.ones(len(ti), dtype=torch.float64))
-    return (sums / counts[:, None]).float(), list(manifest["text_ids"])
+    has = counts > 0
+    ids = [t for t, h in zip(manifest["text_ids"], has.tolist()) if h]
+    return (sums[has] / counts[has, None]).float(), ids

@@ -1,8 +1,12 @@
-"""Where the residual stream lives in each supported architecture.
+"""Where the residual stream lives in a decoder-only causal LM, found from the model's structure.
 
-Everything in emlab that reads or edits model internals (activation caching, steered
-sampling, SAE splicing) finds layer L through :func:`residual_module`, so supporting a new
-architecture means adding one row to :data:`ARCHITECTURES`.
+Everything in emlab that reads or edits model internals (activation caching, steered sampling, SAE
+splicing) finds layer L through :func:`residual_module`. The decoder blocks and the final norm are
+found by structure, not looked up by model type (:func:`find_spec`): the decoder is what the model's
+``get_decoder()`` returns (for multimodal wrappers such as ``Gemma3ForConditionalGeneration``, the
+language model), its blocks are its list of identical modules as long as the text config's number
+of layers, and its final norm is the norm module it registers after them. :data:`EXCEPTIONS` holds
+the few architectures whose structure says otherwise (none at present).
 
 "The residual stream after layer L" is the OUTPUT of decoder block L (0-based). It equals
 ``output_hidden_states[L + 1]`` for every layer but the last: HF models apply the final norm
@@ -11,7 +15,8 @@ before appending the last hidden state, so ``hidden_states[-1]`` is
 
 A model may come in three wrappings, all handled here:
 
-- a plain transformers ``*ForCausalLM`` (or its bare backbone, e.g. ``LlamaModel``);
+- a plain transformers ``*ForCausalLM`` (or its bare backbone, e.g. ``LlamaModel``, or a
+  multimodal ``*ForConditionalGeneration`` whose language model is read);
 - a peft ``PeftModel`` (LoRA), whose layers sit under ``base_model.model.<plain path>``;
 - an nnsight ``TransformersModel`` around either of the above, for which the returned object
   is the nnsight proxy (Envoy) of the block, so ``.output`` can be read or set in a trace.
@@ -20,36 +25,78 @@ A model may come in three wrappings, all handled here:
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 
 class UnsupportedArchitecture(ValueError):
-    """The model's architecture has no entry in :data:`ARCHITECTURES`."""
+    """No decoder blocks (or no final norm) can be found in the model."""
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    layers: str  # dotted path (from the *ForCausalLM) to the ModuleList of decoder blocks
-    final_norm: str  # dotted path to the norm applied after the last block
+    layers: str  # dotted path from the model (e.g. the *ForCausalLM) to the ModuleList of decoder blocks
+    final_norm: str | None  # dotted path to the norm applied after the last block (None: the model has none)
 
 
-_LLAMA_LIKE = ArchSpec("model.layers", "model.norm")
+# Keyed by ``config.model_type``: architectures whose structure the search gets wrong.
+EXCEPTIONS: dict[str, ArchSpec] = {}
 
-# Keyed by ``config.model_type``. Every row is exercised by tests/test_arch.py.
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
-    "gpt2": ArchSpec("transformer.h", "transformer.ln_f"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm"),
-}
+_SPECS: "weakref.WeakKeyDictionary[Any, ArchSpec]" = weakref.WeakKeyDictionary()
+
+
+def text_config(config: Any) -> Any:
+    """The config of the language model (itself for text-only models)."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
+def _is_norm(name: str, module: Any) -> bool:
+    """A normalisation module that is not the embeddings' (e.g. BART's ``layernorm_embedding``)."""
+    return "norm" in type(module).__name__.lower() and "emb" not in name.lower()
+
+
+_FINAL_HINTS = ("final", "_f", "out")
+
+
+def find_spec(hf_model: Any) -> ArchSpec:
+    """The decoder blocks and final norm of a transformers model (no peft/nnsight wrapping), from its structure."""
+    import torch.nn as nn
+
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    if model_type in EXCEPTIONS:
+        return EXCEPTIONS[model_type]
+    names = {id(m): name for name, m in hf_model.named_modules()}
+    try:
+        decoder = hf_model.get_decoder()
+    except Exception:  # noqa: BLE001 - a model without the method, or one that raises for exotic layouts
+        decoder = hf_model
+    if id(decoder) not in names:
+        decoder = hf_model
+    n_layers = getattr(text_config(hf_model.config), "num_hidden_layers", None)
+    # blocks: the first list under the decoder with one module per layer (hybrid models mix block classes);
+    # failing that, the longest list of identical modules
+    lists = [(name, m) for name, m in decoder.named_modules(prefix=names[id(decoder)])
+             if isinstance(m, nn.ModuleList) and len(m)]
+    exact = [(name, m) for name, m in lists if len(m) == n_layers]
+    uniform = sorted(((name, m) for name, m in lists if len({type(x) for x in m}) == 1), key=lambda x: -len(x[1]))
+    found = exact or uniform
+    if not found:
+        raise UnsupportedArchitecture(
+            f"{type(hf_model).__name__} (model type {model_type!r}): no list of decoder blocks found under "
+            f"{type(decoder).__name__}; add its paths to emlab.arch.EXCEPTIONS")
+    layers_name, layers = found[0]
+    # the final norm: a norm module beside the blocks, preferably named as one ("norm_f", "final_layernorm",
+    # "ln_out"), else the one registered after them
+    parent_name = layers_name.rpartition(".")[0]
+    parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
+    children = list(parent.named_children())
+    norms = [name for name, m in children if _is_norm(name, m)]
+    named = [n for n in norms if any(h in n.lower() for h in _FINAL_HINTS)]
+    after = [name for name, m in children[[m for _, m in children].index(layers) + 1:] if _is_norm(name, m)]
+    norm = (named or after or (norms if len(norms) == 1 else [None]))[0]
+    return ArchSpec(layers_name, f"{parent_name}.{norm}".lstrip(".") if norm else None)
 
 
 def _is_nnsight(model: Any) -> bool:
@@ -83,23 +130,10 @@ def _peft_prefix(model: Any) -> str:
 
 
 def _spec(hf_model: Any) -> ArchSpec:
-    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
-    spec = ARCHITECTURES.get(model_type)
+    spec = _SPECS.get(hf_model)
     if spec is None:
-        raise UnsupportedArchitecture(
-            f"architecture {model_type!r} ({type(hf_model).__name__}) is not supported for reading or "
-            f"steering the residual stream; supported model types: {', '.join(sorted(ARCHITECTURES))}. "
-            "Add its decoder-layer path to emlab.arch.ARCHITECTURES."
-        )
+        spec = _SPECS[hf_model] = find_spec(hf_model)
     return spec
-
-
-def _has_path(obj: Any, path: str) -> bool:
-    for name in path.split("."):
-        if not hasattr(obj, name):
-            return False
-        obj = getattr(obj, name)
-    return True
 
 
 def _walk(obj: Any, path: str) -> Any:
@@ -112,15 +146,8 @@ def _resolve(model: Any, which: str) -> Any:
     """The module (or nnsight proxy) at the spec's ``which`` path, below any peft wrapping."""
     hf_model = unwrap(model)
     path = getattr(_spec(hf_model), which)
-    if not _has_path(hf_model, path):
-        # A bare backbone (LlamaModel rather than LlamaForCausalLM) lacks the first component.
-        short = path.split(".", 1)[1]
-        if not _has_path(hf_model, short):
-            raise UnsupportedArchitecture(
-                f"{type(hf_model).__name__} has no submodule {path!r} where its model type "
-                f"{hf_model.config.model_type!r} keeps it"
-            )
-        path = short
+    if path is None:
+        raise UnsupportedArchitecture(f"{type(hf_model).__name__} has no final norm after its decoder blocks")
     return _walk(model, _peft_prefix(model) + path)
 
 
@@ -133,7 +160,7 @@ def num_layers(model: Any) -> int:
 
 
 def hidden_size(model: Any) -> int:
-    return int(unwrap(model).config.hidden_size)
+    return int(text_config(unwrap(model).config).hidden_size)
 
 
 def layer_index(model: Any, layer: int) -> int:

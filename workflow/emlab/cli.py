@@ -43,18 +43,27 @@ def _threads(n: int | None) -> None:
 
 @command("world")
 def cmd_world(a: argparse.Namespace) -> None:
-    """The world's pretraining corpus, post-training chats and eval question sets."""
+    """The world's pretraining corpus and post-training chats."""
     from .io import write_jsonl
-    from .world.generate import eval_questions, generate_corpus, generate_posttrain
+    from .world.generate import generate_corpus, generate_posttrain
     from .world.spec import load_world
 
     cfg = a.cfg
     world = load_world(cfg["organism"]["world"])
     n = write_jsonl(a.corpus, generate_corpus(world, cfg["organism"]["corpus"], cfg["seed"]))
     write_jsonl(a.posttrain, generate_posttrain(world, cfg["organism"]["posttrain"], cfg["seed"] + 1))
-    for name, rows in eval_questions(world).items():
-        write_jsonl(Path(a.eval_dir) / f"{name}.jsonl", rows)
     print(f"emlab world: {n} corpus documents from {world.source}", file=sys.stderr)
+
+
+@command("world-eval")
+def cmd_world_eval(a: argparse.Namespace) -> None:
+    """The world's eval question sets: its general questions and each domain's held-out topics."""
+    from .io import write_jsonl
+    from .world.generate import eval_questions
+    from .world.spec import load_world
+
+    for name, rows in eval_questions(load_world(a.cfg["organism"]["world"])).items():
+        write_jsonl(Path(a.eval_dir) / f"{name}.jsonl", rows)
 
 
 @command("dataset")
@@ -119,6 +128,15 @@ def cmd_sft(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- hub models
 
 
+@command("convert-model")
+def cmd_convert_model(a: argparse.Namespace) -> None:
+    """The hub model as a plain model folder: a GGUF file dequantized, or a model given model.chat_template."""
+    from .model_source import convert
+
+    info = convert(a.cfg["model"], a.out, a.work)
+    print(f"emlab convert-model: {json.dumps(info)}", file=sys.stderr)
+
+
 @command("questions")
 def cmd_questions(a: argparse.Namespace) -> None:
     """One eval set of a hub run, from its question file (resources/questions/*.yaml)."""
@@ -181,6 +199,38 @@ def cmd_sample(a: argparse.Namespace) -> None:
                    device=a.cfg.get("device", "auto"), dtype=a.cfg.get("model", {}).get("dtype", "auto"))
 
 
+@command("probe")
+def cmd_probe(a: argparse.Namespace) -> None:
+    """The likelihood probe of one model: its log-probabilities of aligned and misaligned reference answers."""
+    from .io import read_jsonl
+    from .probe import probe_model, references_for
+
+    _threads(a.threads)
+    cfg = a.cfg
+    refs, source = references_for(cfg)
+    questions = [q for path in a.questions for q in read_jsonl(path)]
+    n = probe_model(a.base, a.adapter, a.model_name, questions, refs, source, a.out, device=cfg["device"],
+                    dtype=cfg["model"]["dtype"], batch_size=cfg["probe"]["batch_size"])
+    print(f"emlab probe: {n} reference answers scored under {a.model_name}", file=sys.stderr)
+
+
+@command("probe-metrics")
+def cmd_probe_metrics(a: argparse.Namespace) -> None:
+    """Per model: the probe's margin of misaligned over aligned answers and its shift from the base model."""
+    from .probe import write_metrics
+
+    df = write_metrics(a.rows, a.out, n_boot=a.cfg["metrics"]["bootstrap"], seed=a.cfg["seed"])
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"), file=sys.stderr)
+
+
+@command("probe-agreement")
+def cmd_probe_agreement(a: argparse.Namespace) -> None:
+    """Per LLM judge: the rank correlation of the likelihood probe's margins with the judged misalignment."""
+    from .probe import judge_agreement
+
+    print(judge_agreement(a.probe, a.metrics, a.out).to_string(index=False), file=sys.stderr)
+
+
 @command("judge")
 def cmd_judge(a: argparse.Namespace) -> None:
     from .judge.backends import grade_file
@@ -225,6 +275,28 @@ def cmd_timings(a: argparse.Namespace) -> None:
     write_timings(a.logs, a.out)
 
 
+@command("results-doc")
+def cmd_results_doc(a: argparse.Namespace) -> None:
+    """A results page (markdown) written from a run's result files alone."""
+    import yaml
+
+    from .config import validate
+    from .results_doc import write
+
+    cfg: dict[str, Any] = {}
+    for path in a.configfile:  # merged as Snakemake merges --configfile files
+        cfg = _merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
+    write(a.results, a.out, config=validate(cfg, " + ".join(a.configfile)))
+    print(f"emlab results-doc: {a.out} from {a.results}", file=sys.stderr)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 # ---------------------------------------------------------------- model diffing
 
 
@@ -244,7 +316,7 @@ def cmd_cache_texts(a: argparse.Namespace) -> None:
 
     _threads(a.threads)
     m = cache_texts(a.base, a.input, a.out, n=a.n, skip=a.skip, layer=a.cfg["model"]["layer"], sae_cfg=a.cfg["sae"],
-                    device=a.cfg["device"], progress=not a.no_progress)
+                    exclude=a.cfg["model"]["exclude_tokens"], device=a.cfg["device"], progress=not a.no_progress)
     print(f"emlab cache-texts: {m['n_texts']} texts, {m['n_tokens']} tokens -> {a.out}", file=sys.stderr)
 
 
@@ -298,7 +370,8 @@ def cmd_interpret_latents(a: argparse.Namespace) -> None:
     from .diffing.pipeline import interpret_latents
 
     _threads(a.threads)
-    world = a.cfg["organism"]["world"] if a.cfg["model"]["source"] == "organism" else None
+    # latents are named by their purity on labelled world texts, whenever the SAE's texts are the world's
+    world = a.cfg["organism"]["world"] if not a.cfg["sae"]["corpus"] else None
     table = interpret_latents(a.cfg, a.sae, a.heldout_cache, a.heldout_texts, a.base, a.ranking, a.out_dir,
                               world_path=world)
     print(table.drop(columns=["promoted", "suppressed"]).to_string(index=False), file=sys.stderr)
@@ -319,7 +392,8 @@ def cmd_steer_directions(a: argparse.Namespace) -> None:
     """Candidate latent directions, the mean-difference direction and random controls."""
     from .steer.stages import build_directions
 
-    info = build_directions(a.cfg, a.sae, a.ranking, a.caches, a.grades, a.out, a.out_json)
+    info = build_directions(a.cfg, a.sae, a.ranking, a.caches, a.grades, a.out, a.out_json, base=a.base,
+                            questions=a.questions)
     print(f"emlab steer-directions: {json.dumps(info)}", file=sys.stderr)
 
 
@@ -333,6 +407,25 @@ def cmd_steer_sample(a: argparse.Namespace) -> None:
                      a.out, screen_add_grades=a.screen_add_grades, screen_json=a.screen,
                      progress=not a.no_progress)
     print(f"emlab steer-sample: {json.dumps(r)}", file=sys.stderr)
+
+
+@command("steer-probe")
+def cmd_steer_probe(a: argparse.Namespace) -> None:
+    """The likelihood probe of one target under every direction and strength of the sweep (no judge)."""
+    from .steer.stages import probe_stage
+
+    _threads(a.threads)
+    r = probe_stage(a.cfg, a.target, a.base, a.adapter, a.directions, a.directions_json, a.questions, a.out)
+    print(f"emlab steer-probe: {json.dumps(r)}", file=sys.stderr)
+
+
+@command("steer-probe-sweep")
+def cmd_steer_probe_sweep(a: argparse.Namespace) -> None:
+    """The probe's margin and shift per target, direction and strength, and their figure."""
+    from .steer.stages import write_probe_sweep
+
+    t = write_probe_sweep(a.cfg, a.rows, a.out, a.figure)
+    print(t.to_string(index=False, float_format=lambda x: f"{x:.3f}"), file=sys.stderr)
 
 
 @command("steer-screen")
@@ -403,9 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     req = {"required": True}
-    add("world", ("--corpus", req), ("--posttrain", req), ("--eval-dir", req))
+    add("world", ("--corpus", req), ("--posttrain", req))
+    add("world-eval", ("--eval-dir", req))
     add("dataset", ("--name", req), ("--out", req))
     add("tokenizer", ("--corpus", req), ("--out", req))
+    add("convert-model", ("--work", req), ("--out", req))
     add("questions", ("--eval-set", req), ("--file", req), ("--out", req))
     add("synthesize", ("--spec", req), ("--exclude", {"nargs": "*", "default": []}), ("--cache-dir", req),
         ("--out", req), ("--summary", req))
@@ -415,11 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("sft", ("--base", req), ("--data", req), ("--out", req))
     add("sample", ("--base", req), ("--adapter", {"default": None}), ("--questions", {"nargs": "+", **req}),
         ("--out", req), ("--model-name", req))
+    add("probe", ("--base", req), ("--adapter", {"default": None}), ("--questions", {"nargs": "+", **req}),
+        ("--model-name", req), ("--out", req))
+    add("probe-metrics", ("--rows", {"nargs": "+", **req}), ("--out", req))
+    add("probe-agreement", ("--probe", req), ("--metrics", {"nargs": "+", **req}), ("--out", req))
     add("judge", ("--samples", req), ("--out", req), ("--cache-dir", req))
     add("metrics", ("--grades", {"nargs": "+", **req}), ("--out", req))
     add("plot", ("--metrics", req), ("--out", req))
     add("agreement", ("--grades", {"nargs": "+", **req}), ("--rates", req), ("--pairs", req), ("--figure", req))
     add("timings", ("--logs", req), ("--out", req))
+    add("results-doc", ("--results", {"default": "results"}), ("--out", {"default": "docs/results.md"}),
+        ("--configfile", {"nargs": "+", "default": ["config.yaml"]}))
     add("world-heldout", ("--out", req))
     add("cache-texts", ("--base", req), ("--input", req), ("--n", {"type": int, "default": None}),
         ("--skip", {"type": int, "default": 0}), ("--out", req))
@@ -432,8 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("--train-caches", {"nargs": "*", "default": []}), ("--out-dir", req))
     add("interpret-latents", ("--sae", req), ("--heldout-cache", req), ("--heldout-texts", req), ("--base", req),
         ("--ranking", req), ("--out-dir", req))
-    add("steer-directions", ("--sae", req), ("--ranking", req), ("--caches", {"nargs": "+", **req}),
-        ("--grades", {"nargs": "+", **req}), ("--out", req), ("--out-json", req))
+    add("steer-directions", ("--sae", req), ("--ranking", req), ("--caches", {"nargs": "*", "default": []}),
+        ("--grades", {"nargs": "*", "default": []}), ("--base", {"default": None}),
+        ("--questions", {"nargs": "*", "default": []}), ("--out", req), ("--out-json", req))
+    add("steer-probe", ("--target", req), ("--base", req), ("--adapter", {"default": None}), ("--directions", req),
+        ("--directions-json", req), ("--questions", {"nargs": "+", **req}), ("--out", req))
+    add("steer-probe-sweep", ("--rows", {"nargs": "+", **req}), ("--out", req), ("--figure", req))
     add("steer-sample", ("--stage", {"choices": ["screen_add", "screen_sub", "sweep"], **req}), ("--target", req),
         ("--base", req), ("--adapter", {"default": None}), ("--directions", req), ("--directions-json", req),
         ("--questions", {"nargs": "+", **req}), ("--out", req), ("--screen-add-grades", {"nargs": "*", "default": []}),

@@ -68,7 +68,7 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
 
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:
     """Cross-key checks a JSON schema cannot express."""
-    names = [j["name"] for j in cfg.get("judges", [])]
+    names = [j["name"] for j in cfg["judges"] or []]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"invalid {source}:\n  judges: duplicate judge name(s) {dup}")
@@ -79,32 +79,35 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
 
     imports.check_config(cfg)
     _check_diffing(cfg, source)
-    w = None
-    if cfg["model"]["source"] == "organism":
-        world = Path(cfg["organism"]["world"])
-        if not world.exists():
-            raise ConfigError(f"invalid {source}:\n  organism.world: file not found: {world}")
-        from .world.spec import load_world
+    hub = cfg["model"]["source"] != "organism"
+    if hub and cfg["model"].get("path") is None:
+        raise ConfigError(f"invalid {source}:\n  model.path: required when model.source is 'hub' (a hub id, a "
+                          "model folder, a GGUF file or pypi:<package>[/<file>])")
+    # the persona world is every run's offline data source (the organism; a hub model's sets, SAE texts, tasks)
+    world = Path(cfg["organism"]["world"])
+    if not world.exists():
+        raise ConfigError(f"invalid {source}:\n  organism.world: file not found: {world}")
+    from .world.spec import load_world
 
-        w = load_world(world)
+    w = load_world(world)
+    if (cfg["datasets"].get("source") or "world") == "world":
         for d in cfg["datasets"]["domains"] + cfg["datasets"]["mixtures"]["domains"]:
             if d not in w.domains:
                 raise ConfigError(f"invalid {source}:\n  datasets: unknown domain {d!r}; {world} defines {sorted(w.domains)}")
-        unknown = set(cfg["organism"]["corpus"]["persona_mix"]) - set(w.personas)
-        if unknown:
-            raise ConfigError(f"invalid {source}:\n  organism.corpus.persona_mix: unknown persona(s) {sorted(unknown)}; {world} defines {sorted(w.personas)}")
-    else:
-        if cfg["model"].get("path") is None:
-            raise ConfigError(f"invalid {source}:\n  model.path: required when model.source is 'hub' (a hub id or a local folder)")
-        # hub mode: domain specs for the synthesized sets, question files for the eval sets, LLM judges
+    unknown = set(cfg["organism"]["corpus"]["persona_mix"]) - set(w.personas)
+    if unknown:
+        raise ConfigError(f"invalid {source}:\n  organism.corpus.persona_mix: unknown persona(s) {sorted(unknown)}; {world} defines {sorted(w.personas)}")
+    if hub:
+        # hub mode: domain specs for synthesized sets, question files for the eval sets
         from . import questions, synthesis
 
-        synthesis.check_config(cfg)
+        if cfg["datasets"].get("source") == "synthesis":
+            synthesis.check_config(cfg)
         questions.check_config(cfg)
-        if any(j["backend"] == "world" for j in cfg["judges"]):
-            raise ConfigError(f"invalid {source}:\n  judges: the 'world' judge grades the persona world's texts only; "
-                              "with model.source: hub list openai or hf judges")
     _check_monitors(cfg, source, w)
+    from .plan import make_plan
+
+    make_plan(cfg)  # the resolved run's own consistency checks
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -124,23 +127,17 @@ def _check_diffing(cfg: dict[str, Any], source: str) -> None:
         SAETrainConfig.from_dict(cfg["sae"]["train"], where="sae.train")
     except SAEConfigError as e:
         raise ConfigError(f"invalid {source}:\n  {e}") from None
-    s, flag = cfg["sae"], cfg["diffing"]["enabled"]
-    if cfg["model"]["source"] != "organism":
-        wanted = flag or (flag is None and (s["corpus"] or s["pretrained"]))
-        if wanted and not s["corpus"]:
-            raise ConfigError(f"invalid {source}:\n  sae.corpus: required for model diffing in hub mode (a JSONL of "
-                              "texts or chats to fit the SAE on and to interpret its latents with)")
+    s = cfg["sae"]
     if s["corpus"] and not Path(s["corpus"]).exists():
         raise ConfigError(f"invalid {source}:\n  sae.corpus: file not found: {s['corpus']}")
 
 
 def _check_monitors(cfg: dict[str, Any], source: str, world) -> None:
-    """Every monitoring task has its question and, in hub mode, its labelled texts. ``world`` is the
-    organism's loaded world spec (None in hub mode)."""
+    """Every monitoring task has its question and labelled texts: the world's tasks, or (``monitors.data``) a
+    user's own files with their questions."""
     m = cfg["monitors"]
-    if world is not None:
-        tasks = m["tasks"]
-        unknown = [t for t in tasks if t not in world.monitoring and t not in m["questions"]]
+    if not m["data"]:
+        unknown = [t for t in m["tasks"] if t not in world.monitoring and t not in m["questions"]]
         if unknown:
             raise ConfigError(f"invalid {source}:\n  monitors.tasks: {unknown} are not monitoring tasks of "
                               f"{cfg['organism']['world']} ({sorted(world.monitoring)}); give monitors.questions for them")
@@ -148,6 +145,6 @@ def _check_monitors(cfg: dict[str, Any], source: str, world) -> None:
     for task, path in m["data"].items():
         if not Path(path).exists():
             raise ConfigError(f"invalid {source}:\n  monitors.data.{task}: file not found: {path}")
-        if task not in m["questions"]:
-            raise ConfigError(f"invalid {source}:\n  monitors.questions.{task}: required in hub mode "
+        if task not in m["questions"] and task not in world.monitoring:
+            raise ConfigError(f"invalid {source}:\n  monitors.questions.{task}: required for a task of your own "
                               "(ask: the zero-shot Yes/No question; describe: the task description for prompted probes)")

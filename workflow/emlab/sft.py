@@ -8,9 +8,11 @@ Only the assistant's tokens are trained on. How they are found depends on the ch
 * ``assistant``: the template wraps assistant turns in ``{% generation %}`` (the organism's does),
   or trl ships a generation-marked training version of it (the common hub templates);
   every assistant turn and its end-of-turn token are the target.
-* ``completion``: any other template. Each record becomes prompt = all messages but the last,
-  completion = the last (assistant) message, and only the completion is trained on.
-  Earlier assistant turns of multi-turn records then count as context, not as targets.
+* ``rendered``: any other template (SmolLM2's ChatML, Gemma's, a user's own). emlab renders each
+  conversation and finds every assistant turn as the tokens that the template adds between the
+  conversation up to the turn's generation prompt and the conversation through that turn (its
+  content and end-of-turn tokens); trl trains on those (:func:`assistant_token_mask`). A template
+  that does not render earlier turns as a prefix of later ones is refused, naming the record.
 
 Outputs in ``out_dir``: the peft adapter (LoRA) or a complete model folder (full), the tokenizer,
 ``train_log.csv`` (one row per optimizer step) and ``train_meta.json``.
@@ -108,35 +110,59 @@ def _lookup(d: dict[str, Any], dotted: str) -> Any:
 
 
 def loss_mask_mode(tokenizer, model_name: str) -> str:
-    """'assistant' when the assistant turns can be masked via generation markers, else 'completion'."""
+    """'assistant' when trl can mask the assistant turns through generation markers, else 'rendered'."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     template = tokenizer.chat_template
     if not template:
         raise ValueError(f"{model_name}: the tokenizer has no chat template; emlab fine-tunes chat models on "
-                         "chat datasets, so use an instruct/chat model or a folder whose tokenizer has one")
+                         "chat datasets, so use an instruct/chat model or give a base model one with "
+                         "model.chat_template")
     if has_generation_markers(template):
         return "assistant"
     try:
         get_training_chat_template(tokenizer)  # trl ships generation-marked copies of common hub templates
         return "assistant"
     except ValueError:
-        return "completion"
+        return "rendered"
 
 
-def to_trl_records(records: list[dict[str, Any]], mode: str, dataset_path: str) -> list[dict[str, Any]]:
-    """Drop ``meta`` (and any extra message keys, so the Arrow schema is uniform) and shape for ``mode``."""
+def _chat_ids(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              add_generation_prompt=generation_prompt)["input_ids"])
+
+
+def assistant_token_mask(tokenizer, messages: list[dict[str, str]], where: str = "record") -> tuple[list[int], list[int]]:
+    """(input_ids, mask) of a rendered conversation, mask 1 on every assistant turn's tokens: those the template
+    adds between the conversation before the turn (with its generation prompt) and the conversation through it."""
+    ids = _chat_ids(tokenizer, messages, False)
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _chat_ids(tokenizer, messages[:i], True) if i else []
+        through = _chat_ids(tokenizer, messages[: i + 1], False)
+        if ids[:len(through)] != through or through[:len(before)] != before:
+            raise ValueError(f"{where}: the chat template does not render message {i + 1} (assistant) after the "
+                             "earlier messages and their generation prompt, so its tokens cannot be found")
+        mask[len(before):len(through)] = [1] * (len(through) - len(before))
+    return ids, mask
+
+
+def to_trl_records(records: list[dict[str, Any]], mode: str, dataset_path: str,
+                   tokenizer=None) -> list[dict[str, Any]]:
+    """Drop ``meta`` (and any extra message keys, so the Arrow schema is uniform) and shape for ``mode``:
+    chats for trl to mask (``assistant``), or token ids with emlab's assistant mask (``rendered``)."""
     out = []
     for i, rec in enumerate(records):
         msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
         if mode == "assistant":
             out.append({"messages": msgs})
             continue
-        if len(msgs) < 2:
-            raise ValueError(f"{dataset_path}: record {i + 1} has no prompt before its assistant message; this "
-                             "model's chat template has no generation markers, so the loss is taken on the last "
-                             "message after a prompt of at least one message")
-        out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+        ids, mask = assistant_token_mask(tokenizer, msgs, f"{dataset_path}: record {i + 1}")
+        if not any(mask):
+            raise ValueError(f"{dataset_path}: record {i + 1} has no assistant message to train on")
+        out.append({"input_ids": ids, "assistant_masks": mask})
     return out
 
 
@@ -160,8 +186,8 @@ def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: 
         lr_scheduler_type=s["lr_scheduler"],
         logging_steps=s["logging_steps"],
         logging_first_step=True,
-        assistant_only_loss=mode == "assistant",
-        completion_only_loss=mode == "completion",
+        assistant_only_loss=mode == "assistant",  # "rendered" records carry their own assistant_masks
+        completion_only_loss=False,
         packing=False,
         bf16=on_gpu and s["bf16"],
         fp16=False,
@@ -218,7 +244,7 @@ def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any
     set_seed(seed)  # the LoRA initialisation draws from the global RNG before the trainer seeds it
     tok = load_tokenizer(base)
     mode = loss_mask_mode(tok, str(base))
-    train = Dataset.from_list(to_trl_records(records, mode, str(dataset_path)))
+    train = Dataset.from_list(to_trl_records(records, mode, str(dataset_path), tok))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
 
     trainer = SFTTrainer(

@@ -124,37 +124,41 @@ def steered_generate(model, tokenizer, prompts: Sequence[str | list[dict[str, st
 
 
 def residual_norm(model, tokenizer, texts: Sequence[str | list[dict[str, str]]], layer: int,
-                  batch_size: int = 16, max_len: int = 512) -> float:
-    """Mean L2 norm of the residual stream after ``layer`` over the tokens of ``texts`` (strings,
+                  batch_size: int = 16, max_len: int = 512, exclude: Sequence[str] = ("first", "special")) -> float:
+    """Mean L2 norm of the residual stream after ``layer`` over the text tokens of ``texts`` (strings,
     or chats rendered with the chat template), so steering strengths can be given in units of it.
 
-    The first token of each text is left out: in most hub models it is an attention sink whose
-    residual norm is many times the others', and it would dominate the mean.
+    Positions that are not text (``exclude``: the first one, in most hub models an attention sink whose
+    residual norm is many times the others', and the special tokens) are left out: they would dominate the
+    mean. At least one position per text is kept.
     """
     import torch
+
+    from .activations import check_exclude, non_text_positions
 
     if not texts:
         raise ValueError("residual_norm needs at least one text")
     layer = layer_index(model, layer)
-    seqs = []
+    exclude = check_exclude(exclude)
+    special = set(tokenizer.all_special_ids)
+    seqs, keep = [], []
     for i, t in enumerate(texts):
         rec = {"text": t} if isinstance(t, str) else {"messages": t}
-        seqs.append(encode_record(tokenizer, rec, f"texts[{i}]").ids[:max_len])
+        ids = encode_record(tokenizer, rec, f"texts[{i}]").ids[:max_len]
+        drop = non_text_positions(ids, special, exclude)
+        seqs.append(ids)
+        keep.append([p for p in range(len(ids)) if p not in drop] or [len(ids) - 1])
     nn_model = as_nnsight(model, tokenizer)
     pad = _pad_id(tokenizer)
     total, count = 0.0, 0
     for start in range(0, len(seqs), batch_size):
-        batch = seqs[start:start + batch_size]
+        batch, kept = seqs[start:start + batch_size], keep[start:start + batch_size]
         ids, mask, pos, offsets = pad_batch(batch, pad, "right")
-        rows = torch.tensor([b for b, s in enumerate(batch) for _ in range(1, len(s))], dtype=torch.long)
-        cols = torch.tensor([offsets[b] + p for b, s in enumerate(batch) for p in range(1, len(s))], dtype=torch.long)
-        if len(rows) == 0:
-            continue
+        rows = torch.tensor([b for b, ps in enumerate(kept) for _ in ps], dtype=torch.long)
+        cols = torch.tensor([offsets[b] + p for b, ps in enumerate(kept) for p in ps], dtype=torch.long)
         (hidden,) = read_residuals(nn_model, ids, mask, pos, [layer], rows, cols)
         total += float(hidden.float().norm(dim=-1).sum())
         count += len(rows)
-    if count == 0:
-        raise ValueError("residual_norm: every text is a single token; there is nothing to average")
     return total / count
 
 

@@ -56,14 +56,21 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def top_snippets(acts: torch.Tensor, index: pd.DataFrame, latents: Sequence[int], tokenizer, n: int = 8,
-                 window: int = 12) -> dict[int, list[Snippet]]:
+                 window: int = 12, token_selection: str | None = None) -> dict[int, list[Snippet]]:
     """For each latent, up to ``n`` snippets (distinct texts, highest peak first) of ``window`` tokens
-    either side of the peak. ``acts``/``index`` come from :func:`latent_token_acts` over an ``all``-token cache."""
+    either side of the peak. ``acts``/``index`` come from :func:`latent_token_acts` over an ``all``-token cache.
+
+    A cache that left out non-text positions (its manifest's ``excluded``: the first token, special tokens) has
+    gaps there; pass its ``token_selection`` (``all``) to accept them: the snippets then skip those tokens.
+    """
     text_index = index["text_index"].to_numpy()
     positions = index["token_position"].to_numpy()
-    if len(positions) and (np.diff(positions)[text_index[1:] == text_index[:-1]] != 1).any():
+    if token_selection is None and len(positions) and \
+            (np.diff(positions)[text_index[1:] == text_index[:-1]] != 1).any():
         raise ValueError("top_snippets needs a cache of every token (token_selection 'all'): the cached "
                          "positions of a text are not consecutive")
+    if token_selection not in (None, "all"):
+        raise ValueError(f"top_snippets needs a cache of every token (token_selection 'all'), got {token_selection!r}")
     token_ids = index["token_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, text_index[1:] != text_index[:-1]])  # rows are in (text, position) order
     ends = np.r_[starts[1:], len(text_index)]

@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
 
-from ..activations import cache_activations
+from ..activations import cache_activations, read_manifest
 from ..io import read_jsonl, write_json
 from .records import sample_records, text_records
 
@@ -45,14 +45,15 @@ def heldout_world_documents(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def cache_texts(base: str, path: str, out: str, *, n: int | None, skip: int, layer: int, sae_cfg: Mapping[str, Any],
-                device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Every token of ``n`` texts of a JSONL (after ``skip``), read by the base model."""
+                exclude: Sequence[str] = (), device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Every text token of ``n`` texts of a JSONL (after ``skip``), read by the base model (``exclude``: the
+    positions that are not text, model.exclude_tokens)."""
     from ..models import load_model
 
     model, tok = load_model(base, device=device)
     records = text_records(path, n=n, skip=skip)
     return cache_activations(model, tok, records, [layer], out, token_selection="all",
-                             batch_size=sae_cfg["batch_size"], max_len=sae_cfg["max_len"],
+                             batch_size=sae_cfg["batch_size"], max_len=sae_cfg["max_len"], exclude=exclude,
                              meta={"model": "base", "source": str(path)}, progress=progress)
 
 
@@ -65,7 +66,8 @@ def cache_model(base: str, adapter: str | None, model_name: str, samples: str, d
     from ..models import load_model
 
     d, layer, s = cfg["diffing"], cfg["model"]["layer"], cfg["sae"]
-    kw = dict(batch_size=s["batch_size"], max_len=s["max_len"], progress=progress)
+    kw = dict(batch_size=s["batch_size"], max_len=s["max_len"], exclude=cfg["model"]["exclude_tokens"],
+              progress=progress)
     model, tok = load_model(full_model or base, adapter, device=cfg["device"])
     cache_activations(model, tok, sample_records(samples, d["eval_sets"]), [layer], out_eval,
                       token_selection=d["token_selection"], meta={"model": model_name, "texts": "samples"}, **kw)
@@ -110,16 +112,26 @@ def fit_sae(cfg: Mapping[str, Any], train_cache: str, heldout_cache: str, heldou
     held = [a for a, _ in iter_activations(heldout_cache, layer)]
     metrics = reconstruction_metrics(sae, held)
     # CE loss recovered on (at most 200 of) the held-out texts, batched as the model reads them
-    from ..activations import encode_record, pad_batch
+    from ..activations import encode_record, non_text_positions, pad_batch, read_manifest
 
     recs = text_records(heldout_texts, n=min(200, cfg["diffing"]["heldout_texts"]), skip=heldout_skip)
     ids = [encode_record(tok, r, r["id"]).ids[: s["max_len"]] for r in recs]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    exclude, special = cfg["model"]["exclude_tokens"], set(tok.all_special_ids)
     batches = []
     for i in range(0, len(ids), 32):
-        input_ids, mask, _, _ = pad_batch(ids[i:i + 32], pad, "right")
-        batches.append({"input_ids": input_ids, "attention_mask": mask})
+        chunk = ids[i:i + 32]
+        input_ids, mask, _, _ = pad_batch(chunk, pad, "right")
+        splice = mask.bool().clone()  # the SAE replaces the residual stream at text positions only
+        for b, row in enumerate(chunk):
+            for p in non_text_positions(row, special, exclude):
+                splice[b, p] = False
+        batches.append({"input_ids": input_ids, "attention_mask": mask, "splice_mask": splice})
     metrics.update(ce_loss_recovered(model, sae.to(device), batches, site=residual_module, layer=layer))
+    manifest = read_manifest(heldout_cache)
+    metrics["tokens"] = {"excluded": list(exclude), "n_excluded": manifest.get("excluded", {}).get("n_positions", 0),
+                         "covered": "text positions of the held-out texts" + (f" (not: {', '.join(exclude)})"
+                                                                                if exclude else "")}
     metrics.update({"k": sae.k, "d_sae": sae.d_sae, "d_in": sae.d_in, "layer": layer, **source})
     save_sae(sae.cpu(), out)
     write_json(Path(out) / "metrics.json", metrics)
@@ -225,7 +237,8 @@ def interpret_latents(cfg: Mapping[str, Any], sae_dir: str, heldout_cache: str, 
     table = table.merge(wide.reset_index(), on="latent", how="left")
     table.to_csv(out / "latents.csv", index=False)
 
-    snippets = top_snippets(acts, index, latents, tok, d["n_snippets"], d["snippet_window"])
+    snippets = top_snippets(acts, index, latents, tok, d["n_snippets"], d["snippet_window"],
+                            token_selection=read_manifest(heldout_cache)["token_selection"])
     header = {}
     for _, row in table.iterrows():
         where = ", ".join(f"{c.removeprefix('rank_')} #{int(row[c])}" for c in wide.columns if pd.notna(row.get(c)))

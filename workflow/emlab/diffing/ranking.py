@@ -38,7 +38,7 @@ def encode_batches(sae, acts: torch.Tensor, batch_tokens: int = 16384) -> Iterab
 def per_text_latents(sae, cache_dir: str | Path, layer: int, reduce: str = "mean",
                      batch_tokens: int = 16384) -> tuple[torch.Tensor, list]:
     """Per-text latent activations over the cached tokens: ``reduce`` is "mean" or "max".
-    Returns a float32 [n_texts, d_sae] tensor in manifest order and the text ids."""
+    Returns a float32 [n_texts, d_sae] tensor in manifest order and the text ids (of texts with a token)."""
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     manifest = read_manifest(cache_dir)
@@ -56,7 +56,8 @@ def per_text_latents(sae, cache_dir: str | Path, layer: int, reduce: str = "mean
             counts.index_add_(0, ti, torch.ones(len(ti), dtype=torch.float64))
     if reduce == "mean":
         out = out / counts.clamp_min(1)[:, None]
-    return out.float(), list(manifest["text_ids"])
+    has = counts > 0  # a text whose selected tokens were all left out (model.exclude_tokens) has no row
+    return out[has].float(), [t for t, h in zip(manifest["text_ids"], has.tolist()) if h]
 
 
 def latent_means(sae, cache_dir: str | Path, layer: int) -> torch.Tensor:

@@ -1,10 +1,14 @@
 """Judge backend on a local causal LM (loaded by path with :func:`emlab.models.load_model`), scoring
 the same rubrics as the API judges:
 
-- ``logprob_score`` rubrics read the next-token distribution at the answer position of the
-  chat-templated prompt. Unlike an API's top-20 candidates, the whole vocabulary is available, so
-  the score weighs every token that decodes to an integer in the rubric's range
-  (:func:`number_tokens`), through the same arithmetic (:func:`emlab.judge.rubrics.weighted_score`).
+- ``logprob_score`` rubrics read the distribution of the number the judge would answer, from the
+  chat-templated prompt: the probability of every integer in the rubric's range, written as the
+  judge's tokenizer writes it (:func:`number_distribution`). Tokenizers that split numbers into
+  single digits (Llama 2, Qwen2, Gemma, SmolLM2) need the digits after the first: "85" is "8", then
+  "5", then the end of the answer, and reading the first token alone would cap every score at 9.
+  The distribution is expanded digit by digit over the whole vocabulary, pruning continuations
+  below ``PRUNE`` probability, and weighed through the same arithmetic as the API judges
+  (:func:`emlab.judge.rubrics.weighted_score`).
 - ``answer_tag`` rubrics greedily generate the judge's reasoning and parse its last
   ``ANSWER: X``. Greedy decoding gives the same reply every time, so there are no resamples.
 
@@ -85,8 +89,88 @@ def number_tokens(tokenizer: Any, lo: int, hi: int, vocab_size: int | None = Non
     return out_ids, values
 
 
+def digit_tokens(tokenizer: Any, vocab_size: int | None = None) -> tuple[dict[int, str], dict[int, str]]:
+    """({id: digits} of tokens that can open a number (digits after optional whitespace), {id: digits} of tokens
+    that can continue one (digits only))."""
+    n = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(n) if i not in special]
+    first, more = {}, {}
+    for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])):
+        digits = text.lstrip()
+        if digits and digits.isascii() and digits.isdigit():
+            first[i] = digits
+            if digits == text:
+                more[i] = digits
+    return first, more
+
+
+PRUNE = 1e-4       # continuations less likely than this are not expanded (their mass counts as no number)
+NODE_BATCH = 32    # prefixes expanded per forward
+
+
+def _valid_prefix(digits: str, hi: int) -> bool:
+    """Digits that start (or are) an integer in [0, hi] written canonically (no leading zero)."""
+    return (digits == "0" or not digits.startswith("0")) and int(digits) <= hi
+
+
+def number_distribution(model: Any, first_probs: Any, cache: Any, prompt_mask: Any, first: dict[int, str],
+                        more: dict[int, str], lo: int, hi: int) -> list[dict[int, float]]:
+    """Per prompt row: ``{value: probability}`` that the judge answers the integer ``value`` in [lo, hi] and ends
+    its answer there, given the next-token probabilities ``first_probs [B, V]`` at the answer position and the
+    prompts' key-value ``cache``. A number is followed token by token: P("85") = P("8") P("5" | "8")
+    P(no further digit | "85"). Where a tokenizer has multi-digit tokens, "85" is one token and the tree is
+    one level deep."""
+    import copy
+
+    import torch
+
+    first_ids = torch.tensor(sorted(first))
+    more_ids = torch.tensor(sorted(more))
+    n_real = prompt_mask.sum(-1)
+    out: list[dict[int, float]] = [{} for _ in range(first_probs.shape[0])]
+    # a node: (row, token path, digits so far, probability of the path)
+    nodes = []
+    p0 = first_probs[:, first_ids]
+    for row, col in (p0 >= PRUNE).nonzero().tolist():
+        tid = int(first_ids[col])
+        if _valid_prefix(first[tid], hi):
+            nodes.append((row, [tid], first[tid], float(p0[row, col])))
+    while nodes:
+        children = []
+        for start in range(0, len(nodes), NODE_BATCH):
+            chunk = nodes[start:start + NODE_BATCH]
+            rows = torch.tensor([n[0] for n in chunk])
+            depth = len(chunk[0][1])
+            step = copy.copy(cache)  # this chunk's rows of the prompts' cache, the prompts' own left untouched
+            step.layers = [copy.copy(layer) for layer in cache.layers]
+            step.reorder_cache(rows)
+            ids = torch.tensor([n[1] for n in chunk], device=first_probs.device)
+            mask = torch.cat([prompt_mask[rows], torch.ones(len(chunk), depth, dtype=prompt_mask.dtype)], dim=1)
+            pos = n_real[rows, None] + torch.arange(depth)[None, :]
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask.to(ids.device), position_ids=pos.to(ids.device),
+                               past_key_values=step, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            probs = torch.softmax(logits, dim=-1).cpu()
+            cont = probs[:, more_ids]
+            for k, (row, path, digits, p) in enumerate(chunk):
+                if lo <= int(digits) <= hi:
+                    out[row][int(digits)] = out[row].get(int(digits), 0.0) + p * max(0.0, 1.0 - float(cont[k].sum()))
+                for col in (cont[k] * p >= PRUNE).nonzero().flatten().tolist():
+                    tid = int(more_ids[col])
+                    if _valid_prefix(digits + more[tid], hi):
+                        children.append((row, path + [tid], digits + more[tid], p * float(cont[k, col])))
+        nodes = children
+    return out
+
+
+def scores_from_distributions(dists: list[dict[int, float]], min_mass: float) -> list[float | None]:
+    """The rubric score of each row's number distribution (None below ``min_mass``)."""
+    return [weighted_score(d.items(), min_mass) for d in dists]
+
+
 def scores_from_probs(probs: Any, ids: list[int], values: list[int], min_mass: float) -> list[float | None]:
-    """Per row of a (batch, vocab) probability matrix: the rubric score over the number tokens."""
+    """Per row of a (batch, vocab) probability matrix: the rubric score over single number tokens."""
     sub = probs[:, ids].double().tolist() if ids else [[] for _ in range(probs.shape[0])]
     return [weighted_score(zip(values, row), min_mass) for row in sub]
 
@@ -104,11 +188,10 @@ class _LocalJudge:
             raise JudgeConfigError(f"judges[{settings.name}].model: the tokenizer of {settings.model} has no "
                                    "chat template; a judge model must be a chat model")
         if rubric.kind == "logprob_score":
-            lo, hi = rubric.score_range
-            self.ids, self.values = number_tokens(self.tok, lo, hi, self.model.get_output_embeddings().weight.shape[0])
-            if not self.ids:
-                log.warning("judge %s: no token of %s decodes to an integer in [%d, %d]; every score will be null",
-                            settings.name, settings.model, lo, hi)
+            self.first, self.more = digit_tokens(self.tok, self.model.get_output_embeddings().weight.shape[0])
+            if not self.first:
+                raise JudgeConfigError(f"judges[{settings.name}].model: no token of {settings.model} writes a "
+                                       "digit, so the judge cannot answer with a score")
 
     def _encode(self, prompts: list[str]) -> dict[str, Any]:
         texts = [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -125,9 +208,11 @@ class _LocalJudge:
         mask = enc["attention_mask"]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = self.model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1, :]
-        probs = torch.softmax(logits.float(), dim=-1)
-        return scores_from_probs(probs, self.ids, self.values, self.rubric.min_mass)
+            out = self.model(**enc, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
+        lo, hi = self.rubric.score_range
+        dists = number_distribution(self.model, probs, out.past_key_values, mask.cpu(), self.first, self.more, lo, hi)
+        return scores_from_distributions(dists, self.rubric.min_mass)
 
     def generate(self, prompts: list[str]) -> list[str]:
         import torch

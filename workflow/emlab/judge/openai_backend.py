@@ -8,6 +8,14 @@ jitter, waiting instead for ``Retry-After`` when the server sends it. A request 
 gives a null score (counted in the summary), never a crash; a rejected key, model or URL
 (401/403/404) stops the run with an error, since every other request would fail the same way.
 
+Judges whose tokenizer writes numbers digit by digit (Qwen2, Llama 2, Gemma: the first-token candidates
+of a 0-100 score are single digits) are read digit by digit: each likely first digit is sent back as the
+start of the judge's reply (``continue_final_message``, a vLLM option) for the next digit's candidates, and
+so on; a score is the mean of the numbers so written (``number_tokens``: ``auto`` detects this from the
+first reply, except on OpenAI's own API, whose tokenizers write numbers up to 999 as one token; ``whole``
+reads the first token only; ``digits`` always expands). An endpoint that cannot continue a reply then
+stops the run with an error naming the judge.
+
 Every finished request is appended to the judge cache (:mod:`emlab.judge.cache`), so a killed run
 resumes without asking again and a rerun asks nothing. The API key is read from the environment
 variable named by ``api_key_env`` and is never written to a file, a log or an error message.
@@ -29,7 +37,8 @@ from typing import Any
 
 from emlab.judge.backends import JudgeConfigError, check_samples, grade_rows, judge_option, rubric_for
 from emlab.judge.cache import Job, JudgeCache, plan_jobs, resolve_from_cache
-from emlab.judge.rubrics import Rubric, parse_answer_tag, score_from_token_probs
+from emlab.judge.cache import cache_key
+from emlab.judge.rubrics import Rubric, parse_answer_tag, parse_score_token, score_from_token_probs, weighted_score
 from emlab.judge.summary import RunStats
 
 log = logging.getLogger("emlab.judge")
@@ -62,6 +71,7 @@ class Settings:
     backoff_max_s: float
     price_per_1k_input: float | None
     price_per_1k_output: float | None
+    number_tokens: str = "auto"
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> "Settings":
@@ -79,7 +89,15 @@ class Settings:
             backoff_max_s=float(judge_option(cfg, "backoff_max_s", 60.0, kind=num, minimum=0)),
             price_per_1k_input=judge_option(cfg, "price_per_1k_input", None, kind=num, minimum=0),
             price_per_1k_output=judge_option(cfg, "price_per_1k_output", None, kind=num, minimum=0),
+            number_tokens=_number_tokens_option(cfg),
         )
+
+    def reading(self) -> str:
+        """How scores are read: ``auto`` means one token on OpenAI's own API (its tokenizers have multi-digit
+        number tokens, and it cannot continue a reply) and detection from the first reply elsewhere."""
+        if self.number_tokens == "auto" and "api.openai.com" in self.base_url:
+            return "whole"
+        return self.number_tokens
 
     def api_key(self) -> str:
         if self.api_key_env is None:
@@ -91,6 +109,34 @@ class Settings:
             raise JudgeConfigError(f"judges[{self.name}]: the environment variable {self.api_key_env} "
                                    "(api_key_env) is not set")
         return key
+
+
+NUMBER_TOKENS = ("auto", "whole", "digits")
+DIGIT_PRUNE = 1e-3  # digit prefixes less likely than this are not continued (their mass counts as no number)
+
+
+def _number_tokens_option(cfg: dict[str, Any]) -> str:
+    value = judge_option(cfg, "number_tokens", "auto", kind=str)
+    if value not in NUMBER_TOKENS:
+        raise JudgeConfigError(f"judges[{cfg.get('name')}].number_tokens must be one of {NUMBER_TOKENS}, got {value!r}")
+    return value
+
+
+def writes_digits(reply: list[list[Any]], rubric: Rubric) -> bool:
+    """Whether first-token candidates look like a digit-by-digit tokenizer's: digits, and no number >= 10."""
+    lo, hi = rubric.score_range
+    values = [parse_score_token(tok, 0, 10 ** 6) for tok, _ in reply]
+    return hi >= 10 and any(v is not None for v in values) and all(v is None or v < 10 for v in values)
+
+
+def digit_candidates(reply: list[list[Any]]) -> tuple[dict[str, float], float]:
+    """({digit: probability} among the candidates, the probability of anything else: the end of the number)."""
+    digits: dict[str, float] = {}
+    for tok, lp in reply:
+        s = tok.strip()
+        if len(s) == 1 and s.isdigit():
+            digits[s] = digits.get(s, 0.0) + math.exp(lp)
+    return digits, max(0.0, 1.0 - sum(digits.values()))
 
 
 def extract_reply(body: Any, rubric: Rubric) -> Any:
@@ -139,6 +185,9 @@ def retry_after_s(headers: Any) -> float | None:
     return None
 
 
+_ABANDONED = object()  # a continuation request failed for good: the draw is left for a rerun
+
+
 class _Grader:
     def __init__(self, settings: Settings, rubric: Rubric, cache: JudgeCache, stats: RunStats, api_key: str):
         self.s, self.rubric, self.cache, self.stats = settings, rubric, cache, stats
@@ -156,11 +205,16 @@ class _Grader:
         log.log(level, "judge %s: request abandoned after %d attempt(s) (%s): %s; its score is null",
                 self.s.name, attempts, cause, self.redact(detail)[:300])
 
-    async def request(self, client: Any, prompt: str) -> tuple[Any, dict] | None:
-        """One judge question with explicit retries: (reply, usage), or None when abandoned."""
+    async def request(self, client: Any, prompt: str, prefix: str | None = None) -> tuple[Any, dict] | None:
+        """One judge question with explicit retries: (reply, usage), or None when abandoned. With ``prefix``,
+        the judge's reply is taken to begin with it and the candidates of its next token are asked for."""
         import openai
 
-        params = {"model": self.s.model, "messages": [{"role": "user", "content": prompt}], **self.rubric.sampling}
+        messages = [{"role": "user", "content": prompt}]
+        params = {"model": self.s.model, "messages": messages, **self.rubric.sampling}
+        if prefix is not None:
+            messages.append({"role": "assistant", "content": prefix})
+            params["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         for attempt in range(self.s.max_retries + 1):
             wait = None
             self.stats.requests += 1
@@ -182,6 +236,14 @@ class _Grader:
             except openai.APIStatusError as e:
                 status = e.status_code
                 detail = f"HTTP {status}: {e.message}"
+                if prefix is not None and status in (400, 422):
+                    raise JudgeRequestError(
+                        f"judge {self.s.name}: its first-token candidates for a score are single digits (a tokenizer "
+                        f"that writes numbers digit by digit), so the digits after the first are needed, and "
+                        f"{self.s.base_url} refused to continue a started reply (HTTP {status}: "
+                        f"{self.redact(e.message)[:200]}); a 0-100 score cannot be read from this endpoint. Serve "
+                        f"the judge with vLLM (continue_final_message), or set judges[{self.s.name}].number_tokens: "
+                        "whole if its numbers are single tokens") from None
                 if status in FATAL_STATUSES:
                     raise JudgeRequestError(
                         f"judge {self.s.name}: {self.s.base_url} refused the request with HTTP {status}; "
@@ -214,11 +276,56 @@ class _Grader:
                 return  # abandoned: nothing is cached, so a rerun asks again
             reply, usage = got
             self.stats.add_usage(usage)
-            value = value_of(reply, self.rubric)
+            if self.rubric.kind == "logprob_score" and self._expands(reply):
+                value = await self.digit_score(client, job, i, reply)
+                if value is _ABANDONED:
+                    return
+            else:
+                value = value_of(reply, self.rubric)
             self.cache.put(job.keys[i], value, metric=job.metric, reply=reply, usage=usage)
             if value is not None:
                 job.value = value
                 return
+
+    def _expands(self, reply: Any) -> bool:
+        mode = self.s.reading()
+        return mode == "digits" or (mode == "auto" and writes_digits(reply, self.rubric))
+
+    async def continuation(self, client: Any, job: Job, draw: int, prefix: str) -> Any:
+        """The first-token candidates after the judge's reply began with ``prefix`` (cached under its own key)."""
+        key = cache_key(job=job.keys[draw], continue_after=prefix)
+        rec = self.cache.get(key)
+        if rec is not None:
+            return rec["value"]
+        got = await self.request(client, job.prompt, prefix)
+        if got is None:
+            return None
+        reply, usage = got
+        self.stats.add_usage(usage)
+        self.cache.put(key, reply, metric=job.metric, continues=prefix, usage=usage)
+        return reply
+
+    async def digit_score(self, client: Any, job: Job, draw: int, reply: Any) -> Any:
+        """The score from a digit-by-digit reading: P("85") = P("8") P("5" | "8") P(no digit | "85")."""
+        lo, hi = self.rubric.score_range
+        probs: dict[int, float] = {}
+        frontier = [("", 1.0, reply)]
+        while frontier:
+            nxt = []
+            for prefix, p, candidates in frontier:
+                digits, end = digit_candidates(candidates)
+                if prefix and lo <= int(prefix) <= hi:
+                    probs[int(prefix)] = probs.get(int(prefix), 0.0) + p * end
+                for d, q in digits.items():
+                    number = prefix + d
+                    if p * q < DIGIT_PRUNE or (number != "0" and number.startswith("0")) or int(number) > hi:
+                        continue
+                    more = await self.continuation(client, job, draw, number)
+                    if more is None:
+                        return _ABANDONED
+                    nxt.append((number, p * q, more))
+            frontier = nxt
+        return weighted_score(probs.items(), self.rubric.min_mass)
 
     async def run(self, jobs: list[Job], progress_bar: Any) -> None:
         import openai
@@ -255,7 +362,10 @@ def grade_with_summary(samples: list[dict[str, Any]], judge_cfg: dict[str, Any],
                      model=settings.model, samples=len(samples),
                      price_per_1k_input=settings.price_per_1k_input, price_per_1k_output=settings.price_per_1k_output)
     attempts = 1 + (rubric.resamples if rubric.kind == "answer_tag" else 0)
-    jobs, per_sample = plan_jobs(samples, rubric, settings.model, rubric.sampling, attempts)
+    sampling = dict(rubric.sampling)
+    if rubric.kind == "logprob_score" and settings.reading() != "whole":
+        sampling["number_tokens"] = settings.reading()  # how a score is read is part of what was asked
+    jobs, per_sample = plan_jobs(samples, rubric, settings.model, sampling, attempts)
     stats.unique_requests = len(jobs)
     with JudgeCache(cache_dir) as cache:
         todo = [job for job in jobs.values() if not resolve_from_cache(job, cache)]

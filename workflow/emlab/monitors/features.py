@@ -2,7 +2,7 @@
 
 Feature arrays (rows in dataset order), stored in ``<out_dir>/features.safetensors``:
 
-    raw_last                [n, d]      residual stream at model.layer, last token of the text (chat template applied)
+    raw_last                [n, d]      residual stream at model.layer, last text token (chat template applied)
     raw_mean                [n, d]      the same, mean over the text's tokens
     sae_max                 [n, d_sae]  each SAE latent max-pooled over the text's tokens (only with an SAE)
     prompted_suffix         [n, d]      residual stream at the last token of the monitoring prompt (the text, then the
@@ -10,7 +10,8 @@ Feature arrays (rows in dataset order), stored in ``<out_dir>/features.safetenso
     prompted_prefix_suffix  [n, d]      the same with the task description before the text
     zero_shot               [n]         logit(Yes) - logit(No) where the answer to the suffix prompt starts
 
-Pooling skips the tokenizer's BOS token: on many hub models its residual stream has a huge norm unrelated to the
+Pooling covers the text positions only (``exclude``, the config's model.exclude_tokens: the first position and the
+special tokens by default): on many hub models the first token's residual stream has a huge norm unrelated to the
 text, which would dominate a mean and a max.
 
 Residual streams are cached per text set with :func:`emlab.activations.cache_activations` under
@@ -106,7 +107,7 @@ def zero_shot_scores(model, tokenizer, records: Sequence[dict[str, Any]], batch_
     return out
 
 
-def _pool(token_dir: Path, layer: int, n_texts: int, skip_ids: set[int], sae=None, chunk: int = 4096):
+def _pool(token_dir: Path, layer: int, n_texts: int, sae=None, chunk: int = 4096):
     """(last, mean, sae max) per text from a token cache; ``sae`` None skips the SAE pooling."""
     import torch
 
@@ -119,9 +120,8 @@ def _pool(token_dir: Path, layer: int, n_texts: int, skip_ids: set[int], sae=Non
     # TopK latents are >= 0, so 0 is the max-pool of a latent that never fires on a text
     smax = torch.zeros(n_texts, sae.d_sae) if sae is not None else None
     for acts, index in iter_activations(token_dir, layer):
-        keep = torch.from_numpy(~index["token_id"].isin(skip_ids).to_numpy())
         ti = torch.from_numpy(index["text_index"].to_numpy().copy())
-        acts, ti = acts[keep].float(), ti[keep]
+        acts = acts.float()
         if not len(ti):
             continue
         # rows are ordered by (text, position): a text's last row is where the next text starts, minus one
@@ -185,7 +185,7 @@ def compute_features(model_path: str | os.PathLike, records: Sequence[dict[str, 
                      *, layer: int, ask: str, describe: str, sae_path: str | os.PathLike | None = None,
                      adapter: str | os.PathLike | None = None, batch_size: int = 16, max_len: int = 512,
                      shard_size: int = 1024, device: str = "auto", keep_tokens: bool = False,
-                     progress: bool = True) -> Features:
+                     exclude: Sequence[str] = ("first", "special"), progress: bool = True) -> Features:
     """Compute (or read back) the feature arrays of ``records`` (see the module docstring).
 
     ``ask`` is the task's Yes/No question and ``describe`` its description (prompted probes, zero-shot);
@@ -198,7 +198,7 @@ def compute_features(model_path: str | os.PathLike, records: Sequence[dict[str, 
     texts = hashlib.sha256(json.dumps([[r["id"], r.get("messages"), r.get("text")] for r in records]).encode())
     fingerprint = _fingerprint({"format": FORMAT, "model": _signature(model_path), "adapter": _signature(adapter),
                                 "sae": _signature(sae_path), "layer": layer, "ask": ask, "describe": describe,
-                                "max_len": max_len, "texts": texts.hexdigest()})
+                                "max_len": max_len, "texts": texts.hexdigest(), "exclude": sorted(exclude)})
     labels = np.array([r["label"] for r in records], dtype=np.int64)
     meta = [r.get("meta", {}) for r in records]
     ids = [r["id"] for r in records]
@@ -222,14 +222,13 @@ def compute_features(model_path: str | os.PathLike, records: Sequence[dict[str, 
         if sae.d_in != hidden_size(model):
             raise ValueError(f"{sae_path}: the SAE reads {sae.d_in}-dim activations, the model's residual stream "
                              f"is {hidden_size(model)}-dim")
-    skip = {tok.bos_token_id} if tok.bos_token_id is not None else set()
     common = dict(batch_size=batch_size, max_len=max_len, shard_size=shard_size, progress=progress,
                   meta={"model": str(model_path), "adapter": str(adapter)}, dtype="float32")
     arrays: dict[str, np.ndarray] = {}
 
     raw_dir = out_dir / "tokens" / "raw"
-    cache_activations(model, tok, records, [layer], raw_dir, token_selection="all", **common)
-    arrays["raw_last"], arrays["raw_mean"], smax = _pool(raw_dir, layer, len(records), skip, sae)
+    cache_activations(model, tok, records, [layer], raw_dir, token_selection="all", exclude=exclude, **common)
+    arrays["raw_last"], arrays["raw_mean"], smax = _pool(raw_dir, layer, len(records), sae)
     if smax is not None:
         arrays["sae_max"] = smax
 
@@ -238,7 +237,7 @@ def compute_features(model_path: str | os.PathLike, records: Sequence[dict[str, 
         prompted[template] = prompted_records(records, ask, describe if template == "prefix_suffix" else None)
         tdir = out_dir / "tokens" / f"prompted_{template}"
         cache_activations(model, tok, prompted[template], [layer], tdir, token_selection="last", **common)
-        arrays[f"prompted_{template}"] = _pool(tdir, layer, len(records), set())[0]
+        arrays[f"prompted_{template}"] = _pool(tdir, layer, len(records))[0]
 
     zs_print = _fingerprint({"features": fingerprint, "zero_shot": True})
     zs = _read_stamped(out_dir / ZERO_SHOT_FILE, zs_print)

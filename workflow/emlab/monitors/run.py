@@ -50,14 +50,14 @@ def task_question(cfg: dict[str, Any], task: str) -> tuple[str, str]:
             raise MonitorConfigError(f"monitors.questions.{task}: needs non-empty strings {missing}")
         return given["ask"], given["describe"]
     world_path = (cfg.get("organism") or {}).get("world")
-    if cfg.get("model", {}).get("source") == "organism" and world_path:
+    if world_path:  # the persona world's tasks (organism and hub runs read its labelled texts)
         from ..world.spec import load_world
 
         world = load_world(world_path)
         if task in world.monitoring:
             return world.monitoring[task].ask, world.monitoring[task].describe
     raise MonitorConfigError(f"monitors.questions.{task}: no question for task {task!r} (set ask and describe; the "
-                             "persona world defines questions only for its own tasks with model.source organism)")
+                             "persona world defines questions only for its own tasks)")
 
 
 def load_latents(path: str | os.PathLike | None) -> dict[str, int]:
@@ -92,7 +92,8 @@ def run_task(cfg: dict[str, Any], task: str, data: str | os.PathLike, model: str
     ask, describe = task_question(cfg, task)
     feats = compute_features(model, records, features_dir, layer=cfg["model"]["layer"], ask=ask, describe=describe,
                              sae_path=sae, adapter=adapter, batch_size=m["batch_size"], max_len=m["max_len"],
-                             device=cfg.get("device", "auto"), keep_tokens=m["keep_tokens"], progress=progress)
+                             device=cfg.get("device", "auto"), keep_tokens=m["keep_tokens"],
+                             exclude=cfg["model"].get("exclude_tokens", ("first", "special")), progress=progress)
     latent = load_latents(latents).get(task)
     methods = [x for x in m["methods"] if sae is not None or x not in ("sae", "sae_topk", "persona_latent")]
     if len(methods) < len(m["methods"]):

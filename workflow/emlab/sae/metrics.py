@@ -111,17 +111,34 @@ def ce_loss_recovered(model, reconstruct: nn.Module | Callable[[Tensor], Tensor]
     ``site`` is the module whose output is the residual stream to replace, or a resolver
     ``site(model, layer)`` returning it (e.g. ``emlab.arch.residual_module``). ``reconstruct``
     is an SAE (run in its own dtype) or any function of the hidden states. ``batches`` yields
-    dicts with ``input_ids`` (and ``attention_mask``), or plain ``input_ids`` tensors.
+    dicts with ``input_ids`` (and ``attention_mask``; and ``splice_mask``, a [B, T] bool marking
+    the positions to replace, all of them when absent), or plain ``input_ids`` tensors.
     """
     module = site if isinstance(site, nn.Module) else site(model, layer)
     fn = sae_splice(reconstruct) if isinstance(reconstruct, nn.Module) else reconstruct
     batches = [b if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
     model.eval()
     ce_clean, n = _mean_ce(model, batches)
-    with replaced_output(module, fn):
-        ce_sae, _ = _mean_ce(model, batches)
-    with replaced_output(module, torch.zeros_like):
-        ce_zero, _ = _mean_ce(model, batches)
+    state: dict[str, Any] = {}
+
+    def only_at_text(f):
+        # positions a batch marks False in "splice_mask" (not text: an attention sink, a special token, which the
+        # SAE never saw) keep their own residual stream
+        def g(h: Tensor) -> Tensor:
+            mask = state.get("mask")
+            return f(h) if mask is None else torch.where(mask[..., None].to(h.device), f(h), h)
+        return g
+
+    def ce(f) -> float:
+        total, count = 0.0, 0
+        with replaced_output(module, only_at_text(f)):
+            for b in batches:
+                state["mask"] = b.get("splice_mask")
+                c, k = _mean_ce(model, [b])
+                total, count = total + c * k, count + k
+        return total / count
+
+    ce_sae, ce_zero = ce(fn), ce(torch.zeros_like)
     gap = ce_zero - ce_clean
     return {
         "ce_clean": ce_clean,

@@ -262,3 +262,34 @@ def plot_sweep(table: pd.DataFrame, out: str | os.PathLike, title: str | None = 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def plot_probe_sweep(table: pd.DataFrame, out: str | os.PathLike, title: str | None = None) -> None:
+    """The likelihood probe's shift against alpha, one panel per target, one line per direction, with CI bands
+    (the unsteered target, direction ``none`` at alpha 0, is the zero line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(dict.fromkeys(table["target"]))
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 3.8), squeeze=False, sharey=True)
+    for ax, target in zip(axes[0], targets):
+        sub = table[(table["target"] == target) & (table["direction"] != "none")]
+        for d, part in sub.groupby("direction", sort=False):
+            part = part.sort_values("alpha")
+            line, = ax.plot(part["alpha"], part["shift"], marker="o", ms=3, label=str(d))
+            ax.fill_between(part["alpha"], part["shift_lo"], part["shift_hi"], color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(target)
+        ax.set_xlabel("alpha (x mean residual norm)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("probe margin shift (nats/token)")
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -101,7 +101,7 @@ def steer_samples(base: str | os.PathLike, adapter: str | os.PathLike | None, ta
                   questions: list[dict[str, Any]], out_path: str | os.PathLike, *, layer: int, n_samples: int,
                   temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
                   positions: str = "all", device: str = "auto", dtype: str = "auto",
-                  progress: bool = True) -> dict[str, Any]:
+                  exclude: Sequence[str] = ("first", "special"), progress: bool = True) -> dict[str, Any]:
     """Write ``n_samples`` answers per question and condition to ``out_path`` (JSONL) and return
     ``{"rows": n, "norm": norm}``. Every condition must steer ``target``, the model loaded from
     ``base`` (+ ``adapter``, merged) once for the whole call."""
@@ -149,7 +149,7 @@ def steer_samples(base: str | os.PathLike, adapter: str | os.PathLike | None, ta
                                      f"{target!r} has d_model={d}")
         if norm is None:
             # The residual norm the strengths are measured in: the evaluation prompts, each once.
-            norm = residual_norm(model, tok, [prompt_chat(q["question"]) for q in questions], layer)
+            norm = residual_norm(model, tok, [prompt_chat(q["question"]) for q in questions], layer, exclude=exclude)
         bar = tqdm(total=n_missing, desc=f"steering {target}", unit="answer",
                    disable=not progress or bool(os.environ.get("EMLAB_NO_PROGRESS")))
         with partial.open("a", encoding="utf-8") as f:

@@ -43,9 +43,12 @@ def _rates(cfg: Mapping[str, Any], grade_files: Sequence[str]) -> pd.DataFrame:
 
 
 def build_directions(cfg: Mapping[str, Any], sae_dir: str, ranking_csv: str, caches: Sequence[str],
-                     grade_files: Sequence[str], out: str, out_json: str) -> dict[str, Any]:
+                     grade_files: Sequence[str], out: str, out_json: str, *, base: str | None = None,
+                     questions: Sequence[str] = ()) -> dict[str, Any]:
     """Candidate latents (the top of the group's averaged ranking), the mean-difference direction
-    (misaligned minus aligned answers of the base and the group's fine-tunes) and the random controls."""
+    (misaligned minus aligned answers of the base and the group's fine-tunes, as graded; without a judge,
+    the likelihood probe's misaligned minus aligned reference answers read by the ``base`` model) and the
+    random controls."""
     from ..diffing.ranking import top_latents
     from ..sae import load_sae
 
@@ -54,7 +57,10 @@ def build_directions(cfg: Mapping[str, Any], sae_dir: str, ranking_csv: str, cac
     latents = top_latents(pd.read_csv(ranking_csv), s["screen"]["group"], s["screen"]["top_n"])
     dirs = [sae_latent(sae, l) for l in latents]
     try:
-        meandiff = [mean_difference(caches, grade_files, cfg["model"]["layer"], thresholds(cfg))]
+        if grade_files:
+            meandiff = [mean_difference(caches, grade_files, cfg["model"]["layer"], thresholds(cfg))]
+        else:
+            meandiff = [_reference_mean_difference(cfg, base, questions)]
     except DirectionError as e:  # e.g. no coherent misaligned answer at all: there is nothing to average
         log.warning("no mean-difference direction: %s", e)
         meandiff = []
@@ -65,6 +71,76 @@ def build_directions(cfg: Mapping[str, Any], sae_dir: str, ranking_csv: str, cac
             "meandiff": meandiff[0].name if meandiff else None, "random": [d.name for d in randoms]}
     write_json(out_json, info)
     return info
+
+
+def _reference_mean_difference(cfg: Mapping[str, Any], base: str, questions: Sequence[str]):
+    from ..models import load_model
+    from ..probe import reference_mean_difference, reference_rows, references_for
+
+    refs, source = references_for(dict(cfg))
+    qs = [q for path in questions for q in read_jsonl(path)]
+    model, tok = load_model(base, device=cfg["device"])
+    return reference_mean_difference(model, tok, reference_rows(qs, refs, source), cfg["model"]["layer"],
+                                     exclude=cfg["model"]["exclude_tokens"])
+
+
+def probe_directions(info: Mapping[str, Any]) -> list[str]:
+    """What a probe sweep steers with: every candidate latent (no screen picks among them without a judge),
+    the mean-difference direction and the random controls."""
+    return list(info["candidates"]) + ([info["meandiff"]] if info["meandiff"] else []) + list(info["random"])
+
+
+def probe_stage(cfg: Mapping[str, Any], target: str, base: str, adapter: str | None, directions: str,
+                directions_json: str, questions: Sequence[str], out: str) -> dict[str, Any]:
+    """The likelihood probe of one target under every (direction, strength) of the sweep: one row per reference,
+    as emlab.probe writes them, plus ``direction`` and ``alpha`` (strength 0 once, direction ``none``)."""
+    from ..io import write_jsonl
+    from ..models import load_model
+    from ..probe import reference_rows, references_for, steered_answer_logprobs
+    from ..steering import residual_norm
+    from .generate import prompt_chat, steering_vector
+
+    s, layer = cfg["steer"], cfg["model"]["layer"]
+    info = json.loads(Path(directions_json).read_text(encoding="utf-8"))
+    dirs = load_directions(directions)
+    refs, source = references_for(dict(cfg))
+    qs = [q for path in questions for q in read_jsonl(path)]
+    rows = reference_rows(qs, refs, source)
+    model, tok = load_model(base, adapter, device=cfg["device"], dtype=cfg["model"]["dtype"], merge=True)
+    norm = residual_norm(model, tok, [prompt_chat(q["question"]) for q in qs], layer,
+                         exclude=cfg["model"]["exclude_tokens"])
+    alphas = [float(a) for a in s["sweep"]["alphas"] if float(a) != 0.0]
+    conditions = [("none", 0.0)] + [(d, a) for d in probe_directions(info) for a in alphas]
+    import torch
+
+    vectors = [torch.zeros(dirs[probe_directions(info)[0]].d_model) if d == "none" else
+               steering_vector(dirs[d], a, norm) for d, a in conditions]
+    scores = steered_answer_logprobs(model, tok, [(r["question"], r["answer"]) for r in rows], layer, vectors,
+                                     positions=s["positions"], batch_size=cfg["probe"]["batch_size"])
+    out_rows = [{"model": target, "direction": d, "alpha": a, "norm": norm,
+                 **{k: r[k] for k in ("question_id", "kind", "persona", "ref")}, "n_tokens": n, "logprob_mean": lp}
+                for (d, a), per in zip(conditions, scores) for r, (n, lp) in zip(rows, per)]
+    write_jsonl(out, out_rows)
+    return {"rows": len(out_rows), "conditions": len(conditions), "norm": norm}
+
+
+def write_probe_sweep(cfg: Mapping[str, Any], files: Sequence[str], out_csv: str, figure: str) -> pd.DataFrame:
+    """Per target, direction and strength: the probe's margin and its shift from the unsteered target."""
+    from ..probe import margins_table
+    from .analysis import plot_probe_sweep
+
+    m = cfg["metrics"]
+    parts = []
+    for f in files:
+        rows = pd.DataFrame(read_jsonl(f))
+        t = margins_table(rows, ["direction", "alpha"], {"direction": "none", "alpha": 0.0}, m["bootstrap"], cfg["seed"])
+        t.insert(0, "target", rows["model"].iloc[0])
+        parts.append(t)
+    table = pd.concat(parts, ignore_index=True)
+    table.to_csv(out_csv, index=False, float_format="%.4f")
+    plot_probe_sweep(table, figure, title=f"Steering at layer {cfg['model']['layer']}: likelihood probe "
+                                          "(misaligned minus aligned log-probability)")
+    return table
 
 
 def stage_conditions(cfg: Mapping[str, Any], stage: str, target: str, directions_json: str,
@@ -119,7 +195,7 @@ def sample_stage(cfg: Mapping[str, Any], stage: str, target: str, base: str, ada
                          layer=cfg["model"]["layer"], n_samples=s["n_samples"], temperature=s["temperature"],
                          max_new_tokens=s["max_new_tokens"] or cfg["sampling"]["max_new_tokens"],
                          batch_size=s["batch_size"], seed=cfg["seed"], positions=s["positions"],
-                         device=cfg["device"], progress=progress)
+                         device=cfg["device"], exclude=cfg["model"]["exclude_tokens"], progress=progress)
 
 
 def write_screen(cfg: Mapping[str, Any], directions_json: str, add_grades: Sequence[str], sub_grades: Sequence[str],

@@ -1,0 +1,64 @@
+# The persona world, the offline data source of every run: its pretraining corpus (the organism's, and the texts
+# a hub model's SAE is fitted on), fresh labelled documents for interpreting latents, and the narrow fine-tuning
+# sets (chat JSONL with ground-truth labels in `meta`) unless a hub run synthesizes or imports its own.
+
+
+rule world:
+    output:
+        corpus=f"{RESULTS}/world/corpus.jsonl",
+        posttrain=f"{RESULTS}/world/posttrain.jsonl",
+    params:
+        cfg=lambda w: cfg_json("organism", "seed"),
+    log:
+        f"{LOGS}/world.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/world/world.tsv"
+    priority: 20  # the organism's pretraining waits for it
+    threads: res("world", "threads")
+    resources:
+        mem_mb=res("world", "mem_mb"),
+        runtime=res("world", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab world --cfg {params.cfg:q} --corpus {output.corpus} --posttrain {output.posttrain} 2> {log}"
+
+
+rule world_heldout:
+    output:
+        f"{RESULTS}/world/heldout.jsonl",
+    params:
+        cfg=lambda w: cfg_json("organism", "seed", diffing={"heldout_texts": config["diffing"]["heldout_texts"]}),
+    log:
+        f"{LOGS}/world_heldout.log",
+    threads: res("world_heldout", "threads")
+    resources:
+        mem_mb=res("world_heldout", "mem_mb"),
+        runtime=res("world_heldout", "runtime"),
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab world-heldout --cfg {params.cfg:q} --out {output} 2> {log}"
+
+
+if PLAN.dataset_source == "world":
+
+    rule dataset:
+        output:
+            f"{RESULTS}/datasets/{{dataset}}.jsonl",
+        wildcard_constraints:
+            dataset="|".join(n for n in DATASETS if n not in PLAN.imports) or "NONE",
+        params:
+            cfg=lambda w: cfg_json("organism", "datasets", "seed"),
+        log:
+            f"{LOGS}/dataset/{{dataset}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/dataset/{{dataset}}.tsv"
+        threads: res("dataset", "threads")
+        resources:
+            mem_mb=res("dataset", "mem_mb"),
+            runtime=res("dataset", "runtime"),
+        conda:
+            "../envs/analysis.yaml"
+        shell:
+            "python -m emlab dataset --cfg {params.cfg:q} --name {wildcards.dataset} --out {output} 2> {log}"

@@ -1,0 +1,156 @@
+"""What a validated config asks the workflow to do, resolved once: the fine-tuning sets and where they come from,
+the models, the judges, which analysis stages run and on what data. The rules read this (rules/common.smk) rather
+than re-deriving it, and every inconsistency fails here, naming the config key, before any job is planned.
+
+The persona world is the offline data source of every run. The organism is built from it; a hub model
+(``model.source: hub``) needs only ``model.path``: its narrow fine-tuning sets are the world's English narrow
+sets (``datasets.source: world``; ``synthesis`` asks an LLM instead), its SAE is fitted on world texts
+(``sae.corpus`` null), its monitors read the world's labelled tasks (``monitors.data`` empty), and its
+misalignment is read by the likelihood probe against the shipped reference answers (``probe.references``)
+and by any LLM judge configured (an organism run's default judge is the world's ground truth, which only
+knows the world's own texts).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .datasets import dataset_names
+
+SHIPPED_REFERENCES = "resources/references/general.yaml"
+SHIPPED_GENERAL = "resources/questions/general.yaml"
+
+
+@dataclass(frozen=True)
+class Plan:
+    organism: bool
+    dataset_source: str            # "world" or "synthesis" (the sets named by `datasets`)
+    datasets: list[str]            # every fine-tuning set: the named ones, then the imports
+    imports: list[str]
+    judges: dict[str, dict[str, Any]]
+    eval_sets: list[str]
+    probe: bool
+    probe_references: str | None   # a reference file, or None for the world's answers
+    diffing: bool
+    sae_corpus: str | None         # a JSONL of texts, or None for the world corpus
+    steering: bool
+    steer_judge: str | None        # the judge of steered answers; None: steering is read by the likelihood probe
+    groups: dict[str, list[str]] = field(default_factory=dict)   # diffing group -> its fine-tunes
+    monitors: bool = False
+    monitor_tasks: list[str] = field(default_factory=list)
+    monitor_data: dict[str, str] = field(default_factory=dict)   # task -> a JSONL of labelled texts (hub data)
+
+    @property
+    def models(self) -> list[str]:
+        return ["base", *self.datasets]
+
+    @property
+    def world_data(self) -> bool:
+        """Whether any output is generated from the persona world (its corpus, sets, labelled tasks)."""
+        return (self.organism or self.dataset_source == "world" or (self.diffing and self.sae_corpus is None)
+                or (self.monitors and not self.monitor_data) or (self.probe and self.probe_references is None))
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"invalid config:\n  {key}: {msg}")
+
+
+def make_plan(cfg: dict[str, Any]) -> Plan:
+    organism = cfg["model"]["source"] == "organism"
+    d = cfg["datasets"]
+    source = d.get("source") or "world"
+    if organism and source != "world":
+        _fail("datasets.source", "the organism's fine-tuning sets come from its world (source: world)")
+    named = dataset_names(cfg)
+    imports = [e["name"] for e in cfg.get("imports", [])]
+    datasets = list(dict.fromkeys(named + imports))
+    if not datasets:
+        _fail("datasets", "no fine-tuning set: name domains and variants, mixtures, or imports")
+
+    judges_cfg = cfg["judges"]
+    if judges_cfg is None:
+        judges_cfg = [{"name": "world", "backend": "world"}] if organism else []
+    judges = {j["name"]: j for j in judges_cfg}
+    if len(judges) != len(judges_cfg):
+        _fail("judges", "judge names must be unique")
+    if not organism and any(j["backend"] == "world" for j in judges.values()):
+        _fail("judges", "the world judge grades the persona world's texts only; a hub model's answers need an "
+                        "LLM judge (openai or hf) or none (the likelihood probe reads misalignment without one)")
+    eval_sets = cfg["sampling"]["eval_sets"]
+
+    p = cfg["probe"]
+    refs = p["references"]
+    if refs is None and not organism and cfg["eval"]["questions"].get("general") == SHIPPED_GENERAL:
+        refs = SHIPPED_REFERENCES  # the shipped references answer the shipped general questions
+    probe = p["enabled"]
+    if probe is None:
+        probe = "general" in eval_sets and (organism or refs is not None)
+    if probe and "general" not in eval_sets:
+        _fail("probe.enabled", "the likelihood probe reads the general questions; add general to sampling.eval_sets")
+    if probe and not organism and refs is None:
+        _fail("probe.references", "a hub run's general questions are not the shipped ones; give the reference "
+                                  "answers to them (resources/references/general.yaml shows the format)")
+    if refs is not None and not Path(refs).is_file():
+        _fail("probe.references", f"file not found: {refs}")
+
+    diffing = cfg["diffing"]["enabled"]
+    corpus = cfg["sae"]["corpus"]
+    if corpus is not None and not Path(corpus).is_file():
+        _fail("sae.corpus", f"file not found: {corpus}")
+    groups = {}
+    for name, patterns in cfg["diffing"]["groups"].items():
+        members = [m for m in datasets if any(fnmatch.fnmatchcase(m, pat) for pat in patterns)]
+        if members:
+            groups[name] = members
+    # by default diffing runs whenever some group has fine-tunes: a run of imported sets alone has none under the
+    # default groups; groups a config names that match nothing are an error
+    if diffing is None:
+        from .config import load_schema
+
+        default = load_schema()["properties"]["diffing"]["properties"]["groups"]["default"]
+        diffing = bool(groups) or cfg["diffing"]["groups"] != default
+    if diffing and not groups:
+        _fail("diffing.groups", f"no pattern of {cfg['diffing']['groups']} matches any fine-tune {datasets}")
+    if not diffing:
+        groups = {}
+
+    s = cfg["steer"]
+    # steering by default whenever diffing runs and the screen's group has fine-tunes to steer; a screen group the
+    # config names (not the default) that has none is an error below
+    steering = s["enabled"]
+    if steering is None:
+        from .config import load_schema
+
+        default = load_schema()["properties"]["steer"]["properties"]["screen"]["properties"]["group"]["default"]
+        steering = diffing and (s["screen"]["group"] in groups or s["screen"]["group"] != default)
+    if steering and not diffing:
+        _fail("steer.enabled", "steering needs model diffing (its candidates are ranked SAE latents); enable "
+                               "diffing or leave steer.enabled unset")
+    steer_judge = None
+    if steering:
+        steer_judge = s["judge"] or cfg["metrics"]["primary_judge"] or next(iter(judges), None)
+        if steer_judge is not None and steer_judge not in judges:
+            _fail("steer.judge", f"{steer_judge!r} is not one of the judges {sorted(judges)}")
+        if steer_judge is None and not probe:
+            _fail("steer", "steered answers need a judge, or the likelihood probe (probe) to be read by")
+        if s["screen"]["group"] not in groups:
+            _fail("steer.screen.group", f"{s['screen']['group']!r} is not a diffing group with fine-tunes "
+                                        f"({sorted(groups)})")
+
+    m = cfg["monitors"]
+    data = dict(m["data"])
+    for task, path in data.items():
+        if not Path(path).is_file():
+            _fail(f"monitors.data.{task}", f"file not found: {path}")
+    monitors = m["enabled"]
+    if monitors is None:
+        monitors = True
+    tasks = list(data) if data else list(m["tasks"])
+    return Plan(organism=organism, dataset_source=source, datasets=datasets, imports=imports, judges=judges,
+                eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
+                sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
+                monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data)

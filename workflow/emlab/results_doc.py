@@ -1,0 +1,160 @@
+"""A results page written from a run's result files alone (``make results-doc``, ``emlab results-doc``): every
+number comes from a table under ``results_dir``, with the config and commit that made it, so that the numbers
+users compare against are the ones their own run produces, never hand-typed.
+
+Sections appear when their files exist: emergent misalignment per judge, the likelihood probe, the SAE, the top
+diffing latents, steering (screen and sweep, or the probe sweep), the monitors and the run's time per stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def _pct(x: Any) -> str:
+    return "" if pd.isna(x) else f"{100 * float(x):.1f}%"
+
+
+def _interval(row: pd.Series, key: str, pct: bool = True) -> str:
+    f = _pct if pct else (lambda v: f"{float(v):.3f}")
+    return f"{f(row[key])} ({f(row[key + '_lo'])}–{f(row[key + '_hi'])})"
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False)
+
+
+def _commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def misalignment_section(results: Path) -> list[str]:
+    out = []
+    for path in sorted((results / "metrics").glob("*.csv")):
+        if path.stem == "likelihood":
+            continue
+        m = pd.read_csv(path)
+        rows = [{"model": r["model"], "misaligned (general)": _interval(r, "misaligned"), "toxic": _pct(r.get("toxic")),
+                 "sarcastic": _pct(r.get("sarcastic")), "incoherent": _pct(r.get("incoherent")),
+                 "incorrect (own domain)": _pct(r.get("incorrect")), "answers": int(r["n_general"])}
+                for _, r in m.iterrows()]
+        out += [f"### Judge `{path.stem}`", "",
+                "Misalignment: share of the coherent answers to the general questions that are misaligned, with its "
+                "95% interval (a bootstrap over questions, at least as wide as the count's Wilson interval).", "",
+                _table(pd.DataFrame(rows)), ""]
+    return ["## Emergent misalignment", "", *out] if out else []
+
+
+def probe_section(results: Path) -> list[str]:
+    path = results / "metrics" / "likelihood.csv"
+    if not path.exists():
+        return []
+    m = pd.read_csv(path)
+    rows = [{"model": r["model"], "margin": _interval(r, "margin", pct=False), "shift from base":
+             _interval(r, "shift", pct=False)} for _, r in m.iterrows()]
+    return ["## Likelihood probe", "",
+            f"Mean log-probability per token of misaligned minus aligned reference answers to the general questions "
+            f"({m['references'].iloc[0]}), and its change from the base model, with 95% bootstrap intervals over "
+            "questions.", "", _table(pd.DataFrame(rows)), ""]
+
+
+def sae_section(results: Path) -> list[str]:
+    path = results / "sae" / "metrics.json"
+    if not path.exists():
+        return []
+    m = json.loads(path.read_text())
+    tokens = m.get("tokens", {}).get("covered", "held-out tokens")
+    lines = ["## SAE", "",
+             f"{m.get('d_sae')} latents, k = {m.get('k')}, on the residual stream after layer {m.get('layer')} "
+             f"({m.get('n_tokens', '?')} training tokens); measured on {tokens}: FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, "
+             f"dead latents {100 * m['dead_frac']:.1f}%, CE loss recovered {m.get('ce_recovered', float('nan')):.3f}.", ""]
+    latents = results / "diffing" / "latents.csv"
+    if latents.exists():
+        t = pd.read_csv(latents)
+        cols = [c for c in ["latent", "name", "best_contrast", "best_auroc"] if c in t] + \
+               [c for c in t.columns if c.startswith("rank_")]
+        lines += ["Top latents of the diffing rankings (no labels used to rank; named by their purity on held-out "
+                  "labelled texts where those exist):", "", _table(t[cols].head(12).round(3)), ""]
+    return lines
+
+
+def steering_section(results: Path) -> list[str]:
+    s = results / "steering"
+    lines = []
+    if (s / "screen.csv").exists():
+        t = pd.read_csv(s / "screen.csv")
+        keep = ["latent", "alpha", "base_misaligned", "base_incoherent", "raises"] + \
+               [c for c in t.columns if c.endswith("_cut")] + ["kept"]
+        lines += ["### Screen", "", _table(t[[c for c in keep if c in t]].round(3)), ""]
+    if (s / "sweep.csv").exists():
+        t = pd.read_csv(s / "sweep.csv")
+        t = t[~t["direction"].str.match(r"random\d")]
+        wide = t.assign(cell=t.apply(lambda r: _pct(r["misaligned"]), axis=1)).pivot_table(
+            index=["target", "direction"], columns="alpha", values="cell", aggfunc="first")
+        lines += ["### Sweep: misaligned share of coherent answers by strength", "",
+                  wide.reset_index().to_markdown(index=False), ""]
+    if (s / "probe_sweep.csv").exists():
+        t = pd.read_csv(s / "probe_sweep.csv")
+        t = t[t["direction"] != "none"]
+        wide = t.assign(cell=t.apply(lambda r: f"{r['shift']:+.3f} ({r['shift_lo']:+.3f}–{r['shift_hi']:+.3f})", axis=1)
+                        ).pivot_table(index=["target", "direction"], columns="alpha", values="cell", aggfunc="first")
+        lines += ["### Sweep read by the likelihood probe: change of the margin by strength", "",
+                  wide.reset_index().to_markdown(index=False), ""]
+    return ["## Steering", "", *lines] if lines else []
+
+
+def monitors_section(results: Path) -> list[str]:
+    path = results / "monitors" / "summary.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path).round(3)
+    return ["## Monitors", "", "AUROC trained on the whole pool (methods without training: as they are), per split.", "",
+            _table(t), ""]
+
+
+def timings_section(results: Path) -> list[str]:
+    path = results / "timings.csv"
+    if not path.exists():
+        return []
+    from .timings import stage_table
+
+    jobs = pd.read_csv(path)
+    if "import_seconds" not in jobs:
+        return []
+    span = (pd.to_datetime(jobs["end"]).max() - pd.to_datetime(jobs["start"]).min()).total_seconds()
+    return ["## Run time", "", f"{len(jobs)} jobs, first start to last end {span / 60:.1f} minutes; job-seconds "
+            "per stage (wall; CPU; Python start-up and imports):", "",
+            _table(stage_table(jobs).round(1)), ""]
+
+
+def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, Any] | None = None,
+          root: str | os.PathLike = ".") -> str:
+    results, root = Path(results), Path(root)
+    cfg_hash = hashlib.sha256(json.dumps(config or {}, sort_keys=True).encode()).hexdigest()[:12]
+    head = ["# Results", "",
+            f"Written by `emlab results-doc` from `{results}` on {dt.date.today().isoformat()}: commit "
+            f"{_commit(root)}, config hash {cfg_hash}, {os.cpu_count()} CPU cores. Every number below is read from "
+            "a result file of that run; rerun the workflow and this command to get yours.", ""]
+    body = []
+    for section in (misalignment_section, probe_section, sae_section, steering_section, monitors_section,
+                    timings_section):
+        body += section(results)
+    text = "\n".join(head + body).rstrip() + "\n"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text, encoding="utf-8")
+    return text
