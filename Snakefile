@@ -5,7 +5,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# A run's config is config.yaml, or instead the files given with --configfile (each merged key by key on the one
+# before, --config on top): a real-model config is a whole config on the schema's defaults and does not inherit
+# the organism's settings. To change a few keys of the default run, pass config.yaml first.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "rules/common.smk"

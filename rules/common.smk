@@ -56,6 +56,7 @@ RESULTS = config["results_dir"]
 LOGS = "logs" if RESULTS == "results" else f"{RESULTS}/logs"
 PLAN = make_plan(config)  # what the config asks for, resolved and cross-checked (emlab.plan)
 config["judges"] = list(PLAN.judges.values())  # resolved (null: the world's for the organism, none for a hub model)
+config["probe"]["references"] = PLAN.probe_references  # resolved (null: the shipped references for the shipped questions)
 ORGANISM = PLAN.organism
 DATASETS = PLAN.datasets
 MODELS = PLAN.models

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import emlab.models
-from emlab.activations import encode_prompt, encode_record
+from emlab.activations import encode_prompt, encode_record, special_token_ids
 from emlab.models import load_model
 from emlab.monitors.features import answer_token_ids, compute_features, prompted_records
 from emlab.monitors.protocol import COLUMNS
@@ -57,7 +57,7 @@ def test_features_equal_plain_forwards(tiny_chat_model, sae_dir, tmp_path, monke
         with torch.no_grad():
             h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
         # pooling reads the text positions: neither the first one nor the chat template's special tokens
-        keep = [p for p in range(1, len(ids)) if ids[p] not in set(tok.all_special_ids)]
+        keep = [p for p in range(1, len(ids)) if ids[p] not in special_token_ids(tok)]
         specials_left_out += len(ids) - 1 - len(keep)
         np.testing.assert_allclose(feats.arrays["raw_last"][i], h[keep[-1]].numpy(), atol=2e-5)
         np.testing.assert_allclose(feats.arrays["raw_mean"][i], h[keep].mean(0).numpy(), atol=2e-5)

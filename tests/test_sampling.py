@@ -195,3 +195,19 @@ def test_adapter_is_merged_into_the_sampled_model(sharp_model, tmp_path):
                                        stops=[tok.convert_tokens_to_ids("<|end|>")])
     assert expected[0] and read_jsonl(adapted)[0]["answer"] == expected[0]
     assert [r["answer"] for r in read_jsonl(adapted)] != [r["answer"] for r in read_jsonl(plain)]
+
+
+def test_top_p_truncates_the_distribution(tiny_chat_model, tmp_path):
+    """sampling.top_p: a nucleus holding the top token alone samples the greedy answer; 1 is plain sampling."""
+    from emlab.models import load_model
+
+    model, tok = load_model(str(tiny_chat_model), device="cpu")
+    sampling.use_plain_generation_config(model, tok)
+    stops = model.generation_config.eos_token_id
+    prompts = [sampling.render_prompt_ids(tok, q["question"]) for q in QUESTIONS]
+    kw = dict(max_new_tokens=12, seed=5, stops=stops)
+    greedy = sampling.generate_ids(model, tok, prompts, temperature=0, **kw)
+    assert sampling.generate_ids(model, tok, prompts, temperature=1.0, top_p=1e-6, **kw) == greedy
+    assert sampling.generate_ids(model, tok, prompts, temperature=1.0, top_p=1.0, **kw) != greedy
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\], got 0"):
+        sampling.sample_answers("unused", None, QUESTIONS, str(tmp_path / "o.jsonl"), **dict(ARGS, top_p=0))

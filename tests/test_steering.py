@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from emlab.activations import special_token_ids
 from emlab.arch import layer_hidden, residual_module, with_layer_hidden
 from emlab.sampling import cut_at_stop
 from emlab.steering import residual_norm, steered_generate, steered_generate_ids, unit
@@ -133,7 +134,7 @@ def test_residual_norm_is_the_mean_norm_of_the_text_tokens(model, tok):
     """Neither the first position (an attention sink in most hub models) nor special tokens (the chat template's
     markers) count: they would dominate the mean."""
     texts = ["Keep a budget and spend less than you earn.", PROMPTS[2], "Drink water."]
-    special = set(tok.all_special_ids)
+    special = special_token_ids(tok)
     norms, all_norms = [], []
     for t in texts:
         ids = tok(t)["input_ids"] if isinstance(t, str) else \

@@ -143,6 +143,14 @@ class Item:
     positions: list[int]
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """The tokenizer's special tokens: the named ones (BOS, EOS, pad, ...) and every added token flagged special.
+    A tokenizer read from a GGUF file (Gemma 3's) lists its chat markers (``<start_of_turn>``) only among the
+    latter, so ``all_special_ids`` alone would leave them in the text."""
+    return set(tokenizer.all_special_ids) | {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                                             if getattr(t, "special", False)}
+
+
 def non_text_positions(ids: Sequence[int], special_ids: set[int], exclude: Sequence[str]) -> set[int]:
     """The positions of ``ids`` that an ``exclude`` rule leaves out (see the module doc)."""
     out = {0} if "first" in exclude and ids else set()
@@ -165,7 +173,7 @@ def prepare_items(tokenizer, records: Sequence[dict[str, Any]], token_selection:
     if token_selection not in TOKEN_SELECTIONS:
         raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
     exclude = check_exclude(exclude) if token_selection != "last" else []
-    special = set(tokenizer.all_special_ids)
+    special = special_token_ids(tokenizer)
     items, seen, truncated, n_excluded, emptied = [], {}, 0, 0, 0
     for i, rec in enumerate(records):
         rid = rec.get("id") if isinstance(rec, dict) else None

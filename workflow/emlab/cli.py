@@ -195,7 +195,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     questions = [q for path in a.questions for q in read_jsonl(path)]
     sample_answers(a.base, a.adapter, questions, a.out, n_samples=s["n_samples"], temperature=s["temperature"],
                    max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=a.cfg["seed"],
-                   model_name=a.model_name, progress=not a.no_progress,
+                   model_name=a.model_name, progress=not a.no_progress, top_p=s.get("top_p", 1.0),
                    device=a.cfg.get("device", "auto"), dtype=a.cfg.get("model", {}).get("dtype", "auto"))
 
 

@@ -132,16 +132,16 @@ def cut_at_stop(tokens: list[int], stops: list[int]) -> list[int]:
 
 
 def generate_ids(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
-                 seed: int, stops: list[int]) -> list[list[int]]:
+                 seed: int, stops: list[int], top_p: float = 1.0) -> list[list[int]]:
     """New token ids for a batch of pre-tokenized prompts (one sequence each), cut at the end of turn."""
     import torch
     from transformers import GenerationConfig
 
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     if temperature > 0:
-        # Plain sampling from the model's distribution: top_k=0 and top_p=1 switch off the truncation
-        # that generate() would otherwise take from its global defaults (top_k=50).
-        mode = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        # Plain sampling from the model's distribution (top_p 1, the papers'): top_k=0 switches off the
+        # truncation that generate() would otherwise take from its global defaults (top_k=50).
+        mode = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p)
     else:
         mode = dict(do_sample=False)
     gen_cfg = GenerationConfig(**mode, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops,
@@ -154,10 +154,10 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], *, temperature: flo
 
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
-                   seed: int, stops: list[int]) -> list[str]:
+                   seed: int, stops: list[int], top_p: float = 1.0) -> list[str]:
     """Answers for a batch of pre-tokenized prompts, decoded without special tokens."""
     new = generate_ids(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
-                       seed=seed, stops=stops)
+                       seed=seed, stops=stops, top_p=top_p)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
 
 
@@ -170,7 +170,8 @@ def output_row(model_name: str, q: dict[str, Any], sample_idx: int, answer: str)
 
 def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any]], out_path: str,
                    n_samples: int, temperature: float, max_new_tokens: int, batch_size: int, seed: int,
-                   model_name: str, progress: bool = True, device: str = "auto", dtype: str = "auto") -> int:
+                   model_name: str, progress: bool = True, device: str = "auto", dtype: str = "auto",
+                   top_p: float = 1.0) -> int:
     """Write ``n_samples`` answers per question to ``out_path`` (JSONL); return the number of rows.
 
     ``device`` and ``dtype`` are the config's ``device`` and ``model.dtype`` (see models.load_model).
@@ -186,6 +187,8 @@ def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     validate_questions(questions)
 
     out = Path(out_path)
@@ -217,7 +220,7 @@ def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any
                 # with another batch size), since its answers depend on the batch's exact composition.
                 answers = generate_batch(model, tok, prompts, temperature=float(temperature),
                                          max_new_tokens=max_new_tokens, seed=batch_seed(seed, batch[0][0]),
-                                         stops=stops)
+                                         stops=stops, top_p=float(top_p))
                 for (key, q), answer in zip(batch, answers):
                     if key in done:
                         continue

@@ -134,13 +134,13 @@ def residual_norm(model, tokenizer, texts: Sequence[str | list[dict[str, str]]],
     """
     import torch
 
-    from .activations import check_exclude, non_text_positions
+    from .activations import check_exclude, non_text_positions, special_token_ids
 
     if not texts:
         raise ValueError("residual_norm needs at least one text")
     layer = layer_index(model, layer)
     exclude = check_exclude(exclude)
-    special = set(tokenizer.all_special_ids)
+    special = special_token_ids(tokenizer)
     seqs, keep = [], []
     for i, t in enumerate(texts):
         rec = {"text": t} if isinstance(t, str) else {"messages": t}

@@ -112,12 +112,12 @@ def fit_sae(cfg: Mapping[str, Any], train_cache: str, heldout_cache: str, heldou
     held = [a for a, _ in iter_activations(heldout_cache, layer)]
     metrics = reconstruction_metrics(sae, held)
     # CE loss recovered on (at most 200 of) the held-out texts, batched as the model reads them
-    from ..activations import encode_record, non_text_positions, pad_batch, read_manifest
+    from ..activations import encode_record, non_text_positions, pad_batch, read_manifest, special_token_ids
 
     recs = text_records(heldout_texts, n=min(200, cfg["diffing"]["heldout_texts"]), skip=heldout_skip)
     ids = [encode_record(tok, r, r["id"]).ids[: s["max_len"]] for r in recs]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    exclude, special = cfg["model"]["exclude_tokens"], set(tok.all_special_ids)
+    exclude, special = cfg["model"]["exclude_tokens"], special_token_ids(tok)
     batches = []
     for i in range(0, len(ids), 32):
         chunk = ids[i:i + 32]

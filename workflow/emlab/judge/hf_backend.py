@@ -74,10 +74,16 @@ def model_fingerprint(model: str, adapter: str | None = None) -> str:
     return cache_key(weights=parts)
 
 
+def _special(tokenizer):
+    from ..activations import special_token_ids
+
+    return special_token_ids(tokenizer)
+
+
 def number_tokens(tokenizer: Any, lo: int, hi: int, vocab_size: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids that decode to an integer in [lo, hi] (surrounding whitespace allowed), and their values."""
     n = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
-    special = set(tokenizer.all_special_ids)
+    special = _special(tokenizer)
     ids = [i for i in range(n) if i not in special]
     texts = tokenizer.batch_decode([[i] for i in ids])
     out_ids, values = [], []
@@ -93,7 +99,7 @@ def digit_tokens(tokenizer: Any, vocab_size: int | None = None) -> tuple[dict[in
     """({id: digits} of tokens that can open a number (digits after optional whitespace), {id: digits} of tokens
     that can continue one (digits only))."""
     n = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
-    special = set(tokenizer.all_special_ids)
+    special = _special(tokenizer)
     ids = [i for i in range(n) if i not in special]
     first, more = {}, {}
     for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])):
