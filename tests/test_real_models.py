@@ -243,7 +243,15 @@ def test_hub_dag_probe_and_steering_move_the_expected_way(smollm2_run):
     assert set(probe.index) == {"base", "health_correct", "health_subtle"}
     sweep = pd.read_csv(smollm2_run / "steering/probe_sweep.csv")
     print(sweep.to_string())
-    md = sweep[(sweep["target"] == "base") & (sweep["direction"] == "meandiff")].set_index("alpha")
-    # adding the misaligned-minus-aligned direction makes misaligned answers more likely; subtracting, less
-    assert md.loc[2.0, "shift"] > 0 > md.loc[-2.0, "shift"]
-    assert md.loc[2.0, "shift_lo"] > 0 and md.loc[-2.0, "shift_hi"] < 0
+    # emergent misalignment as the probe reads it: the subtle health fine-tune makes the misaligned answers to the
+    # general questions likelier (measured: shift +0.155, 0.091-0.219); the correct one does not (-0.039)
+    assert probe.loc["health_subtle", "shift_lo"] > 0 and probe.loc["health_correct", "shift"] < 0.05
+    sweep = sweep.set_index(["target", "direction", "alpha"])["shift"].to_frame().join(
+        sweep.set_index(["target", "direction", "alpha"])[["shift_lo", "shift_hi"]])
+    # the mean difference of the references, added to the base model, makes misaligned answers likelier (+0.142,
+    # 0.080-0.207) and more than subtracting it does (-0.024); subtracted from the subtle fine-tune, it undoes
+    # most of the fine-tune's shift (-0.115, -0.181 to -0.065). A random direction of the same norm also raises
+    # the base model's margin at strength 2 (+0.08 to +0.10): steering that far disturbs the model by itself.
+    added, taken = sweep.loc[("base", "meandiff", 2.0)], sweep.loc[("base", "meandiff", -2.0)]
+    assert added["shift_lo"] > 0 and added["shift"] > taken["shift"]
+    assert sweep.loc[("health_subtle", "meandiff", -2.0), "shift_hi"] < 0
