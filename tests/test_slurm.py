@@ -32,7 +32,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import yaml
 
 from workflow_runner import copy_workflow
 
@@ -308,16 +307,11 @@ def _slurm_jobs(workdir: Path, env: dict[str, str]) -> list[SlurmJob]:
     return sorted(jobs, key=lambda j: j.job_id)
 
 
-def _merged_config(workdir: Path) -> dict:
-    """config.yaml updated by tiny.yaml, nested mappings merged key by key, as Snakemake does."""
+def _run_config(workdir: Path) -> dict:
+    """The config the run sees: tiny.yaml alone (a --configfile replaces config.yaml), with the schema's defaults."""
+    from emlab.config import load
 
-    def merge(base: dict, update: dict) -> dict:
-        out = dict(base)
-        for key, value in update.items():
-            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        return out
-
-    return merge(*(yaml.safe_load((workdir / name).read_text()) for name in ("config.yaml", TINY_CONFIG)))
+    return load(workdir / TINY_CONFIG)
 
 
 @pytest.fixture(scope="session")
@@ -347,7 +341,7 @@ def slurm_run(slurm_env, tmp_path_factory):
         "marker": marker,
         "run": run,
         "slurm_jobs": _slurm_jobs(workdir, env),
-        "config": _merged_config(workdir),
+        "config": _run_config(workdir),
     }
 
 
