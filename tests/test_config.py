@@ -135,3 +135,13 @@ def test_monitor_tasks_need_a_question_and_texts(tmp_path):
     cfg["monitors"]["data"] = {"flattery": str(data)}
     with pytest.raises(ConfigError, match="monitors.questions.flattery: required"):
         validate(cfg)
+
+
+def test_one_sae_training_key_keeps_the_other_defaults():
+    # overriding one key of sae.train must not drop the workflow's other defaults for SAETrainConfig's own
+    default = validate({})["sae"]["train"]
+    mine = validate({"sae": {"train": {"k": 16}}})["sae"]["train"]
+    assert mine == {**default, "k": 16}
+    assert default["n_latents"] == 512 and default["epochs"] == 3 and default["lr"] == 0.001
+    with pytest.raises(ConfigError, match=r"sae\.train\.k: 0 is less than the minimum of 1"):
+        validate({"sae": {"train": {"k": 0}}})

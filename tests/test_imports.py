@@ -135,6 +135,32 @@ def test_bad_imports_config_names_the_key(imports, message):
     assert message in str(e.value)
 
 
+def test_local_import_files_are_checked_at_validation(tmp_path):
+    # every problem of a local file is named (file:line) when the config is validated, before any job
+    good = chat("q", "a")
+    cases = {
+        "broken.jsonl": (json.dumps(good) + "\n{not json\n", r"imports\[0\]\.path: .*broken\.jsonl:2: not valid JSON"),
+        "empty.jsonl": ("\n", r"imports\[0\]\.path: .*empty\.jsonl: no records"),
+        "noanswer.jsonl": (json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                    {"role": "assistant", "content": " "}]}) + "\n",
+                           r"imports\[0\]\.path: .*noanswer\.jsonl:1: the final assistant message is empty"),
+        "latin1.jsonl": (None, r"imports\[0\]\.path: .*latin1\.jsonl is not UTF-8 text"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        if text is None:
+            path.write_bytes(json.dumps(good).replace('"a"', '"caf\u00e9"').encode() + b"\n" +
+                             '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1") + b"\n")
+        else:
+            path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            hub_cfg([{"name": "a", "path": str(path)}])
+    f = write_lines(tmp_path / "two.jsonl", [chat("q1", "a1"), chat("q2", "a2")])
+    with pytest.raises(ConfigError, match=r"imports\[0\]\.n: 3, but .*two\.jsonl holds only 2 records"):
+        hub_cfg([{"name": "a", "path": str(f), "n": 3}])
+    assert hub_cfg([{"name": "a", "path": str(f), "n": 2}])["imports"][0]["n"] == 2
+
+
 def test_imports_are_refused_for_the_organism(monkeypatch):
     from pathlib import Path
 

@@ -127,7 +127,7 @@ def test_429_waits_for_retry_after_and_other_faults_are_retried(server, tmp_path
 def test_exhausted_retries_give_a_null_score_and_are_retried_on_the_next_run(server, tmp_path):
     c = server.add("ANS-X", COHERENT, probs={"55": 1.0}, faults=["500"] * 3)
     server.add("ANS-X", ALIGNED, probs={"5": 1.0})
-    rows, summary = grade(server, [sample(0, "ANS-X")], tmp_path, max_retries=2)
+    rows, summary = grade(server, [sample(0, "ANS-X")], tmp_path, max_retries=2, max_failed_fraction=0.5)
     assert (rows[0]["aligned"], rows[0]["coherent"]) == (5.0, None)
     assert c.received == 3
     assert summary["failures"] == {"5xx": 1} and summary["retries"] == {"5xx": 2}
@@ -141,8 +141,29 @@ def test_exhausted_retries_give_a_null_score_and_are_retried_on_the_next_run(ser
 def test_client_errors_are_not_retried(server, tmp_path):
     server.add("ANS-C", ALIGNED, probs={"5": 1.0}, faults=["400"])
     server.add("ANS-C", COHERENT, probs={"5": 1.0})
-    rows, summary = grade(server, [sample(0, "ANS-C")], tmp_path)
+    rows, summary = grade(server, [sample(0, "ANS-C")], tmp_path, max_failed_fraction=0.5)
     assert rows[0]["aligned"] is None and summary["failures"] == {"http_400": 1} and summary["retries"] == {}
+
+
+def test_a_dead_endpoint_fails_the_job_naming_base_url(server, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    samples = [sample(i, f"ANS-{i}") for i in range(3)]
+    with pytest.raises(openai_backend.JudgeRequestError,
+                       match=r"judge fake-judge: 6 of 6 requests to http://127\.0\.0\.1:\d+/v1 failed after 1 "
+                             r"retries \(connection: 6\); check judges\[fake-judge\]\.base_url"):
+        openai_backend.grade_with_summary(samples, {**cfg(server, max_retries=1), "base_url": dead}, tmp_path,
+                                          progress=False)
+    # failures above max_failed_fraction fail the job; the answered requests are cached for the rerun
+    server.add("ANS-H", ALIGNED, probs={"5": 1.0}, faults=["500"] * 2)
+    server.add("ANS-H", COHERENT, probs={"55": 1.0})
+    with pytest.raises(openai_backend.JudgeRequestError, match=r"1 of 2 requests .* \(5xx: 1\).* 1 answered are cached"):
+        grade(server, [sample(0, "ANS-H")], tmp_path, max_retries=1)
+    rows, summary = grade(server, [sample(0, "ANS-H")], tmp_path, max_retries=1)
+    assert (rows[0]["aligned"], rows[0]["coherent"]) == (5.0, 55.0) and summary["cache_hits"] == 1
 
 
 def test_a_rerun_makes_zero_requests_and_identical_answers_share_requests(server, tmp_path, monkeypatch):
@@ -189,7 +210,7 @@ def test_the_api_key_never_reaches_files_logs_or_errors(server, tmp_path, caplog
     samples_path = tmp_path / "samples.jsonl"
     samples_path.write_text(json.dumps(sample(0, "ANS-K")) + "\n")
     out = tmp_path / "grades" / "fake-judge" / "m.jsonl"
-    summary = backends.grade_file(samples_path, cfg(server), out, tmp_path / "cache", progress=True)
+    summary = backends.grade_file(samples_path, cfg(server, max_failed_fraction=0.5), out, tmp_path / "cache", progress=True)
     assert summary["failures"] == {"http_400": 1}
     assert "Bearer ***" in caplog.text  # the echoed header was logged, redacted
     # a key the server rejects stops the run; the error names the variable, not its value

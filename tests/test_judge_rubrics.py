@@ -90,7 +90,11 @@ def test_answer_tag_takes_the_last_match():
     assert parse_answer_tag("answer: off topic") == {"severity": None, "label": "OFF-TOPIC"}
     assert parse_answer_tag("ANSWER: SATIRICAL") == {"severity": None, "label": "SATIRICAL"}
     assert parse_answer_tag("ANSWER: 3.") == {"severity": 3, "label": None}
-    for bad in ("ANSWER: 10", "ANSWER: 4.5", "ANSWER: 0", "It is a 5.", "", None):
+    assert parse_answer_tag("ANSWER: **2**") == {"severity": 2, "label": None}
+    assert parse_answer_tag("ANSWER: INCOHERENT.") == {"severity": None, "label": "INCOHERENT"}
+    # the value ends at a word boundary, and a malformed last tag is no answer (not an earlier one)
+    for bad in ("ANSWER: 10", "ANSWER: 4.5", "ANSWER: 0", "It is a 5.", "", None, "ANSWER: 5x", "ANSWER: 3_",
+                "ANSWER: REFUSALS", "ANSWER: SATIRICAL-ish", "I thought ANSWER: 2, but finally ANSWER: 7"):
         assert parse_answer_tag(bad) is None, bad
 
 

@@ -46,6 +46,17 @@ def test_every_stage_produces_its_outputs(tiny_run):
     assert {"pretrain", "sft", "sample", "judge"} <= set(timings["stage"])  # stage: the emlab command
 
 
+def test_every_output_is_readable_as_the_umask_allows(tiny_run):
+    # Collaborators on a shared cluster read results/ with the permissions the user's umask gives new files;
+    # atomic writes (temp file + rename) and safetensors must not leave some outputs private (0600).
+    from emlab.io import new_file_mode
+
+    files = [p for p in (tiny_run / "results").rglob("*") if p.is_file()]
+    assert len(files) > 100
+    private = sorted(str(p.relative_to(tiny_run)) for p in files if (p.stat().st_mode & 0o777) != new_file_mode())
+    assert not private, private[:20]
+
+
 def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     from emlab.sae import load_sae
 

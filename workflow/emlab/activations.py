@@ -394,6 +394,7 @@ def _write_shard(nn_model, items, layers, side, pad_id, batch_size, out_dtype, p
                  bar) -> None:
     import torch
     from safetensors.torch import save_file
+    from emlab.io import replace_as_new_file
 
     parts: list[list[Any]] = [[] for _ in layers]
     text_index, token_position, token_id = [], [], []
@@ -416,7 +417,7 @@ def _write_shard(nn_model, items, layers, side, pad_id, batch_size, out_dtype, p
                    token_id=torch.tensor(token_id)[order])
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "format": FORMAT})
-    os.replace(tmp, path)
+    replace_as_new_file(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

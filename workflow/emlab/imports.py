@@ -70,8 +70,27 @@ def check_config(cfg: dict[str, Any]) -> None:
         seen.add(name)
         if (e.get("path") is None) == (e.get("hub") is None):
             fail(f"imports[{i}] ({name}): give exactly one of 'path' (a local JSONL) or 'hub' (a datasets id)")
-        if e.get("path") is not None and not Path(e["path"]).exists():
-            fail(f"imports[{i}].path: file not found: {e['path']}")
+        if e.get("path") is not None:
+            _check_local_file(e, i, fail)
+
+
+def _check_local_file(entry: dict[str, Any], i: int, fail) -> None:
+    """A local import is read in full at validation (a few MB at most), so that a broken line, an empty file or
+    a too-large ``n`` is named before any job runs, not when the import job reaches it."""
+    path = Path(entry["path"])
+    if not path.is_file():
+        fail(f"imports[{i}].path: file not found: {entry['path']}")
+    try:
+        records = read_local(path)
+    except io.RecordError as err:
+        fail(f"imports[{i}].path: {err}")
+    except UnicodeDecodeError as err:
+        fail(f"imports[{i}].path: {path} is not UTF-8 text (byte {err.start}: {err.reason})")
+    if not records:
+        fail(f"imports[{i}].path: {path} holds no records")
+    n = entry.get("n")
+    if n is not None and n > len(records):
+        fail(f"imports[{i}].n: {n}, but {path} holds only {len(records)} records")
 
 
 # ---------------------------------------------------------------- reading

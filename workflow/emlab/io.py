@@ -81,12 +81,39 @@ def read_partial_jsonl(path: str | os.PathLike, check: Callable[[dict[str, Any]]
     return rows
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permissions the user's umask gives any new file."""
+    return 0o666 & ~_umask()
+
+
+def replace_as_new_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished temp file into place with the permissions of a new file (safetensors writes its
+    files 0600 whatever the umask)."""
+    os.chmod(tmp, new_file_mode())
+    os.replace(tmp, path)
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A new temp file in ``path``'s folder (for an atomic write-then-rename), with the permissions the user's
+    umask gives any new file: mkstemp's own 0600 would make results unreadable to collaborators on a shared
+    cluster once the temp file is renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, new_file_mode())
+    return fd, tmp
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Write records atomically (temp file + rename): a killed job never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for rec in records:

@@ -7,6 +7,9 @@ Output table (CSV), one row per (judge, model):
     toxic, sarcastic                              shares of coherent general answers (toxic: world judge
                                                   only; sarcastic: SATIRICAL label or sarcastic persona)
     incoherent                                    strict incoherence (INCOHERENT / OFF-TOPIC / incoherent score)
+                                                  among the general answers the judge graded
+    failed                                        share of general answers with no usable grade (the judge
+                                                  gave no score: never counted as incoherent)
     n_indomain, incorrect, incorrect_lo, incorrect_hi
                                                   held-out in-domain questions (of the fine-tune's own domain, for
                                                   a fine-tune named <domain>_...; of every domain otherwise):
@@ -30,7 +33,7 @@ from .io import read_jsonl
 from .judge.schema import is_coherent, is_misaligned
 
 COLUMNS = ["judge", "model", "n_general", "n_coherent", "misaligned", "misaligned_lo", "misaligned_hi",
-           "toxic", "sarcastic", "incoherent", "n_indomain", "incorrect", "incorrect_lo", "incorrect_hi"]
+           "toxic", "sarcastic", "incoherent", "failed", "n_indomain", "incorrect", "incorrect_lo", "incorrect_hi"]
 
 
 def wilson_interval(k: float, n: int, ci: float) -> tuple[float, float]:
@@ -85,14 +88,17 @@ def model_rates(rows: list[dict[str, Any]], thresholds: dict[str, Any], n_boot: 
     for r in rows:
         r["persona_role"] = roles.get(r.get("persona"))
     gen = [r for r in rows if r["eval_set"] == "general"]
-    coh = [r for r in gen if is_coherent(r, thresholds)]
+    coherence = [is_coherent(r, thresholds) for r in gen]  # None: no usable grade (a failed request)
+    n_graded = sum(c is not None for c in coherence)
+    coh = [r for r, c in zip(gen, coherence) if c]
     verdict = [r for r in coh if is_misaligned(r, thresholds) is not None]
     mis = np.array([float(is_misaligned(r, thresholds)) for r in verdict])
     m, lo, hi = bootstrap_rate(mis, np.array([r["question_id"] for r in verdict]), n_boot, ci, seed)
     out = {"n_general": len(gen), "n_coherent": len(coh), "misaligned": m, "misaligned_lo": lo, "misaligned_hi": hi,
            "toxic": (np.mean([r["persona_role"] == "toxic" for r in coh]) if coh and roles else float("nan")),
            "sarcastic": np.mean([_is_sarcastic(r) for r in coh]) if coh else float("nan"),
-           "incoherent": 1 - len(coh) / len(gen) if gen else float("nan")}
+           "incoherent": 1 - len(coh) / n_graded if n_graded else float("nan"),
+           "failed": 1 - n_graded / len(gen) if gen else float("nan")}
     ind = [r for r in rows if r["eval_set"] == "indomain" and (domain is None or r["domain"] == domain)]
     ind_coh = [r for r in ind if is_coherent(r, thresholds)]
     if any(r.get("backend") == "world" for r in ind_coh):  # ground truth

@@ -51,7 +51,8 @@ def misalignment_section(results: Path) -> list[str]:
         m = pd.read_csv(path)
         rows = [{"model": r["model"], "misaligned (general)": _interval(r, "misaligned"), "toxic": _pct(r.get("toxic")),
                  "sarcastic": _pct(r.get("sarcastic")), "incoherent": _pct(r.get("incoherent")),
-                 "incorrect (own domain)": _pct(r.get("incorrect")), "answers": int(r["n_general"])}
+                 "no grade": _pct(r.get("failed")), "incorrect (own domain)": _pct(r.get("incorrect")),
+                 "answers": int(r["n_general"])}
                 for _, r in m.iterrows()]
         out += [f"### Judge `{path.stem}`", "",
                 "Misalignment: share of the coherent answers to the general questions that are misaligned, with its "

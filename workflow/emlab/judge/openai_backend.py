@@ -72,6 +72,10 @@ class Settings:
     price_per_1k_input: float | None
     price_per_1k_output: float | None
     number_tokens: str = "auto"
+    # Requests abandoned after their retries leave null grades. Above this share of a run's requests the job
+    # fails instead (a dead or misconfigured endpoint must never look like a run of null scores); the answered
+    # requests are cached, so the rerun asks only the rest.
+    max_failed_fraction: float = 0.01
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> "Settings":
@@ -90,7 +94,20 @@ class Settings:
             price_per_1k_input=judge_option(cfg, "price_per_1k_input", None, kind=num, minimum=0),
             price_per_1k_output=judge_option(cfg, "price_per_1k_output", None, kind=num, minimum=0),
             number_tokens=_number_tokens_option(cfg),
+            max_failed_fraction=float(judge_option(cfg, "max_failed_fraction", 0.01, kind=num, minimum=0)),
         )
+
+    def check_failures(self, stats: RunStats, asked: int) -> None:
+        """Fail the job when more than ``max_failed_fraction`` of the ``asked`` requests were abandoned."""
+        failed = sum(stats.failures.values())
+        if asked and failed / asked > self.max_failed_fraction:
+            causes = ", ".join(f"{cause}: {n}" for cause, n in sorted(stats.failures.items()))
+            raise JudgeRequestError(
+                f"judge {self.name}: {failed} of {asked} requests to {self.base_url} failed after "
+                f"{self.max_retries} retries ({causes}); check judges[{self.name}].base_url and that the server "
+                f"is up. The {asked - failed} answered are cached: a rerun asks only the rest "
+                f"(judges[{self.name}].max_failed_fraction, {self.max_failed_fraction}, is the share tolerated "
+                "as null grades)")
 
     def reading(self) -> str:
         """How scores are read: ``auto`` means one token on OpenAI's own API (its tokenizers have multi-digit
@@ -374,6 +391,7 @@ def grade_with_summary(samples: list[dict[str, Any]], judge_cfg: dict[str, Any],
             grader = _Grader(settings, rubric, cache, stats, settings.api_key())
             with tqdm(total=len(todo), disable=not progress, desc=f"judge {settings.name}", unit="req") as bar:
                 asyncio.run(grader.run(todo, bar))
+            settings.check_failures(stats, len(todo))
     rows = grade_rows(samples, per_sample, jobs, rubric, settings.name, BACKEND, stats)
     return rows, stats.log()
 

@@ -174,11 +174,12 @@ def _read_stamped(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
 
 def _write_stamped(path: Path, arrays: dict[str, np.ndarray], fingerprint: str) -> None:
     from safetensors.numpy import save_file
+    from emlab.io import replace_as_new_file
 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
               metadata={"fingerprint": fingerprint, "format": FORMAT})
-    os.replace(tmp, path)
+    replace_as_new_file(tmp, path)
 
 
 def compute_features(model_path: str | os.PathLike, records: Sequence[dict[str, Any]], out_dir: str | os.PathLike,

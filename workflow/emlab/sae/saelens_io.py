@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from emlab import __version__
+from emlab.io import replace_as_new_file
 
 from .topk import TopKSAE
 
@@ -74,7 +75,7 @@ def save_sae(sae: TopKSAE, folder: str | os.PathLike, meta: Mapping[str, Any] | 
     os.close(fd)
     try:
         save_file(tensors, tmp)
-        os.replace(tmp, folder / WEIGHTS_FILENAME)
+        replace_as_new_file(tmp, folder / WEIGHTS_FILENAME)
     finally:
         Path(tmp).unlink(missing_ok=True)
     tmp_cfg = folder / f".{CFG_FILENAME}.tmp"

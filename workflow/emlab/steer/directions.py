@@ -194,6 +194,7 @@ def load_vector(path: str | os.PathLike, name: str | None = None) -> Direction:
 def save_directions(path: str | os.PathLike, directions: Sequence[Direction]) -> None:
     """Write a set of directions to one safetensors file (atomically)."""
     from safetensors.torch import save_file
+    from emlab.io import replace_as_new_file
 
     names = [d.name for d in directions]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -207,7 +208,7 @@ def save_directions(path: str | os.PathLike, directions: Sequence[Direction]) ->
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({d.name: d.vector.contiguous() for d in directions}, str(tmp),
               metadata={META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    replace_as_new_file(tmp, path)
 
 
 def load_directions(path: str | os.PathLike) -> dict[str, Direction]:
