@@ -99,6 +99,15 @@ def replace_as_new_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None
     os.replace(tmp, path)
 
 
+def give_new_file_modes(folder: str | os.PathLike) -> None:
+    """Give every file under ``folder`` (a model saved by transformers or peft) the permissions of a new file:
+    their safetensors weights are written 0600 whatever the umask."""
+    mode = new_file_mode()
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
 def temp_file_beside(path: Path) -> tuple[int, str]:
     """A new temp file in ``path``'s folder (for an atomic write-then-rename), with the permissions the user's
     umask gives any new file: mkstemp's own 0600 would make results unreadable to collaborators on a shared

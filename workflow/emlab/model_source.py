@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .io import give_new_file_modes
+
 PREFIX = "pypi:"
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "resources" / "chat_templates"
 
@@ -185,6 +187,7 @@ def convert(model_cfg: dict[str, Any], out_dir: str | os.PathLike, work_dir: str
         shutil.rmtree(out)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    give_new_file_modes(out)
     return {"source": model_cfg["path"], "kind": source.kind, "parameters": sum(p.numel() for p in model.parameters()),
             "architecture": type(model).__name__, "chat_template": model_cfg.get("chat_template")}
 

@@ -307,6 +307,7 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     trainer.save_model(str(out))  # adapter or full model, plus the tokenizer (main process only)
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the logs
         return {}
+    io.give_new_file_modes(out)
 
     rows = log_rows(trainer.state.log_history)
     write_train_log(out / "train_log.csv", rows)

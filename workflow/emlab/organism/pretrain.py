@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io import give_new_file_modes
 from ..organism.tokenizer import END, ROLE_TOKENS
 
 IGNORE = -100
@@ -144,6 +145,7 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    give_new_file_modes(out_dir)
     if log_csv is not None:
         with open(log_csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
