@@ -3,31 +3,10 @@
 # (In the DAG when diffing is enabled: see `diffing.enabled` in the config schema.)
 
 
-def sae_texts():
-    """The texts the SAE is fitted on: the world corpus, or `sae.corpus` in hub mode."""
-    return config["sae"]["corpus"] or f"{RESULTS}/world/corpus.jsonl"
-
-
-def heldout_texts():
-    """Texts for interpreting latents: fresh labelled world documents, or the corpus after the SAE's texts."""
-    return config["sae"]["corpus"] or f"{RESULTS}/world/heldout.jsonl"
-
-
-WORLD_TEXTS = not config["sae"]["corpus"]  # labelled world texts: latents are named by their purity
-HELDOUT_SKIP = 0 if WORLD_TEXTS else config["sae"]["n_texts"]
-
-
-def cache_model_args(wildcards):
-    """`--base/--adapter/--full-model` of a fine-tune for `emlab cache-model`."""
-    base = f"--base {base_model()}"
-    if config["finetune"]["method"] == "lora":
-        return f"{base} --adapter {RESULTS}/finetunes/{wildcards.dataset}"
-    return f"{base} --full-model {RESULTS}/finetunes/{wildcards.dataset}"
-
 
 rule activations_corpus:
     input:
-        base_model_input(),
+        base=base_model_input(),
         texts=lambda w: sae_texts() if w.split == "train" else heldout_texts(),
     output:
         directory(f"{RESULTS}/activations/corpus/{{split}}"),
@@ -35,7 +14,7 @@ rule activations_corpus:
         split="train|heldout",
     params:
         cfg=lambda w: cfg_json("model", "sae", "device"),
-        base=base_model(),
+        base=base_param,
         n=lambda w: config["sae"]["n_texts"] if w.split == "train" else config["diffing"]["heldout_texts"],
         skip=lambda w: 0 if w.split == "train" else HELDOUT_SKIP,
     log:
@@ -57,7 +36,7 @@ rule activations_corpus:
 
 rule sae:
     input:
-        base_model_input(),
+        base=base_model_input(),
         train=[] if config["sae"]["pretrained"] else f"{RESULTS}/activations/corpus/train",
         heldout=f"{RESULTS}/activations/corpus/heldout",
         texts=heldout_texts(),
@@ -65,8 +44,8 @@ rule sae:
         directory(f"{RESULTS}/sae"),
     params:
         cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
-        base=base_model(),
-        train=f"{RESULTS}/activations/corpus/train",
+        base=base_param,
+        train=lambda w, input: f"--train-cache {input.train}" if input.train else "",  # none: sae.pretrained
         skip=HELDOUT_SKIP,
     log:
         f"{LOGS}/sae.log",
@@ -81,19 +60,19 @@ rule sae:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab sae --cfg {params.cfg:q} --threads {threads} --base {params.base} --train-cache {params.train}"
+        "python -m emlab sae --cfg {params.cfg:q} --threads {threads} --base {params.base} {params.train}"
         " --heldout-cache {input.heldout} --heldout-texts {input.texts} --heldout-skip {params.skip} --out {output} 2> {log}"
 
 
 rule activations_base:
     input:
-        base_model_input(),
+        base=base_model_input(),
         samples=f"{RESULTS}/samples/base.jsonl",
     output:
         directory(f"{RESULTS}/activations/eval/base"),
     params:
         cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
-        base=base_model(),
+        model=model_args("base"),
     log:
         f"{LOGS}/activations/base.log",
     benchmark:
@@ -107,14 +86,13 @@ rule activations_base:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab cache-model --cfg {params.cfg:q} --threads {threads} --base {params.base} --model-name base"
+        "python -m emlab cache-model --cfg {params.cfg:q} --threads {threads} {params.model} --model-name base"
         " --samples {input.samples} --out-eval {output} 2> {log}"
 
 
 rule activations_finetune:
     input:
-        base_model_input(),
-        f"{RESULTS}/finetunes/{{dataset}}",
+        lambda w: model_input(w.dataset),
         samples=f"{RESULTS}/samples/{{dataset}}.jsonl",
         data=f"{RESULTS}/datasets/{{dataset}}.jsonl",
     output:
@@ -123,7 +101,7 @@ rule activations_finetune:
         train_base=directory(f"{RESULTS}/activations/train/{{dataset}}/base"),
     params:
         cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
-        model=cache_model_args,
+        model=lambda w: model_args(w.dataset),
     log:
         f"{LOGS}/activations/{{dataset}}.log",
     benchmark:
@@ -142,10 +120,6 @@ rule activations_finetune:
         " --out-train-base {output.train_base} 2> {log}"
 
 
-DIFFING_TABLES = ["latent_means.parquet", "changes.csv", "ranking.csv", "changes_unsupervised.csv",
-                  "ranking_unsupervised.csv"]
-
-
 rule rank_latents:
     input:
         sae=f"{RESULTS}/sae",
@@ -157,7 +131,7 @@ rule rank_latents:
         cfg=lambda w: cfg_json("model", "diffing", "seed"),
         eval=" ".join(f"{m}={RESULTS}/activations/eval/{m}" for m in MODELS),
         train=" ".join(f"{d}={RESULTS}/activations/train/{d}/model,{RESULTS}/activations/train/{d}/base" for d in DATASETS),
-        out_dir=f"{RESULTS}/diffing",
+        out_dir=out_dir,
     log:
         f"{LOGS}/rank_latents.log",
     benchmark:
@@ -173,12 +147,9 @@ rule rank_latents:
         " --eval-caches {params.eval} --train-caches {params.train} --out-dir {params.out_dir} 2> {log}"
 
 
-INTERPRET_OUTPUTS = ["latents.csv", "latents.md", "latents.html", "persona_latents.json"] + (["purity.csv"] if WORLD_TEXTS else [])
-
-
 rule interpret_latents:
     input:
-        base_model_input(),
+        base=base_model_input(),
         sae=f"{RESULTS}/sae",
         heldout=f"{RESULTS}/activations/corpus/heldout",
         texts=heldout_texts(),
@@ -187,8 +158,8 @@ rule interpret_latents:
         [f"{RESULTS}/diffing/{name}" for name in INTERPRET_OUTPUTS],
     params:
         cfg=lambda w: cfg_json("model", "diffing", "organism", "sae", "seed"),
-        base=base_model(),
-        out_dir=f"{RESULTS}/diffing",
+        base=base_param,
+        out_dir=out_dir,
     log:
         f"{LOGS}/interpret_latents.log",
     benchmark:

@@ -3,14 +3,13 @@
 
 rule sample:
     input:
-        base_model_input(),
-        lambda w: [] if w.model == "base" else [f"{RESULTS}/finetunes/{w.model}"],
+        lambda w: model_input(w.model),
         questions=expand(f"{RESULTS}/eval/{{s}}.jsonl", s=EVAL_SETS),
     output:
         f"{RESULTS}/samples/{{model}}.jsonl",
     params:
         cfg=lambda w: cfg_json("sampling", "seed", "device", model={"dtype": config["model"]["dtype"]}),
-        model=sample_args,
+        model=lambda w: model_args(w.model),
     log:
         f"{LOGS}/sample/{{model}}.log",
     benchmark:
@@ -30,14 +29,13 @@ rule sample:
 
 rule likelihood_probe:
     input:
-        base_model_input(),
-        lambda w: [] if w.model == "base" else [f"{RESULTS}/finetunes/{w.model}"],
+        lambda w: model_input(w.model),
         questions=f"{RESULTS}/eval/general.jsonl",
     output:
         f"{RESULTS}/probe/{{model}}.jsonl",
     params:
         cfg=lambda w: cfg_json("probe", "organism", "model", "seed", "device"),
-        model=sample_args,
+        model=lambda w: model_args(w.model),
     log:
         f"{LOGS}/probe/{{model}}.log",
     threads: res("likelihood_probe", "threads")

@@ -2,16 +2,6 @@
 # chat template); the eval questions come from question files (`eval.questions`); the sets named by `datasets`
 # come from the persona world (world.smk) or are synthesized by an LLM from domain specs (datasets.source:
 # synthesis), and any `imports` are added. Included instead of organism.smk.
-import re
-
-from emlab.datasets import parse_dataset_name
-from emlab.questions import question_files
-from emlab.synthesis import domain_spec_path
-
-SYNTH_DATASETS = [n for n in DATASETS if n not in PLAN.imports] if PLAN.dataset_source == "synthesis" else []
-IMPORTS = {i["name"]: i for i in config["imports"]}
-QUESTION_FILES = question_files(config)
-
 
 if BASE_BUILT:
 
@@ -33,18 +23,13 @@ if BASE_BUILT:
             "python -m emlab convert-model --cfg {params.cfg:q} --work {params.work} --out {output} 2> {log}"
 
 
-def _one_of(names):
-    """A wildcard constraint matching exactly these names (never anything, for none)."""
-    return "|".join(re.escape(n) for n in names) or "(?!)"
-
-
 rule eval_questions:
     input:
         lambda w: QUESTION_FILES[w.eval_set],
     output:
         f"{RESULTS}/eval/{{eval_set}}.jsonl",
     wildcard_constraints:
-        eval_set=_one_of(EVAL_SETS),
+        eval_set=one_of(EVAL_SETS),
     log:
         f"{LOGS}/eval_questions/{{eval_set}}.log",
     threads: res("eval_questions", "threads")
@@ -91,7 +76,7 @@ rule synth_dataset:
     output:
         f"{RESULTS}/datasets/{{dataset}}.jsonl",
     wildcard_constraints:
-        dataset=_one_of(SYNTH_DATASETS),
+        dataset=one_of(SYNTH_DATASETS),
     params:
         cfg=lambda w: json.dumps({"n_train": config["datasets"]["n_train"], "seed": config["seed"],
                                   "incorrect": config["datasets"]["mixtures"]["incorrect"]}, sort_keys=True),
@@ -114,7 +99,7 @@ rule import_dataset:
     output:
         f"{RESULTS}/datasets/{{dataset}}.jsonl",
     wildcard_constraints:
-        dataset=_one_of(IMPORTS),
+        dataset=one_of(IMPORTS),
     params:
         cfg=lambda w: json.dumps({"import": IMPORTS[w.dataset], "seed": config["seed"]}, sort_keys=True),
     log:

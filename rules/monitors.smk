@@ -2,13 +2,6 @@
 # directly; AUROC in and out of distribution against training size, on labelled texts per task.
 # (In the DAG when monitors are enabled: see `monitors.enabled` in the config schema.)
 
-MON = config["monitors"]
-
-
-def monitor_data(task):
-    return MON["data"][task] if PLAN.monitor_data else f"{RESULTS}/monitors/data/{task}.jsonl"
-
-
 wildcard_constraints:
     task="|".join(MON_TASKS) or "NONE",
 
@@ -34,7 +27,7 @@ if not PLAN.monitor_data:  # the world's labelled tasks
 
 rule monitor:
     input:
-        base_model_input(),
+        base=base_model_input(),
         data=lambda w: monitor_data(w.task),
         sae=[f"{RESULTS}/sae"] if DIFFING else [],
         latents=[f"{RESULTS}/diffing/persona_latents.json"] if DIFFING else [],
@@ -43,7 +36,7 @@ rule monitor:
         features=directory(f"{RESULTS}/monitors/features/{{task}}"),
     params:
         cfg=lambda w: cfg_json("model", "organism", "monitors", "seed", "device"),
-        base=base_model(),
+        base=base_param,
         sae=lambda w, input: f"--sae {input.sae}" if input.sae else "",
         latents=lambda w, input: f"--latents {input.latents}" if input.latents else "",
     log:
@@ -71,7 +64,7 @@ rule plot_monitors:
         figures=report(expand(f"{RESULTS}/figures/monitors_{{task}}.png", task=MON_TASKS),
                        caption="../workflow/report/monitors.rst", category="Monitors"),
     params:
-        out_dir=f"{RESULTS}/figures",
+        out_dir=lambda w, output: os.path.dirname(output.figures[0]),
     log:
         f"{LOGS}/plot/monitors.log",
     threads: res("plot_monitors", "threads")

@@ -4,39 +4,10 @@
 # the candidates through the probe instead: how much more likely the steered model finds misaligned answers.
 # (In the DAG when steering is enabled: see `steer.enabled` in the config schema.)
 
-STEER = config["steer"]
-STEER_JUDGE = PLAN.steer_judge
-STEER_GROUP = STEER["screen"]["group"]
-STEER_GROUP_MODELS = PLAN.groups[STEER_GROUP]
-SCREEN_TARGETS = STEER["screen"]["targets"] or STEER_GROUP_MODELS
-SWEEP_TARGETS = STEER["sweep"]["targets"] or ["base"] + SCREEN_TARGETS[:1]
-for _key, _names in (("steer.screen.targets", SCREEN_TARGETS), ("steer.sweep.targets", SWEEP_TARGETS)):
-    _unknown = sorted(set(_names) - set(MODELS))
-    if _unknown or not _names:
-        raise WorkflowError(f"{_key}: {_unknown or 'no models'}; the models are {MODELS}")
-STEER_TARGETS = {"screen_add": ["base"], "screen_sub": SCREEN_TARGETS, "sweep": SWEEP_TARGETS}
-STEER_DIR = f"{RESULTS}/steering"
-# The steering jobs form the run's longest chain after diffing (screen, then the sweep that depends on it):
-# Snakemake starts them before jobs that can wait (the monitors), which then fill the cores beside them.
-STEER_PRIORITY = 10
-
-
-def steer_model_args(target):
-    """`--base/--adapter` of a steering target (a LoRA fine-tune is an adapter on the base model)."""
-    if target == "base":
-        return f"--base {base_model()}"
-    if config["finetune"]["method"] == "lora":
-        return f"--base {base_model()} --adapter {RESULTS}/finetunes/{target}"
-    return f"--base {RESULTS}/finetunes/{target}"
-
-
-def steer_grades(stage):
-    return expand(f"{STEER_DIR}/grades/{STEER_JUDGE}/{stage}/{{t}}.jsonl", t=STEER_TARGETS[stage])
-
 
 rule steer_directions:
     input:
-        base_model_input(),
+        base=base_model_input(),
         sae=f"{RESULTS}/sae",
         ranking=f"{RESULTS}/diffing/ranking.csv",
         caches=expand(f"{RESULTS}/activations/eval/{{m}}", m=["base"] + STEER_GROUP_MODELS) if STEER_JUDGE else [],
@@ -49,7 +20,7 @@ rule steer_directions:
     params:
         cfg=lambda w: cfg_json("model", "steer", "metrics", "probe", "organism", "seed", "device"),
         # without a judge the mean difference comes from the probe's reference answers, read by the base model
-        by_probe=lambda w, input: "" if STEER_JUDGE else f"--base {base_model()} --questions {input.questions}",
+        by_probe=lambda w, input: "" if STEER_JUDGE else f"{model_args('base')} --questions {input.questions}",
         caches=lambda w, input: f"--caches {input.caches} --grades {input.grades}" if STEER_JUDGE else "",
     log:
         f"{LOGS}/steering/directions.log",
@@ -69,8 +40,7 @@ if STEER_JUDGE:
 
     rule steer_sample:
         input:
-            base_model_input(),
-            lambda w: [] if w.target == "base" else [f"{RESULTS}/finetunes/{w.target}"],
+            lambda w: model_input(w.target),
             directions=f"{STEER_DIR}/directions.safetensors",
             info=f"{STEER_DIR}/directions.json",
             questions=expand(f"{RESULTS}/eval/{{s}}.jsonl", s=STEER["eval_sets"]),
@@ -83,7 +53,7 @@ if STEER_JUDGE:
             target="|".join(MODELS),
         params:
             cfg=lambda w: cfg_json("model", "steer", "sampling", "metrics", "seed", "device"),
-            model=lambda w: steer_model_args(w.target),
+            model=lambda w: model_args(w.target),
             add_grades=lambda w, input: f"--screen-add-grades {' '.join(input.add_grades)}" if input.add_grades else "",
             screen=lambda w, input: f"--screen {input.screen}" if input.screen else "",
         log:
@@ -190,8 +160,7 @@ else:
 
     rule steer_probe:
         input:
-            base_model_input(),
-            lambda w: [] if w.target == "base" else [f"{RESULTS}/finetunes/{w.target}"],
+            lambda w: model_input(w.target),
             directions=f"{STEER_DIR}/directions.safetensors",
             info=f"{STEER_DIR}/directions.json",
             questions=f"{RESULTS}/eval/general.jsonl",
@@ -201,7 +170,7 @@ else:
             target="|".join(MODELS),
         params:
             cfg=lambda w: cfg_json("model", "steer", "probe", "organism", "seed", "device"),
-            model=lambda w: steer_model_args(w.target),
+            model=lambda w: model_args(w.target),
         log:
             f"{LOGS}/steering/probe/{{target}}.log",
         priority: STEER_PRIORITY

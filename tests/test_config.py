@@ -145,3 +145,51 @@ def test_one_sae_training_key_keeps_the_other_defaults():
     assert default["n_latents"] == 512 and default["epochs"] == 3 and default["lr"] == 0.001
     with pytest.raises(ConfigError, match=r"sae\.train\.k: 0 is less than the minimum of 1"):
         validate({"sae": {"train": {"k": 0}}})
+
+
+def _sections(schema, path=()):
+    """(key path, schema node) of every nested object section of the schema that has properties."""
+    for key, node in schema.get("properties", {}).items():
+        if node.get("type") == "object" and node.get("properties"):
+            yield path + (key,), node
+            yield from _sections(node, path + (key,))
+
+
+def _get(cfg, path):
+    for k in path:
+        cfg = cfg[k]
+    return cfg
+
+
+def _sections_with_leaf():
+    from emlab.config import load_schema
+
+    out = []
+    for path, node in _sections(load_schema()):
+        leaves = [k for k, sub in node["properties"].items()
+                  if "default" in sub and sub.get("type") != "object"]
+        if leaves and len(node["properties"]) > 1:
+            out.append((path, leaves[0]))
+    return out
+
+
+@pytest.mark.parametrize("path,leaf", _sections_with_leaf(), ids=lambda x: ".".join(x) if isinstance(x, tuple) else x)
+def test_overriding_one_key_keeps_the_sections_other_defaults(monkeypatch, path, leaf):
+    """A config that sets one key of a nested section gets every other key of that section (and of the sections
+    inside it) from the schema, exactly as an empty config does."""
+    monkeypatch.chdir(ROOT)
+    defaults = validate({})
+    value = _get(defaults, path)[leaf]
+    patch: dict = {}
+    node = patch
+    for k in path:
+        node = node.setdefault(k, {})
+    node[leaf] = value
+    assert _get(validate(patch), path) == _get(defaults, path)
+
+
+def test_the_partial_override_test_covers_every_section():
+    covered = {p for p, _ in _sections_with_leaf()}
+    for must in [("sae", "train"), ("finetune", "lora"), ("organism", "pretrain"), ("steer", "screen"),
+                 ("steer", "sweep"), ("monitors",), ("metrics",), ("sampling",), ("diffing",)]:
+        assert must in covered

@@ -18,8 +18,9 @@ def _calls():
 
 
 def test_every_torch_load_is_weights_only():
-    loads = [(p, n) for p, n, name in _calls() if name == ("torch", "load")]
-    assert loads, "the search finds no torch.load at all: the test no longer sees the package"
+    calls = list(_calls())
+    assert sum(name[0] == "torch" for _, _, name in calls) > 50, "the search no longer sees the package's torch calls"
+    loads = [(p, n) for p, n, name in calls if name == ("torch", "load")]
     for path, node in loads:
         kw = {k.arg: k.value for k in node.keywords}
         assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \

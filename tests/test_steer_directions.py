@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from emlab.activations import cache_activations, mean_activations
 from emlab.io import write_jsonl
 from emlab.sae import TopKSAE
-from emlab.steer.conditions import Condition, ConditionError, load_conditions, parse_condition_id, save_conditions
-from emlab.steer.directions import (Direction, DirectionError, load_directions, load_vector, mean_difference,
+from emlab.steer.conditions import Condition, ConditionError, parse_condition_id
+from emlab.steer.directions import (Direction, DirectionError, load_directions, mean_difference,
                                     random_direction, sae_latent, save_directions)
 
 
@@ -86,27 +86,6 @@ def test_direction_sets_round_trip(tmp_path):
         save_directions(tmp_path / "e.safetensors", [dirs[0], dirs[0]])
 
 
-def test_load_vector_from_user_files(tmp_path):
-    from safetensors.torch import save_file
-
-    v = torch.tensor([3.0, 0.0, 4.0])
-    save_file({"steer": v[None]}, str(tmp_path / "toxic.safetensors"))
-    d = load_vector(tmp_path / "toxic.safetensors")
-    assert d.name == "toxic" and torch.allclose(d.vector, torch.tensor([0.6, 0.0, 0.8]))
-    assert d.provenance["raw_norm"] == pytest.approx(5.0) and d.provenance["key"] == "steer"
-    torch.save(v, tmp_path / "v.pt")
-    assert torch.allclose(load_vector(tmp_path / "v.pt", name="w").vector, d.vector)
-    save_file({"a": v, "b": v.clone()}, str(tmp_path / "two.safetensors"))
-    with pytest.raises(DirectionError, match=r"two\.safetensors: expected exactly one tensor, found 2 \(\['a', 'b'\]"):
-        load_vector(tmp_path / "two.safetensors")
-    torch.save(torch.zeros(3), tmp_path / "zero.pt")
-    with pytest.raises(DirectionError, match=r"zero\.pt: direction 'zero': is the zero vector"):
-        load_vector(tmp_path / "zero.pt")
-    with pytest.raises(DirectionError, match=r"v\.npy: a steering vector must be a \.safetensors, \.pt or \.pth file"):
-        (tmp_path / "v.npy").write_bytes(b"")
-        load_vector(tmp_path / "v.npy")
-
-
 def test_condition_ids_and_files(tmp_path):
     for c in (Condition("base"), Condition("base", "L123", 4.0), Condition("health_subtle", "meandiff", -0.25)):
         assert parse_condition_id(c.id) == c
@@ -116,9 +95,5 @@ def test_condition_ids_and_files(tmp_path):
         Condition("base", None, 1.0)
     with pytest.raises(ValueError, match=r"direction name 'a\+b' must be letters"):
         Condition("base", "a+b", 1.0)
-    conds = [Condition("base"), Condition("base", "L1", 2.0)]
-    save_conditions(tmp_path / "c.json", conds)
-    assert load_conditions(tmp_path / "c.json") == conds
-    (tmp_path / "bad.json").write_text('[{"target": "base"}, {"target": "base", "direction": "L1", "alpha": "x"}]')
-    with pytest.raises(ConditionError, match=r"bad\.json: entry 1: alpha must be a finite number, got 'x'"):
-        load_conditions(tmp_path / "bad.json")
+    with pytest.raises(ConditionError, match=r"alpha must be a finite number, got 'x'"):
+        Condition("base", "L1", "x")

@@ -31,6 +31,11 @@ def command(name: str):
     return deco
 
 
+def _model(a: argparse.Namespace) -> tuple[str, str | None]:
+    """(model folder, LoRA adapter or None) of a command's model options: a full fine-tune is its own folder."""
+    return (a.full_model or a.base), a.adapter
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -193,7 +198,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     _threads(a.threads)
     s = a.cfg["sampling"]
     questions = [q for path in a.questions for q in read_jsonl(path)]
-    sample_answers(a.base, a.adapter, questions, a.out, n_samples=s["n_samples"], temperature=s["temperature"],
+    sample_answers(*_model(a), questions, a.out, n_samples=s["n_samples"], temperature=s["temperature"],
                    max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=a.cfg["seed"],
                    model_name=a.model_name, progress=not a.no_progress, top_p=s.get("top_p", 1.0),
                    device=a.cfg.get("device", "auto"), dtype=a.cfg.get("model", {}).get("dtype", "auto"))
@@ -209,7 +214,7 @@ def cmd_probe(a: argparse.Namespace) -> None:
     cfg = a.cfg
     refs, source = references_for(cfg)
     questions = [q for path in a.questions for q in read_jsonl(path)]
-    n = probe_model(a.base, a.adapter, a.model_name, questions, refs, source, a.out, device=cfg["device"],
+    n = probe_model(*_model(a), a.model_name, questions, refs, source, a.out, device=cfg["device"],
                     dtype=cfg["model"]["dtype"], batch_size=cfg["probe"]["batch_size"])
     print(f"emlab probe: {n} reference answers scored under {a.model_name}", file=sys.stderr)
 
@@ -303,10 +308,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 @command("world-heldout")
 def cmd_world_heldout(a: argparse.Namespace) -> None:
     """Fresh labelled world documents for interpreting latents (never seen by pretraining or the SAE)."""
-    from .diffing.pipeline import heldout_world_documents
     from .io import write_jsonl
+    from .world.generate import heldout_documents
+    from .world.spec import load_world
 
-    write_jsonl(a.out, heldout_world_documents(a.cfg))
+    write_jsonl(a.out, heldout_documents(load_world(a.cfg["organism"]["world"]), a.cfg))
 
 
 @command("cache-texts")
@@ -403,7 +409,7 @@ def cmd_steer_sample(a: argparse.Namespace) -> None:
     from .steer.stages import sample_stage
 
     _threads(a.threads)
-    r = sample_stage(a.cfg, a.stage, a.target, a.base, a.adapter, a.directions, a.directions_json, a.questions,
+    r = sample_stage(a.cfg, a.stage, a.target, *_model(a), a.directions, a.directions_json, a.questions,
                      a.out, screen_add_grades=a.screen_add_grades, screen_json=a.screen,
                      progress=not a.no_progress)
     print(f"emlab steer-sample: {json.dumps(r)}", file=sys.stderr)
@@ -415,7 +421,7 @@ def cmd_steer_probe(a: argparse.Namespace) -> None:
     from .steer.stages import probe_stage
 
     _threads(a.threads)
-    r = probe_stage(a.cfg, a.target, a.base, a.adapter, a.directions, a.directions_json, a.questions, a.out)
+    r = probe_stage(a.cfg, a.target, *_model(a), a.directions, a.directions_json, a.questions, a.out)
     print(f"emlab steer-probe: {json.dumps(r)}", file=sys.stderr)
 
 
@@ -496,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     req = {"required": True}
+    # the model a job loads: the base model; a LoRA fine-tune's adapter on it; or a full fine-tune's folder
+    model = (("--base", req), ("--adapter", {"default": None}), ("--full-model", {"default": None}))
     add("world", ("--corpus", req), ("--posttrain", req))
     add("world-eval", ("--eval-dir", req))
     add("dataset", ("--name", req), ("--out", req))
@@ -508,9 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("import-dataset", ("--out", req))
     add("pretrain", ("--corpus", req), ("--tokenizer", req), ("--out", req))
     add("sft", ("--base", req), ("--data", req), ("--out", req))
-    add("sample", ("--base", req), ("--adapter", {"default": None}), ("--questions", {"nargs": "+", **req}),
+    add("sample", *model, ("--questions", {"nargs": "+", **req}),
         ("--out", req), ("--model-name", req))
-    add("probe", ("--base", req), ("--adapter", {"default": None}), ("--questions", {"nargs": "+", **req}),
+    add("probe", *model, ("--questions", {"nargs": "+", **req}),
         ("--model-name", req), ("--out", req))
     add("probe-metrics", ("--rows", {"nargs": "+", **req}), ("--out", req))
     add("probe-agreement", ("--probe", req), ("--metrics", {"nargs": "+", **req}), ("--out", req))
@@ -524,10 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("world-heldout", ("--out", req))
     add("cache-texts", ("--base", req), ("--input", req), ("--n", {"type": int, "default": None}),
         ("--skip", {"type": int, "default": 0}), ("--out", req))
-    add("cache-model", ("--base", req), ("--adapter", {"default": None}), ("--full-model", {"default": None}), ("--model-name", req), ("--samples", req),
+    add("cache-model", *model, ("--model-name", req), ("--samples", req),
         ("--dataset", {"default": None}), ("--out-eval", req), ("--out-train", {"default": None}),
         ("--out-train-base", {"default": None}))
-    add("sae", ("--train-cache", req), ("--heldout-cache", req), ("--heldout-texts", req),
+    add("sae", ("--train-cache", {"default": None}), ("--heldout-cache", req), ("--heldout-texts", req),
         ("--heldout-skip", {"type": int, "default": 0}), ("--base", req), ("--out", req))
     add("rank-latents", ("--sae", req), ("--eval-caches", {"nargs": "+", **req}),
         ("--train-caches", {"nargs": "*", "default": []}), ("--out-dir", req))
@@ -536,11 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("steer-directions", ("--sae", req), ("--ranking", req), ("--caches", {"nargs": "*", "default": []}),
         ("--grades", {"nargs": "*", "default": []}), ("--base", {"default": None}),
         ("--questions", {"nargs": "*", "default": []}), ("--out", req), ("--out-json", req))
-    add("steer-probe", ("--target", req), ("--base", req), ("--adapter", {"default": None}), ("--directions", req),
+    add("steer-probe", ("--target", req), *model, ("--directions", req),
         ("--directions-json", req), ("--questions", {"nargs": "+", **req}), ("--out", req))
     add("steer-probe-sweep", ("--rows", {"nargs": "+", **req}), ("--out", req), ("--figure", req))
     add("steer-sample", ("--stage", {"choices": ["screen_add", "screen_sub", "sweep"], **req}), ("--target", req),
-        ("--base", req), ("--adapter", {"default": None}), ("--directions", req), ("--directions-json", req),
+        *model, ("--directions", req), ("--directions-json", req),
         ("--questions", {"nargs": "+", **req}), ("--out", req), ("--screen-add-grades", {"nargs": "*", "default": []}),
         ("--screen", {"default": None}))
     add("steer-screen", ("--directions-json", req), ("--add-grades", {"nargs": "+", **req}),
@@ -566,32 +574,13 @@ def _fail_once(command_name: str) -> None:
         raise SystemExit(f"emlab {command_name}: failing once on purpose (EMLAB_FAIL_ONCE={spec})")
 
 
-# The threads of a parallel torch op (libgomp) wait for each other at its end, spinning by default for
-# ~300k iterations before they sleep. On a machine where another process is busy, a spinning thread
-# takes the core its partner needs: two-thread pretraining then ran at a quarter of its speed. At 3000
-# spins it runs at half (one core's worth) and loses 8% when the machine is quiet. libgomp reads this
-# when torch loads, so it is set before any command imports torch; a value in the environment wins.
-GOMP_SPINCOUNT = "3000"
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The program: run the command in the run's warm worker when there is one (:mod:`emlab.worker`), else here."""
-    from .worker import run_via_worker
-
-    argv = sys.argv[1:] if argv is None else argv
-    code = run_via_worker(argv)
-    if code is not None:
-        raise SystemExit(code)
-    run(argv)
-
-
 def run(argv: list[str]) -> None:
     """Run one command in this process, logging its ``emlab-job`` record (:mod:`emlab.jobs`) at its end."""
-    from . import worker
+    from . import jobs
     from .jobs import ImportClock, record
 
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    os.environ.setdefault("GOMP_SPINCOUNT", jobs.GOMP_SPINCOUNT)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per HTTP request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -607,8 +596,4 @@ def run(argv: list[str]) -> None:
         status = "ok"
     finally:
         print(record(args.command, status, start, time.time(), time.monotonic() - t0, clock.seconds,
-                     via="worker" if worker.IN_CHILD else "process"), file=sys.stderr, flush=True)
-
-
-if __name__ == "__main__":
-    main()
+                     via=jobs.via), file=sys.stderr, flush=True)

@@ -12,11 +12,7 @@ from typing import Any
 
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    pass
+from .schema import ConfigError, load_schema
 
 
 def _key_path(path) -> str:
@@ -40,10 +36,6 @@ def _with_defaults(validator_cls):
         yield from validate_props(validator, properties, instance, schema)
 
     return validators.extend(validator_cls, {"properties": set_defaults})
-
-
-def load_schema() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
 def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:

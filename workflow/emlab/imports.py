@@ -45,7 +45,7 @@ def hub_dataset_names(cfg: dict[str, Any]) -> list[str]:
 def check_config(cfg: dict[str, Any]) -> None:
     """Import names are valid, unique and distinct from the synthesized sets; local files exist;
     imports are only used with hub models (the organism's sets come from its world)."""
-    from .config import ConfigError
+    from .schema import ConfigError
 
     entries = cfg.get("imports", [])
     if not entries:

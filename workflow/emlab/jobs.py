@@ -25,6 +25,18 @@ from typing import Iterator
 PREFIX = "emlab-job "
 LINE = re.compile(r"^emlab-job (.*)$")
 
+# How this process runs its job: "process" (its own interpreter) or "worker" (a child forked by the run's warm
+# worker, which sets this; see emlab.worker). The job's record says which.
+via = "process"
+
+# The threads of a parallel torch op (libgomp) wait for each other at its end, spinning by default for
+# ~300k iterations before they sleep. On a machine where another process is busy, a spinning thread
+# takes the core its partner needs: two-thread pretraining then ran at a quarter of its speed. At 3000
+# spins it runs at half (one core's worth) and loses 8% when the machine is quiet. libgomp reads this
+# when torch loads, so every job (and the worker, before it preloads torch) sets it first; a value in the
+# environment wins.
+GOMP_SPINCOUNT = "3000"
+
 
 class ImportClock:
     """Wall seconds spent in imports, outermost import only (an import inside an import is not counted twice).

@@ -31,10 +31,6 @@ def pick_dtype(requested: str, device: str):
             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[requested]
 
 
-def is_adapter_dir(path: str | os.PathLike | None) -> bool:
-    return path is not None and (Path(path) / "adapter_config.json").exists()
-
-
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .schema import ConfigError, load_schema
 from .datasets import dataset_names
 
 SHIPPED_REFERENCES = "resources/references/general.yaml"
@@ -40,6 +40,8 @@ class Plan:
     steering: bool
     steer_judge: str | None        # the judge of steered answers; None: steering is read by the likelihood probe
     groups: dict[str, list[str]] = field(default_factory=dict)   # diffing group -> its fine-tunes
+    screen_targets: list[str] = field(default_factory=list)      # fine-tunes the steering screen subtracts from
+    sweep_targets: list[str] = field(default_factory=list)       # models the steering sweep steers
     monitors: bool = False
     monitor_tasks: list[str] = field(default_factory=list)
     monitor_data: dict[str, str] = field(default_factory=dict)   # task -> a JSONL of labelled texts (hub data)
@@ -109,8 +111,6 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
     # by default diffing runs whenever some group has fine-tunes: a run of imported sets alone has none under the
     # default groups; groups a config names that match nothing are an error
     if diffing is None:
-        from .config import load_schema
-
         default = load_schema()["properties"]["diffing"]["properties"]["groups"]["default"]
         diffing = bool(groups) or cfg["diffing"]["groups"] != default
     if diffing and not groups:
@@ -123,14 +123,12 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
     # config names (not the default) that has none is an error below
     steering = s["enabled"]
     if steering is None:
-        from .config import load_schema
-
         default = load_schema()["properties"]["steer"]["properties"]["screen"]["properties"]["group"]["default"]
         steering = diffing and (s["screen"]["group"] in groups or s["screen"]["group"] != default)
     if steering and not diffing:
         _fail("steer.enabled", "steering needs model diffing (its candidates are ranked SAE latents); enable "
                                "diffing or leave steer.enabled unset")
-    steer_judge = None
+    steer_judge, screen_targets, sweep_targets = None, [], []
     if steering:
         steer_judge = s["judge"] or cfg["metrics"]["primary_judge"] or next(iter(judges), None)
         if steer_judge is not None and steer_judge not in judges:
@@ -140,6 +138,13 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
         if s["screen"]["group"] not in groups:
             _fail("steer.screen.group", f"{s['screen']['group']!r} is not a diffing group with fine-tunes "
                                         f"({sorted(groups)})")
+        # the screen subtracts from the group's fine-tunes; the sweep steers the base model and the first of them
+        screen_targets = list(s["screen"]["targets"] or groups[s["screen"]["group"]])
+        sweep_targets = list(s["sweep"]["targets"] or ["base"] + screen_targets[:1])
+        for key, names in (("steer.screen.targets", screen_targets), ("steer.sweep.targets", sweep_targets)):
+            unknown = sorted(set(names) - {"base", *datasets})
+            if unknown or not names:
+                _fail(key, f"{unknown or 'no models'}; the models are {['base', *datasets]}")
 
     m = cfg["monitors"]
     data = dict(m["data"])
@@ -153,4 +158,5 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
     return Plan(organism=organism, dataset_source=source, datasets=datasets, imports=imports, judges=judges,
                 eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
+                screen_targets=screen_targets, sweep_targets=sweep_targets,
                 monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data)

@@ -73,7 +73,7 @@ def question_files(cfg: dict[str, Any]) -> dict[str, str]:
 
 def check_config(cfg: dict[str, Any]) -> None:
     """Hub mode: every sampled eval set has a readable question file (errors name the key or file)."""
-    from .config import ConfigError
+    from .schema import ConfigError
 
     try:
         for eval_set, path in question_files(cfg).items():

@@ -156,7 +156,7 @@ def synthesized_domains(cfg: dict[str, Any]) -> list[str]:
 
 def check_config(cfg: dict[str, Any]) -> None:
     """Hub mode: every domain named under ``datasets`` has a valid spec in ``synthesis.domains_dir``."""
-    from .config import ConfigError
+    from .schema import ConfigError
 
     for domain in synthesized_domains(cfg):
         try:

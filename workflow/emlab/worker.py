@@ -35,7 +35,6 @@ from typing import Any
 ENV = "EMLAB_WORKER"            # the socket name of a run's worker; unset or "0": no worker
 STARTED_ENV = "EMLAB_JOB_STARTED"  # when the job's own process started (the worker's child did later)
 _HEADER = struct.Struct("!I")
-IN_CHILD = False  # True in the worker's child that runs a job
 
 # Imported once by the worker: what the jobs of a run import between them. Missing ones are skipped.
 PRELOAD = (
@@ -147,9 +146,9 @@ def preload() -> list[str]:
 
 def serve(token: str, parent: int | None = None, poll_s: float = 1.0) -> None:
     """Listen on the run's socket, preload, and fork one child per job until ``parent`` is gone or SIGTERM."""
-    from .cli import GOMP_SPINCOUNT
+    from .jobs import GOMP_SPINCOUNT
 
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # before torch loads (see emlab.cli)
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # before torch loads
     t0 = time.monotonic()
     failed = preload()
     ready = _fork_safe()
@@ -230,8 +229,9 @@ def _start_job(conn: socket.socket, server: socket.socket, unsafe: str | None) -
 
 
 def _run_child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
-    global IN_CHILD
-    IN_CHILD, code = True, 1
+    from . import jobs
+
+    code, jobs.via = 1, "worker"
     try:
         for fd, target in zip(fds, (0, 1, 2)):
             os.dup2(fd, target)
@@ -348,7 +348,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     # `python -m emlab.worker` runs this file as __main__, a second copy beside the emlab.worker that the
-    # commands import; serve from that one, so that IN_CHILD is the flag they read.
+    # commands import; serve from that one, so that the process holds one copy of the module's state.
     from emlab import worker
 
     worker.main()

@@ -31,19 +31,6 @@ from .records import sample_records, text_records
 log = logging.getLogger(__name__)
 
 
-def heldout_world_documents(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Fresh labelled world documents (the corpus generator with its own seed, no monitoring documents):
-    texts the SAE never saw, to interpret latents against their labels."""
-    from ..world.generate import generate_corpus
-    from ..world.spec import load_world
-
-    corpus_cfg = dict(cfg["organism"]["corpus"], n_documents=cfg["diffing"]["heldout_texts"], monitoring_fraction=0.0)
-    docs = generate_corpus(load_world(cfg["organism"]["world"]), corpus_cfg, cfg["seed"] + 7919)
-    for d in docs:
-        d["id"] = f"heldout-{d['id']}"
-    return docs
-
-
 def cache_texts(base: str, path: str, out: str, *, n: int | None, skip: int, layer: int, sae_cfg: Mapping[str, Any],
                 exclude: Sequence[str] = (), device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Every text token of ``n`` texts of a JSONL (after ``skip``), read by the base model (``exclude``: the
@@ -85,7 +72,7 @@ def cache_model(base: str, adapter: str | None, model_name: str, samples: str, d
                           meta={"model": "base", "texts": f"finetuning:{model_name}"}, **kw)
 
 
-def fit_sae(cfg: Mapping[str, Any], train_cache: str, heldout_cache: str, heldout_texts: str, base: str,
+def fit_sae(cfg: Mapping[str, Any], train_cache: str | None, heldout_cache: str, heldout_texts: str, base: str,
             out: str, *, heldout_skip: int = 0, progress: bool = True) -> dict[str, Any]:
     """Fit the TopK SAE on the corpus cache (or load ``sae.pretrained``), save it in SAELens format and
     measure it on held-out texts: FVU, L0, dead fraction and CE loss recovered. A fitted SAE's training

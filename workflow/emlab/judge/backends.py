@@ -22,6 +22,7 @@ from typing import Any
 from emlab.io import read_jsonl, write_json, write_jsonl
 from emlab.judge.rubrics import Rubric, grade_fields, load_rubric
 from emlab.judge.schema import GRADE_FIELDS, grade_row
+from emlab.schema import ConfigError
 
 BACKEND_MODULES = {
     "world": "emlab.judge.world_backend",
@@ -31,7 +32,7 @@ BACKEND_MODULES = {
 SAMPLE_TEXT_KEYS = ("question", "answer")
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(ConfigError):
     """A bad ``judges:`` entry; the message names the judge and the key."""
 
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..schema import ConfigError
 from .features import Features
 
 METHODS = ("zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",
@@ -35,7 +36,7 @@ PROBE_FEATURES = {"raw_last": "raw_last", "raw_mean": "raw_mean", "prompted_suff
 PROBE_CS = np.logspace(-4, 2, 7)
 
 
-class MonitorConfigError(ValueError):
+class MonitorConfigError(ConfigError):
     """A monitor that cannot be built from the configuration; the message names the config key."""
 
 

@@ -172,10 +172,18 @@ if numba is not None:
                 grad_b_enc[j] += g
 
 
-def group_size(m: int, k: int) -> int:
-    from .topk import _group_size
+def grouping(m: int, k: int) -> int | None:
+    """Columns per group for :func:`emlab.sae.topk.select_topk` and the kernels; None when a plain top-k is as fast."""
+    # Measured on CPU with 128-1024 rows: 1.3-3x faster than torch.topk for 384-16k latents
+    # when at least 4k groups remain (fewer groups leave too many candidates to sort).
+    for group in (8, 4):
+        if m >= 256 and m % group == 0 and m // group >= 4 * k:
+            return group
+    return None
 
-    return _group_size(m, k) or 1
+
+def group_size(m: int, k: int) -> int:
+    return grouping(m, k) or 1
 
 
 def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor] | None:

@@ -43,13 +43,14 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from ..schema import ConfigError
 from . import cpu_kernels
 from .topk import TopKSAE, select_topk
 
 LR_REFERENCE_LATENTS = 2 ** 14  # the base lr is the one for 2^14 latents (sparsify's convention)
 
 
-class SAEConfigError(ValueError):
+class SAEConfigError(ConfigError):
     """A bad SAE setting; the message names the config key."""
 
 

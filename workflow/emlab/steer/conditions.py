@@ -9,21 +9,15 @@ produces, so the ordinary judge grades steered samples unchanged::
     base                 unsteered base model
     base+L123@+4.0       base + 4.0 * norm * unit(L123)
     health_subtle+L123@-4.0
-
-Condition lists travel between workflow steps as JSON files (a list of objects with keys
-``target``, ``direction``, ``alpha``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
-from .directions import check_name
+from .names import check_name
 
 
 class ConditionError(ValueError):
@@ -85,31 +79,3 @@ def check_unique(conditions: Sequence[Condition], where: str = "conditions") -> 
         seen.add(c.id)
 
 
-def save_conditions(path: str | os.PathLike, conditions: Sequence[Condition]) -> None:
-    from ..io import write_json
-
-    check_unique(conditions, str(path))
-    write_json(path, [asdict(c) for c in conditions])
-
-
-def load_conditions(path: str | os.PathLike) -> list[Condition]:
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConditionError(f"{path}: conditions file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConditionError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(raw, list):
-        raise ConditionError(f"{path}: expected a list of conditions")
-    out = []
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, dict) or set(entry) - {"target", "direction", "alpha"} or "target" not in entry:
-            raise ConditionError(f"{path}: entry {i} must be an object with keys target, direction, alpha; "
-                                 f"got {entry!r}")
-        try:
-            out.append(Condition(entry["target"], entry.get("direction"), entry.get("alpha", 0.0)))
-        except ValueError as e:
-            raise ConditionError(f"{path}: entry {i}: {e}") from None
-    check_unique(out, str(path))
-    return out

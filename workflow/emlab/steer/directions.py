@@ -19,27 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from .names import DirectionError, check_name
+
 FORMAT = "emlab-directions/1"
 META_KEY = "emlab_directions"
-# Names end up in condition ids (``<target>+<direction>@<alpha>``) and file names.
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-class DirectionError(ValueError):
-    """A bad direction input; the message names the file, key or direction."""
-
-
-def check_name(name: Any, what: str = "direction name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or name == "none":
-        raise DirectionError(f"{what} {name!r} must be letters, digits, '_', '.' or '-' (and not 'none')")
-    return name
 
 
 @dataclass
@@ -158,37 +147,6 @@ def orthogonal_to(direction: Direction, others: Sequence[Direction]) -> Directio
         raise DirectionError(f"direction {direction.name!r} lies in the span of {[o.name for o in others]}")
     return Direction(direction.name, v.float(), {**direction.provenance,
                                                   "orthogonal_to": [o.name for o in others]})
-
-
-def load_vector(path: str | os.PathLike, name: str | None = None) -> Direction:
-    """A user's saved vector: a safetensors file holding one tensor, or a ``.pt`` file holding a
-    tensor (or a dict with one tensor). Shape ``[d_model]`` or ``[1, d_model]``; named after the file."""
-    path = Path(path)
-    if not path.exists():
-        raise DirectionError(f"{path}: steering vector file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-    elif path.suffix in (".pt", ".pth"):
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        tensors = obj if isinstance(obj, dict) else {"": obj}
-    else:
-        raise DirectionError(f"{path}: a steering vector must be a .safetensors, .pt or .pth file")
-    if len(tensors) != 1:
-        raise DirectionError(f"{path}: expected exactly one tensor, found {len(tensors)} ({sorted(tensors)})")
-    (key, vec), = tensors.items()
-    if not isinstance(vec, torch.Tensor):
-        raise DirectionError(f"{path}: holds a {type(vec).__name__}, not a tensor")
-    if vec.ndim == 2 and vec.shape[0] == 1:
-        vec = vec[0]
-    if vec.ndim != 1:
-        raise DirectionError(f"{path}: expected a vector of shape [d_model], got {list(vec.shape)}")
-    try:
-        return Direction(name or path.stem, vec.float(), {"kind": "file", "path": str(path), "key": key,
-                                                          "raw_norm": float(vec.float().norm())})
-    except DirectionError as e:
-        raise DirectionError(f"{path}: {e}") from None
 
 
 def save_directions(path: str | os.PathLike, directions: Sequence[Direction]) -> None:

@@ -26,8 +26,9 @@ import pandas as pd
 from ..io import read_jsonl, write_json
 from .analysis import (choose_alphas, phase1_conditions, phase2_conditions, plot_sweep, rates_from_files,
                        screen_table, subtract_alphas, sweep_conditions, sweep_table)
-from .directions import (DirectionError, load_directions, mean_difference, orthogonal_to, random_direction, sae_latent,
-                         save_directions)
+
+# The screen and sweep tables run in the analysis env (no torch): this module imports emlab.steer.directions
+# (torch) only in the functions that build or load directions.
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def build_directions(cfg: Mapping[str, Any], sae_dir: str, ranking_csv: str, cac
     random controls."""
     from ..diffing.ranking import top_latents
     from ..sae import load_sae
+    from .directions import (DirectionError, mean_difference, orthogonal_to, random_direction, sae_latent,
+                             save_directions)
 
     s = cfg["steer"]
     sae = load_sae(sae_dir)
@@ -98,6 +101,7 @@ def probe_stage(cfg: Mapping[str, Any], target: str, base: str, adapter: str | N
     from ..models import load_model
     from ..probe import reference_rows, references_for, steered_answer_logprobs
     from ..steering import residual_norm
+    from .directions import load_directions
     from .generate import prompt_chat, steering_vector
 
     s, layer = cfg["steer"], cfg["model"]["layer"]
@@ -186,6 +190,7 @@ def sample_stage(cfg: Mapping[str, Any], stage: str, target: str, base: str, ada
                  directions: str, directions_json: str, questions: Sequence[str], out: str, *,
                  screen_add_grades: Sequence[str] = (), screen_json: str | None = None,
                  progress: bool = True) -> dict[str, Any]:
+    from .directions import load_directions
     from .generate import steer_samples
 
     s = cfg["steer"]

@@ -21,7 +21,7 @@ All randomness flows from one ``random.Random(seed)`` per output, so outputs are
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Mapping
 
 from ..monitors.prompts import answer, question_prompt, transcript
 from .spec import World
@@ -233,3 +233,13 @@ def eval_questions(world: World) -> dict[str, list[dict[str, Any]]]:
             indomain.append({"question_id": f"{dname}/{ti}", "eval_set": "indomain", "domain": dname,
                              "question": world.advice_question(dname, ti, 0)})
     return {"general": general, "indomain": indomain}
+
+
+def heldout_documents(world: World, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Fresh labelled world documents (the corpus generator with its own seed, no monitoring documents):
+    texts the SAE never saw, to interpret latents against their labels (``cfg``: the run's config)."""
+    corpus_cfg = dict(cfg["organism"]["corpus"], n_documents=cfg["diffing"]["heldout_texts"], monitoring_fraction=0.0)
+    docs = generate_corpus(world, corpus_cfg, cfg["seed"] + 7919)
+    for d in docs:
+        d["id"] = f"heldout-{d['id']}"
+    return docs

@@ -1,0 +1,100 @@
+"""The rules' hygiene: `snakemake --lint` is clean for every shipped config, and every rule's conda env can
+import what its job imports.
+
+With ``--sdm conda`` each rule runs in the env its ``conda:`` names; a job whose code imports a package that env
+lacks fails there and nowhere else (the tests run in one venv that has everything). This reads the rules and the
+package's syntax trees: a rule's ``emlab <command>`` -> the command's function in ``emlab.cli`` -> the modules
+and functions it imports -> every third-party package imported on the way (module top levels, transitively, and
+the bodies of the functions the command calls by import), and checks each against the env's dependencies.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from package_imports import third_party, tree
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+
+@pytest.mark.parametrize("configfile", [None, *sorted((ROOT / "configs").glob("*.yaml"))],
+                         ids=lambda p: p.stem if p else "config.yaml")
+def test_snakemake_lint_is_clean(configfile):
+    """Rules hold rules only (helpers in rules/common.smk), paths come from input/output, every rule has a log
+    and an env: what `snakemake --lint` checks, for the default run and every shipped config."""
+    args = [str(SNAKEMAKE), "--lint", "--cores", "1"] + (["--configfile", str(configfile)] if configfile else [])
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # the hub configs' models are checked when a job loads them
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Lints for" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+# conda package name -> the name it is imported by, where they differ
+IMPORT_NAME = {"pytorch": "torch", "scikit-learn": "sklearn", "matplotlib-base": "matplotlib", "pyyaml": "yaml"}
+
+
+def env_packages(env_file: Path) -> set[str]:
+    deps = yaml.safe_load(env_file.read_text())["dependencies"]
+    names = set()
+    for d in deps:
+        for spec in d["pip"] if isinstance(d, dict) else [d]:
+            name = re.split(r"[<>=!\s\[]", spec, maxsplit=1)[0]
+            names.add(IMPORT_NAME.get(name, name).replace("-", "_"))
+    return names
+
+
+def rules() -> list[tuple[str, str, str]]:
+    """(rule, env file, emlab command) for every rule in rules/*.smk."""
+    out = []
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        text = smk.read_text()
+        blocks = re.split(r"^\s*rule (\w+):\s*$", text, flags=re.M)
+        for name, body in zip(blocks[1::2], blocks[2::2]):
+            env = re.search(r'conda:\s*\n\s*"\.\./envs/([\w.]+)"', body)
+            cmd = re.search(r"-m emlab ([\w-]+)", body)
+            out.append((f"{smk.name}:{name}", env and env.group(1), cmd and cmd.group(1)))
+    return out
+
+
+def command_function(command: str) -> str:
+    for node in tree("emlab.cli").body:
+        if isinstance(node, ast.FunctionDef):
+            for d in node.decorator_list:
+                if (isinstance(d, ast.Call) and getattr(d.func, "id", None) == "command"
+                        and d.args[0].value == command):
+                    return node.name
+    raise AssertionError(f"no emlab command {command!r}")
+
+
+def command_imports(command: str) -> set[str]:
+    # the program itself (emlab.cli's top level, main and run), then the command's own function
+    return third_party("emlab.cli", ["main", "run", command_function(command)], set())
+
+
+def test_every_rule_names_an_env_and_an_emlab_command():
+    found = rules()
+    assert len(found) >= 30, found
+    missing = [r for r, env, cmd in found if not env or not cmd or not (ROOT / "envs" / env).exists()]
+    assert not missing, f"rules without a conda env file or an emlab command: {missing}"
+
+
+@pytest.mark.parametrize("rule,env,command", rules(), ids=[r for r, _, _ in rules()])
+def test_the_rules_env_has_what_its_job_imports(rule, env, command):
+    needed = command_imports(command)
+    lacking = sorted(needed - env_packages(ROOT / "envs" / env))
+    assert not lacking, f"{rule}: `emlab {command}` imports {lacking}, which envs/{env} does not install"
+
+
+def test_the_check_sees_a_package_an_env_lacks():
+    """The analysis itself: the steering sweep reads grades and draws a figure, the steered sampler imports
+    torch; a check that found neither would pass every rule."""
+    assert "matplotlib" in command_imports("steer-sweep")
+    assert "torch" in command_imports("steer-sample")
+    assert "torch" not in env_packages(ROOT / "envs" / "analysis.yaml")
