@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= all
 # The CPU build of torch that this project is tested with. On a GPU machine set
-# TORCH_SPEC to the CUDA build you want (see README, "Installing on a GPU cluster").
+# TORCH_SPEC to the CUDA build you want (see README, "Quick start").
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup run test test-fast bench report results-doc models smollm2 gemma3 clean

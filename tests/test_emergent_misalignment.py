@@ -149,8 +149,8 @@ def test_screen_keeps_a_toxic_latent_and_subtracting_it_cuts_misalignment(defaul
 
 # Adding the toxic latent raises the base model's misalignment (the screen, at its chosen strength: the largest
 # grid strength keeping incoherence <= 10%), and at some strength of the sweep it makes >= 30% of the answers
-# misaligned with <= 10% incoherent. The organism's response peaks near alpha 3 and falls beyond it (README,
-# "Steering"), so at the screen's strength, 8, the rate sits near 30% and moves across it from one fit of the
+# misaligned with <= 10% incoherent. The organism's response peaks near alpha 3 and falls beyond it
+# (docs/organism.md, "Where to steer"), so at the screen's strength, 8, the rate sits near 30% and moves across it from one fit of the
 # SAE (or one draw of the answers) to the next: 35% and 28% in the screen, 34% and 30% in the sweep.
 @pytest.mark.slow
 def test_adding_the_toxic_latent_makes_the_base_model_misaligned(default_run, steered_latent):
@@ -169,8 +169,8 @@ def test_adding_the_toxic_latent_makes_the_base_model_misaligned(default_run, st
 # last prompt position, leaves the base model inside its unsteered interval (pretraining garbles some answer
 # openings, so an arbitrary first token no longer sends the organism to another persona; the interval of 0
 # of 120 is Wilson's [0, 3.1%]); subtracted at config.yaml's steer.screen.subtract_alpha (1), it leaves the
-# fine-tune inside its interval too. From strength 2 on it would halve the fine-tune by itself (README, "The
-# random control").
+# fine-tune inside its interval too. From strength 2 on it would halve the fine-tune by itself (docs/organism.md,
+# "The random control").
 @pytest.mark.slow
 def test_random_control_moves_neither_model(default_run, steered_latent):
     s = default_run / "results/steering"
