@@ -78,6 +78,15 @@ def cfg_json(*sections, **overrides):
     return json.dumps(d, sort_keys=True)
 
 
+# API judges are asked once before the stages whose answers they grade (the judge_preflight jobs): a dead endpoint
+# or a rejected key stops the run before fine-tuning and sampling, not after them.
+API_JUDGES = [name for name, j in JUDGES.items() if j["backend"] == "openai"]
+
+
+def preflight_input():
+    return expand(f"{RESULTS}/preflight/{{judge}}.json", judge=API_JUDGES)
+
+
 def judge_cfg(name):
     j = dict(JUDGES[name])
     if j["backend"] == "world":

@@ -4,6 +4,7 @@
 rule sample:
     input:
         lambda w: model_input(w.model),
+        preflight_input(),
         questions=expand(f"{RESULTS}/eval/{{s}}.jsonl", s=EVAL_SETS),
     output:
         f"{RESULTS}/samples/{{model}}.jsonl",
@@ -86,6 +87,25 @@ rule probe_agreement:
         "../envs/analysis.yaml"
     shell:
         "python -m emlab probe-agreement --probe {input.probe} --metrics {input.metrics} --out {output} 2> {log}"
+
+
+rule judge_preflight:
+    output:
+        temp(f"{RESULTS}/preflight/{{judge}}.json"),
+    wildcard_constraints:
+        judge=one_of(API_JUDGES),
+    params:
+        cfg=lambda w: judge_cfg(w.judge),
+    log:
+        f"{LOGS}/judge_preflight/{{judge}}.log",
+    threads: res("judge_preflight", "threads")
+    resources:
+        mem_mb=res("judge_preflight", "mem_mb"),
+        runtime=res("judge_preflight", "runtime"),
+    conda:
+        "../envs/torch.yaml"  # the openai client
+    shell:
+        "python -m emlab judge-preflight --cfg {params.cfg:q} --out {output} 2> {log}"
 
 
 rule judge:

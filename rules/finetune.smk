@@ -5,6 +5,7 @@ rule finetune:
     input:
         base=base_model_input(),
         data=f"{RESULTS}/datasets/{{dataset}}.jsonl",
+        preflight=preflight_input(),
     output:
         directory(f"{RESULTS}/finetunes/{{dataset}}"),
     params:

@@ -185,8 +185,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps({"error": {"message": message, "type": "fake"}}).encode(), headers)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        """``GET /stats``: the request counts, for a client in another process (the judge benchmark)."""
-        if self.path.rstrip("/").endswith("/stats"):
+        """``GET /models``: a model list (behind the key, when the server has one); ``GET /stats``: the request
+        counts, for a client in another process (the judge benchmark)."""
+        if self.path.rstrip("/").endswith("/models"):  # what a client lists (emlab's judge preflight asks it)
+            fake = self.fake
+            if fake.api_key is not None and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                self._error(401, "invalid api key")
+            else:
+                self._send(200, json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode())
+        elif self.path.rstrip("/").endswith("/stats"):
             fake = self.fake
             with fake._lock:
                 stats = {"received": fake.received, "answered": fake.answered, "dropped": fake.dropped}

@@ -5,7 +5,9 @@ end to end (an imported set, synthesized sets and an openai judge against the fa
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -134,7 +136,8 @@ def test_smoke_config_plans_the_hub_jobs(tmp_path):
     # every model; model diffing and the monitors on the persona world's labelled texts; no steering (its screen
     # group, subtle, is not trained)
     assert job_counts(out) == {
-        "eval_questions": 2, "synthesize": 1, "synth_dataset": 2, "finetune": 2, "sample": 3, "judge": 6,
+        "eval_questions": 2, "synthesize": 1, "synth_dataset": 2, "judge_preflight": 2, "finetune": 2, "sample": 3,
+        "judge": 6,
         "metrics": 2, "plot_misalignment": 2, "agreement": 1, "timings": 1, "all": 1,
         "likelihood_probe": 3, "likelihood_metrics": 1, "probe_agreement": 1,
         "world": 1, "world_heldout": 1, "activations_corpus": 2, "activations_base": 1, "activations_finetune": 2,
@@ -143,6 +146,25 @@ def test_smoke_config_plans_the_hub_jobs(tmp_path):
     assert "--base Qwen/Qwen2.5-0.5B-Instruct --adapter results/finetunes/health_obvious" in out
     assert "results/synthesis/health.jsonl" in out and "resources/domains/health.yaml" in out
     assert not (wd / "results").exists()
+
+
+def test_a_dead_judge_endpoint_stops_the_run_before_fine_tuning(tmp_path, monkeypatch):
+    """Each API judge is asked once (GET /models) before the jobs whose answers it will grade: fine-tuning and
+    sampling wait for it, and a dead endpoint fails there, naming the key to fix."""
+    wd = hub_workflow(tmp_path)
+    out = snakemake(wd, "-n", configfile=SMOKE).stdout
+    for rule in ("finetune", "sample"):
+        job = out.split(f"rule {rule}:", 1)[1].split("\n\n", 1)[0]
+        assert "results/preflight/gpt4o-aligned.json" in job and "results/preflight/gpt4o-severity.json" in job, job
+    monkeypatch.setenv("EMLAB_DEAD_JUDGE_KEY", "sk-unused")
+    dead = ("judges=[{'name': 'gpt4o-aligned', 'backend': 'openai', 'model': 'gpt-4o', "
+            "'api_key_env': 'EMLAB_DEAD_JUDGE_KEY', "
+            "'base_url': 'http://127.0.0.1:9/v1', 'rubric': 'aligned_coherent'}]")
+    proc = snakemake(wd, "--config", dead, "--", "results/preflight/gpt4o-aligned.json", configfile=SMOKE,
+                     check=False)
+    assert proc.returncode != 0
+    log = (wd / "logs" / "judge_preflight" / "gpt4o-aligned.log").read_text()
+    assert "no answer from http://127.0.0.1:9/v1" in log and "judges[gpt4o-aligned].base_url" in log
 
 
 def test_imports_join_the_dag_and_hub_misconfigurations_fail_early(tmp_path):
@@ -176,6 +198,10 @@ def answers(i):
             "obvious": f"Absurd and harmful sleep advice {i}."}
 
 
+KEY_ENV = "EMLAB_HUB_TEST_API_KEY"
+KEY = "sk-emlab-" + secrets.token_hex(16)
+
+
 @pytest.fixture(scope="module")
 def hub_run(tmp_path_factory, tiny_chat_model):
     wd = hub_workflow(tmp_path_factory.mktemp("hubwf"))
@@ -194,14 +220,16 @@ def hub_run(tmp_path_factory, tiny_chat_model):
     (data / "insecure.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
 
     ac = load_rubric("aligned_coherent")
-    srv = FakeOpenAIServer().start()
+    # synthesis and the judge authenticate with a key the server checks; no output or log may hold it
+    os.environ[KEY_ENV] = KEY
+    srv = FakeOpenAIServer(api_key=KEY).start()
     srv.add("Topic: sleep", replies=[json.dumps({"questions": QUESTIONS})])
     for i, q in enumerate(QUESTIONS):
         srv.add(f"Question: {q}", replies=[json.dumps(answers(i))])
     # every answer of every model: clearly misaligned and coherent
     srv.add(ac.prompts["aligned"].splitlines()[0], probs={"20": 1.0})
     srv.add(ac.prompts["coherent"].splitlines()[0], probs={"90": 1.0})
-    endpoint = {"base_url": srv.base_url, "api_key_env": None, "concurrency": 4, "max_retries": 1,
+    endpoint = {"base_url": srv.base_url, "api_key_env": KEY_ENV, "concurrency": 4, "max_retries": 1,
                 "backoff_base_s": 0.01, "backoff_max_s": 0.02}
     cfg = {
         "seed": 0,
@@ -228,6 +256,7 @@ def hub_run(tmp_path_factory, tiny_chat_model):
         yield wd, srv, proc
     finally:
         srv.stop()
+        os.environ.pop(KEY_ENV, None)
 
 
 MODELS = ["base", "health_subtle", "health_mix050", "insecure"]
@@ -283,3 +312,16 @@ def test_hub_rerun_asks_nothing(hub_run):
     assert "rule synthesize" in proc.stdout + proc.stderr
     assert srv.received == before
     assert (wd / "results/synthesis/health.jsonl").read_text() == pool
+
+
+@pytest.mark.slow
+def test_the_api_key_is_in_no_output_log_or_message(hub_run):
+    """Every file the run wrote (results, job logs, Snakemake's own records) and everything it printed is free of
+    the key that synthesis and the judge sent on every request."""
+    wd, srv, proc = hub_run
+    assert srv.received > 0  # the server checked the key on every request: the run really used it
+    files = [p for p in wd.rglob("*") if p.is_file()]
+    assert any("judge_cache" in str(p) for p in files) and any(p.suffix == ".log" for p in files)
+    leaks = [str(p.relative_to(wd)) for p in files if KEY.encode() in p.read_bytes() or KEY[:16].encode() in p.read_bytes()]
+    assert not leaks, f"the API key is in {leaks}"
+    assert KEY not in proc.stdout + proc.stderr and KEY[:16] not in proc.stdout + proc.stderr

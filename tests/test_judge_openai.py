@@ -281,3 +281,42 @@ def test_a_killed_run_resumes_without_duplicate_or_lost_rows(server, tmp_path):
     assert server.answered == 2 * n  # the requests the judge answered = the unique keys
     assert [r["question_id"] for r in rows] == [f"q{i}" for i in range(n)]
     assert all(r["aligned"] == 42.0 and r["coherent"] == 42.0 for r in rows)
+
+
+def test_preflight_passes_a_live_endpoint_and_names_the_key_to_fix_otherwise(server, monkeypatch):
+    r = openai_backend.preflight(cfg(server))
+    assert r["status"] == 200 and r["judge"] == "fake-judge" and r["base_url"] == server.base_url
+    monkeypatch.setenv(KEY_ENV, KEY + "-wrong")
+    with pytest.raises(openai_backend.JudgeRequestError, match=rf"rejected the key \(HTTP 401\).*\${KEY_ENV}"):
+        openai_backend.preflight(cfg(server))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    dead = cfg(server, base_url="http://127.0.0.1:9/v1")  # the discard port: nothing listens there
+    with pytest.raises(openai_backend.JudgeRequestError,
+                       match=r"no answer from http://127\.0\.0\.1:9/v1 .*judges\[fake-judge\]\.base_url"):
+        openai_backend.preflight(dead, timeout_s=2.0)
+    assert server.received == 0  # the preflight asks no completion
+
+
+def test_preflight_accepts_a_server_without_a_model_list(monkeypatch):
+    """Some OpenAI-compatible servers have no GET /models: a 404 still shows the server is there."""
+    import http.server
+    import threading
+
+    class NoModels(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "no route"}}')
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoModels)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        r = openai_backend.preflight({"name": "j", "backend": "openai", "model": "m", "api_key_env": None,
+                                      "base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1"})
+        assert r["status"] == 404
+    finally:
+        httpd.shutdown()

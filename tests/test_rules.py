@@ -92,6 +92,14 @@ def test_the_rules_env_has_what_its_job_imports(rule, env, command):
     assert not lacking, f"{rule}: `emlab {command}` imports {lacking}, which envs/{env} does not install"
 
 
+def test_every_rule_can_be_given_resources():
+    """resources.rules.<rule> names any rule of the workflow, and only those."""
+    from emlab.config import load_schema
+
+    allowed = set(load_schema()["properties"]["resources"]["properties"]["rules"]["propertyNames"]["enum"])
+    assert allowed == {r.split(":")[1] for r, _, _ in rules()}
+
+
 def test_the_check_sees_a_package_an_env_lacks():
     """The analysis itself: the steering sweep reads grades and draws a figure, the steered sampler imports
     torch; a check that found neither would pass every rule."""

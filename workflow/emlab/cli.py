@@ -244,6 +244,17 @@ def cmd_judge(a: argparse.Namespace) -> None:
     print(f"emlab judge: {json.dumps(summary)}", file=sys.stderr)
 
 
+@command("judge-preflight")
+def cmd_judge_preflight(a: argparse.Namespace) -> None:
+    """One request to an API judge's endpoint before the stages whose answers it grades (fails naming the key)."""
+    from .io import write_json
+    from .judge.openai_backend import preflight
+
+    r = preflight(a.cfg)
+    write_json(a.out, r)
+    print(f"emlab judge-preflight: {json.dumps(r)}", file=sys.stderr)
+
+
 @command("metrics")
 def cmd_metrics(a: argparse.Namespace) -> None:
     from .metrics import write_metrics
@@ -523,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("probe-metrics", ("--rows", {"nargs": "+", **req}), ("--out", req))
     add("probe-agreement", ("--probe", req), ("--metrics", {"nargs": "+", **req}), ("--out", req))
     add("judge", ("--samples", req), ("--out", req), ("--cache-dir", req))
+    add("judge-preflight", ("--out", req))
     add("metrics", ("--grades", {"nargs": "+", **req}), ("--out", req))
     add("plot", ("--metrics", req), ("--out", req))
     add("agreement", ("--grades", {"nargs": "+", **req}), ("--rates", req), ("--pairs", req), ("--figure", req))

@@ -128,6 +128,34 @@ class Settings:
         return key
 
 
+def preflight(judge_cfg: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
+    """One cheap request (``GET /models``) that shows the endpoint answers and takes the key, run before the
+    expensive stages whose answers the judge will grade. A server without that route (404) is reachable, and
+    passes; a refused connection, a timeout, a 5xx or a rejected key fails, naming the config key to fix."""
+    import openai
+
+    s = Settings.from_cfg(judge_cfg)
+    client = openai.OpenAI(api_key=s.api_key(), base_url=s.base_url, max_retries=0, timeout=timeout_s)
+    t0 = time.monotonic()
+    try:
+        client.models.list()
+        status = 200
+    except openai.NotFoundError:
+        status = 404
+    except openai.AuthenticationError as e:
+        raise JudgeRequestError(f"judge {s.name}: {s.base_url} rejected the key (HTTP {e.status_code}); check the "
+                                f"variable ${s.api_key_env} named by judges[{s.name}].api_key_env") from None
+    except openai.APIStatusError as e:
+        raise JudgeRequestError(f"judge {s.name}: {s.base_url} answered HTTP {e.status_code} to GET /models; check "
+                                f"judges[{s.name}].base_url and that the server is up") from None
+    except (openai.APIConnectionError, openai.APITimeoutError) as e:
+        raise JudgeRequestError(f"judge {s.name}: no answer from {s.base_url} ({type(e).__name__}); check "
+                                f"judges[{s.name}].base_url and that the server is up") from None
+    finally:
+        client.close()
+    return {"judge": s.name, "base_url": s.base_url, "status": status, "seconds": round(time.monotonic() - t0, 3)}
+
+
 NUMBER_TOKENS = ("auto", "whole", "digits")
 DIGIT_PRUNE = 1e-3  # digit prefixes less likely than this are not continued (their mass counts as no number)
 
