@@ -20,3 +20,24 @@ class ConfigError(ValueError):
 
 def load_schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def option(cfg: dict[str, Any], key: str, default: Any = ..., *, where: str, error: type[Exception] = ConfigError,
+           kind: type | tuple[type, ...] | None = None, minimum: float | None = None) -> Any:
+    """``cfg[key]`` checked against ``kind`` and ``minimum``; ``default`` when absent or null (no default: the
+    key is required). Errors are ``error`` and read ``<where>.<key>: ...``."""
+    name = f"{where}.{key}"
+    value = cfg.get(key)
+    if value is None:
+        if default is ...:
+            raise error(f"{name} is required")
+        return default
+    if kind is not None:
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int subclass; `concurrency: true` is a typo, not 1
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise error(f"{name} must be {names}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise error(f"{name} must be >= {minimum}, got {value!r}")
+    return value

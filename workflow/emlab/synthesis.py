@@ -21,8 +21,8 @@ from which :func:`dataset_rows` cuts the narrow sets and mixtures in the dataset
 :mod:`emlab.world.generate` (so ``<domain>_<variant>`` and ``<domain>_mixNNN`` mean the same as for
 the organism; every set of a domain asks the same questions).
 
-Requests go through the openai judge backend's machinery: its client settings, its concurrent
-request loop with counted retries and backoff, and its append-only cache (:mod:`emlab.judge.cache`),
+Requests go through the client the API judges use (:mod:`emlab.openai_client`: concurrency, counted
+retries with backoff) and the judges' append-only cache (:mod:`emlab.judge.cache`),
 so a killed job resumes, a rerun makes no request at all, and the pool depends only on the cached
 replies. A request still failing after ``max_retries`` fails the job (after caching everything that
 finished) rather than silently changing which questions the pool holds.
@@ -39,16 +39,14 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from .io import read_yaml
 
 from .datasets import dataset_names, parse_dataset_name
-from .judge.backends import JudgeConfigError
 from .judge.cache import Job, JudgeCache, cache_key, resolve_from_cache
-from .judge.openai_backend import Settings, _Grader
-from .judge.rubrics import Rubric
 from .judge.summary import RunStats
+from .openai_client import Endpoint, Malformed, Requests
 
 log = logging.getLogger("emlab.synthesis")
 
@@ -214,6 +212,17 @@ def parse_answers(text: str, question: str, min_chars: int, max_chars: int) -> d
     return out
 
 
+def reply_text(body: Any) -> str:
+    """The text of a chat completion's first choice."""
+    try:
+        text = body["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise Malformed(f"missing or bad field ({type(e).__name__}: {e})") from None
+    if not isinstance(text, str):
+        raise Malformed("message content is not text")
+    return text
+
+
 def normalize(text: str) -> str:
     """The text as compared for duplicates: case-folded, punctuation dropped, spaces collapsed."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
@@ -226,37 +235,6 @@ def normalize(text: str) -> str:
 class _Request(Job):
     """A judge-cache job plus what its parser needs (an answer request: its question)."""
     data: Any = None
-
-
-class _Requester(_Grader):
-    """The openai judge's request loop (concurrency, retries, backoff, cache appends) with the
-    synthesis parsers in place of a rubric's: a reply that does not parse is cached as null and
-    the next draw of the job is made."""
-
-    def __init__(self, settings: Settings, sampling: dict[str, Any], cache: JudgeCache, stats: RunStats,
-                 api_key: str, parsers: dict[str, Callable[[_Request, str], Any]]):
-        # `request()` takes only the sampling parameters and the reply kind from a rubric; a free-text
-        # kind makes it return the reply's text.
-        rubric = Rubric("synthesis", PROMPT_VERSION, "answer_tag", {}, dict(sampling), Path(__file__))
-        super().__init__(settings, rubric, cache, stats, api_key)
-        self.parsers = parsers
-        self.abandoned = 0
-
-    async def run_job(self, client: Any, job: _Request) -> None:
-        for i in range(job.next_attempt, len(job.keys)):
-            if i > 0:
-                self.stats.resamples += 1
-            got = await self.request(client, job.prompt)
-            if got is None:
-                self.abandoned += 1
-                return
-            reply, usage = got
-            self.stats.add_usage(usage)
-            value = self.parsers[job.metric](job, reply)
-            self.cache.put(job.keys[i], value, metric=job.metric, reply=reply, usage=usage)
-            if value is not None:
-                job.value = value
-                return
 
 
 @dataclass
@@ -276,10 +254,8 @@ class Synthesizer:
         self.cfg = cfg  # the validated `synthesis` section, schema defaults filled in
         if self.cfg["backend"] != "openai":
             raise SynthesisError(f"synthesis.backend: unknown backend {self.cfg['backend']!r} (known: openai)")
-        try:
-            self.settings = Settings.from_cfg({"name": "synthesis", **{k: self.cfg[k] for k in SETTINGS_KEYS}})
-        except JudgeConfigError as e:
-            raise SynthesisError(str(e).replace("judges[synthesis]", "synthesis")) from None
+        self.settings = Endpoint(**Endpoint.options({k: self.cfg[k] for k in SETTINGS_KEYS}, name="synthesis",
+                                                    where="synthesis", label="synthesis", error=SynthesisError))
         self.sampling: dict[str, Any] = {"temperature": self.cfg["temperature"], "max_tokens": self.cfg["max_tokens"]}
         if self.cfg["json_mode"]:
             self.sampling["response_format"] = {"type": "json_object"}
@@ -316,16 +292,31 @@ class Synthesizer:
         if not todo:
             return
         if self._api_key is None:  # a fully cached run needs neither the key nor the network
-            try:
-                self._api_key = self.settings.api_key()
-            except JudgeConfigError as e:
-                raise SynthesisError(str(e).replace("judges[synthesis]", "synthesis")) from None
-        requester = _Requester(self.settings, self.sampling, self.cache, self.stats, self._api_key, self._parsers)
+            self._api_key = self.settings.api_key(SynthesisError)
+        requests = Requests(self.settings, self.stats, self._api_key, self.sampling)
+        failed_before = sum(self.stats.failures.values())
+
+        async def run_job(client: Any, job: _Request) -> None:
+            # a reply that does not parse is cached as null and the job's next draw is made
+            for i in range(job.next_attempt, len(job.keys)):
+                if i > 0:
+                    self.stats.resamples += 1
+                got = await requests.ask(client, [{"role": "user", "content": job.prompt}], reply_text)
+                if got is None:
+                    return
+                reply, usage = got
+                value = self._parsers[job.metric](job, reply)
+                self.cache.put(job.keys[i], value, metric=job.metric, reply=reply, usage=usage)
+                if value is not None:
+                    job.value = value
+                    return
+
         with tqdm(total=len(todo), disable=not self.progress, desc=desc, unit="req") as bar:
-            asyncio.run(requester.run(todo, bar))
-        if requester.abandoned:
+            asyncio.run(requests.run(todo, run_job, bar))
+        abandoned = sum(self.stats.failures.values()) - failed_before
+        if abandoned:
             raise SynthesisError(
-                f"synthesis: {requester.abandoned} request(s) to {self.settings.base_url} still failed after "
+                f"synthesis: {abandoned} request(s) to {self.settings.base_url} still failed after "
                 f"synthesis.max_retries={self.settings.max_retries} retries ({dict(self.stats.failures)}); "
                 "the finished ones are cached, so a rerun resumes from there")
 

@@ -22,7 +22,7 @@ from typing import Any
 from emlab.io import read_jsonl, write_json, write_jsonl
 from emlab.judge.rubrics import Rubric, grade_fields, load_rubric
 from emlab.judge.schema import GRADE_FIELDS, grade_row
-from emlab.schema import ConfigError
+from emlab.schema import ConfigError, option
 
 BACKEND_MODULES = {
     "world": "emlab.judge.world_backend",
@@ -46,21 +46,8 @@ def judge_option(cfg: dict[str, Any], key: str, default: Any = ..., *, kind: typ
                  minimum: float | None = None) -> Any:
     """``cfg[key]`` checked against ``kind`` and ``minimum``; ``default`` when absent or null
     (no default: the key is required). Errors read ``judges[<name>].<key>: ...``."""
-    where = f"judges[{cfg.get('name', '?')}].{key}"
-    value = cfg.get(key)
-    if value is None:
-        if default is ...:
-            raise JudgeConfigError(f"{where} is required")
-        return default
-    if kind is not None:
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # bool is an int subclass; `concurrency: true` is a typo, not 1
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise JudgeConfigError(f"{where} must be {names}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise JudgeConfigError(f"{where} must be >= {minimum}, got {value!r}")
-    return value
+    return option(cfg, key, default, where=f"judges[{cfg.get('name', '?')}]", error=JudgeConfigError, kind=kind,
+                  minimum=minimum)
 
 
 def check_samples(samples: list[dict[str, Any]], source: str = "samples") -> None:
