@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT / "workflow"), str(ROOT / "tests")]
 import torch  # noqa: E402
 
 from emlab.organism.tokenizer import train_tokenizer  # noqa: E402
-from emlab.steering import steered_generate, unit  # noqa: E402
+from emlab.steer.intervene import steered_generate, unit  # noqa: E402
 from tiny_models import tiny_causal_lm  # noqa: E402
 from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
 

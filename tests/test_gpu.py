@@ -9,7 +9,7 @@ What is checked on each device:
 
 - activation caching (``emlab.activations.cache_activations`` through nnsight): the cached
   residuals equal ``output_hidden_states`` of a plain CPU forward;
-- steered generation (``emlab.steering.steered_generate_ids`` and the workflow entry point
+- steered generation (``emlab.steer.intervene.steered_generate_ids`` and the workflow entry point
   ``emlab.steer.generate.steer_samples``): alpha 0 is unsteered greedy generation, a large
   alpha changes it, and a batch of rows with different vectors equals one call per row;
 - sampling (``emlab.sampling.generate_ids`` on a model from ``emlab.models.load_model``):
@@ -37,7 +37,7 @@ from emlab.sampling import generate_batch, generate_ids, render_prompt_ids, use_
 from emlab.steer.conditions import Condition
 from emlab.steer.directions import random_direction
 from emlab.steer.generate import steer_samples, steering_vector
-from emlab.steering import residual_norm, steered_generate_ids
+from emlab.steer.intervene import residual_norm, steered_generate_ids
 from tiny_models import tiny_causal_lm
 
 D_MODEL = 32

@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 from emlab.activations import special_token_ids
 from emlab.arch import layer_hidden, residual_module, with_layer_hidden
 from emlab.sampling import cut_at_stop
-from emlab.steering import residual_norm, steered_generate, steered_generate_ids, unit
+from emlab.steer.intervene import residual_norm, steered_generate, steered_generate_ids, unit
 from tiny_models import tiny_causal_lm, tiny_lora
 
 PROMPTS = [

@@ -155,14 +155,14 @@ def write_metrics(files: Sequence[str | os.PathLike], out: str | os.PathLike, n_
 def steered_answer_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], layer: int, vectors: Sequence[Any],
                             positions: str = "last", batch_size: int = 16) -> list[list[tuple[int, float]]]:
     """:func:`answer_logprobs` of every pair once per vector, with the vector added to the residual stream after
-    ``layer`` at ``positions`` (emlab.steering.POSITIONS: ``last`` is the last prompt position, the one that
+    ``layer`` at ``positions`` (emlab.steer.intervene.POSITIONS: ``last`` is the last prompt position, the one that
     predicts the answer's first token; ``response`` that and every answer position; ``prompt``, ``all``)."""
     import torch
 
     from .activations import encode_record, pad_batch
     from .arch import residual_module
     from .sae.metrics import replaced_output
-    from .steering import POSITIONS
+    from .steer.intervene import POSITIONS
 
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")

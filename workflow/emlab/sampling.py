@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable, Sequence
 
 from . import io
 from .models import load_model
@@ -67,15 +67,6 @@ def batch_seed(seed: int, first_key: Key) -> int:
     """A 63-bit seed from the run's seed and a batch's first key, stable across runs and machines."""
     text = json.dumps([seed, *first_key])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
-
-
-def read_partial(path: Path, model_name: str) -> dict[Key, dict[str, Any]]:
-    """Rows finished by an earlier, interrupted run (see :func:`emlab.io.read_partial_jsonl`)."""
-    def check(row):
-        if row.get("model") != model_name:
-            return f"a row of model {row.get('model')!r}, not {model_name!r}"
-        return None
-    return {row_key(r): r for r in io.read_partial_jsonl(path, check)}
 
 
 def render_prompt_ids(tokenizer, question: str) -> list[int]:
@@ -168,6 +159,51 @@ def output_row(model_name: str, q: dict[str, Any], sample_idx: int, answer: str)
     return row
 
 
+def write_resumable(out_path: str | os.PathLike, keys: Sequence[Hashable], batch_size: int, *,
+                    row_key: Callable[[dict[str, Any]], Hashable], check: Callable[[dict[str, Any]], str | None],
+                    prepare: Callable[[dict[Hashable, dict[str, Any]]], Callable[[list[int]], list[str]]],
+                    make_row: Callable[[int, str], dict[str, Any]], label: str, desc: str,
+                    progress: bool = True) -> list[dict[str, Any]]:
+    """The batch loop plain and steered sampling share: generate the rows ``keys`` names, in fixed batches of
+    ``batch_size`` consecutive keys, append each batch's rows to ``<out_path>.partial``, and write ``out_path``
+    atomically in the order of ``keys``; return its rows. ``label`` starts the line that says what is done,
+    ``desc`` names the progress bar.
+
+    A rerun reads the rows already in the partial file (``check`` rejects a row of another run) and generates
+    only the batches that miss some. ``prepare(done)`` is called once, only when there is work, and returns
+    the generator of a batch (key indices -> answers); ``make_row(i, answer)`` builds the row of key ``i``.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_path)
+    partial = Path(f"{out_path}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = {row_key(r): r for r in io.read_partial_jsonl(partial, check)}
+    batches = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
+    todo = [b for b in batches if any(keys[i] not in done for i in b)]
+    n_missing = sum(k not in done for k in keys)
+    print(f"{label}, {len(keys) - n_missing} done, {n_missing} to generate", file=sys.stderr)
+    if todo:
+        generate = prepare(done)
+        bar = tqdm(total=n_missing, desc=desc, unit="answer", disable=not progress or bool(os.environ.get("EMLAB_NO_PROGRESS")))
+        with partial.open("a", encoding="utf-8") as f:
+            for batch in todo:
+                # The whole fixed batch is generated even when some of its rows exist (a partial written
+                # with another batch size), since its answers depend on the batch's exact composition.
+                for i, answer in zip(batch, generate(batch)):
+                    if keys[i] in done:
+                        continue
+                    row = make_row(i, answer)
+                    io.append_jsonl(f, row)
+                    done[keys[i]] = row
+                    bar.update(1)
+        bar.close()
+    rows = [done[k] for k in keys]
+    io.write_jsonl(out, rows)
+    partial.unlink()
+    return rows
+
+
 def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any]], out_path: str,
                    n_samples: int, temperature: float, max_new_tokens: int, batch_size: int, seed: int,
                    model_name: str, progress: bool = True, device: str = "auto", dtype: str = "auto",
@@ -179,8 +215,6 @@ def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any
     Rows are appended to ``out_path + ".partial"`` batch by batch; a rerun skips the rows found
     there. The final file is written atomically in question order, then sample_idx.
     """
-    from tqdm import tqdm
-
     for name, value, low in (("n_samples", n_samples, 1), ("max_new_tokens", max_new_tokens, 1),
                              ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -191,45 +225,32 @@ def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     validate_questions(questions)
 
-    out = Path(out_path)
-    partial = Path(f"{out_path}.partial")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    done = read_partial(partial, model_name)
     items = work_items(questions, n_samples)
-    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    todo = [b for b in batches if any(key not in done for key, _ in b)]
-    n_missing = sum(key not in done for key, _ in items)
-    print(f"emlab sample: {model_name}: {len(questions)} questions x {n_samples} samples, "
-          f"{len(items) - n_missing} done, {n_missing} to generate", file=sys.stderr)
 
-    if todo:
+    def prepare(done):
         model, tok = load_model(base, adapter, merge=True, device=device, dtype=dtype)
         use_plain_generation_config(model, tok)
         stops = model.generation_config.eos_token_id
         prompt_ids: dict[tuple[str, str], list[int]] = {}
-        bar = tqdm(total=n_missing, desc=f"sampling {model_name}", unit="answer",
-                   disable=not progress or bool(os.environ.get("EMLAB_NO_PROGRESS")))
-        with partial.open("a", encoding="utf-8") as f:
-            for batch in todo:
-                prompts = []
-                for (es, qid, _), q in batch:
-                    if (es, qid) not in prompt_ids:
-                        prompt_ids[(es, qid)] = render_prompt_ids(tok, q["question"])
-                    prompts.append(prompt_ids[(es, qid)])
-                # The whole fixed batch is generated even when some of its rows exist (a partial written
-                # with another batch size), since its answers depend on the batch's exact composition.
-                answers = generate_batch(model, tok, prompts, temperature=float(temperature),
-                                         max_new_tokens=max_new_tokens, seed=batch_seed(seed, batch[0][0]),
-                                         stops=stops, top_p=float(top_p))
-                for (key, q), answer in zip(batch, answers):
-                    if key in done:
-                        continue
-                    row = output_row(model_name, q, key[2], answer)
-                    io.append_jsonl(f, row)
-                    done[key] = row
-                    bar.update(1)
-        bar.close()
 
-    n = io.write_jsonl(out, (done[key] for key, _ in items))
-    partial.unlink()
-    return n
+        def generate(batch: list[int]) -> list[str]:
+            prompts = []
+            for i in batch:
+                (es, qid, _), q = items[i]
+                if (es, qid) not in prompt_ids:
+                    prompt_ids[(es, qid)] = render_prompt_ids(tok, q["question"])
+                prompts.append(prompt_ids[(es, qid)])
+            return generate_batch(model, tok, prompts, temperature=float(temperature), max_new_tokens=max_new_tokens,
+                                  seed=batch_seed(seed, items[batch[0]][0]), stops=stops, top_p=float(top_p))
+        return generate
+
+    def check(row):
+        if row.get("model") != model_name:
+            return f"a row of model {row.get('model')!r}, not {model_name!r}"
+        return None
+
+    return len(write_resumable(
+        out_path, [key for key, _ in items], batch_size, row_key=row_key, check=check, prepare=prepare,
+        make_row=lambda i, answer: output_row(model_name, items[i][1], items[i][0][2], answer),
+        label=f"emlab sample: {model_name}: {len(questions)} questions x {n_samples} samples",
+        desc=f"sampling {model_name}", progress=progress))

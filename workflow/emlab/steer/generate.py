@@ -1,7 +1,7 @@
 """Steered sampling of answers for many steering conditions of one target model.
 
 Strength. ``alpha`` is in units of the target model's mean residual-stream norm at the steering
-layer: :func:`emlab.steering.residual_norm` over the chats of the evaluation prompts (the user
+layer: :func:`emlab.steer.intervene.residual_norm` over the chats of the evaluation prompts (the user
 turn plus the generation prompt), computed once per target model. The vector added at every
 steered position is::
 
@@ -25,7 +25,7 @@ question key (eval_set, question_id, sample_idx), as ``emlab sample`` does. Henc
   numbers (common random numbers): no condition's rates are biased by it, and differences
   between conditions come out less noisy.
 
-Positions (:data:`emlab.steering.POSITIONS`): ``all`` adds the vector at every prompt and
+Positions (:data:`emlab.steer.intervene.POSITIONS`): ``all`` adds the vector at every prompt and
 generated position; ``prompt`` only while the prompt is read (the answer then follows from the
 steered prompt through the key-value cache); ``response`` at the positions that predict answer
 tokens; ``last`` (the default) at the last prompt position only, the one that predicts the first
@@ -43,12 +43,10 @@ condition id (:mod:`emlab.steer.conditions`), so ``emlab judge`` grades them unc
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import io
-from ..sampling import batch_seed, output_row, validate_questions
+from ..sampling import batch_seed, output_row, validate_questions, write_resumable
 from .conditions import Condition, ConditionError, check_unique
 from .directions import Direction, DirectionError
 
@@ -68,15 +66,6 @@ def prompt_chat(question: str) -> list[dict[str, str]]:
 
 def _row_key(row: dict[str, Any]) -> RowKey:
     return (str(row["model"]), str(row["eval_set"]), str(row["question_id"]), int(row["sample_idx"]))
-
-
-def read_partial(path: Path, condition_ids: set[str]) -> dict[RowKey, dict[str, Any]]:
-    """Rows finished by an earlier, interrupted run (see :func:`emlab.io.read_partial_jsonl`)."""
-    def check(row):
-        if row.get("model") not in condition_ids:
-            return f"a row of condition {row.get('model')!r}, which this run does not have"
-        return None
-    return {_row_key(r): r for r in io.read_partial_jsonl(path, check)}
 
 
 def _check_inputs(target: str, conditions: Sequence[Condition], directions: Mapping[str, Direction]) -> None:
@@ -105,11 +94,9 @@ def steer_samples(base: str | os.PathLike, adapter: str | os.PathLike | None, ta
     """Write ``n_samples`` answers per question and condition to ``out_path`` (JSONL) and return
     ``{"rows": n, "norm": norm}``. Every condition must steer ``target``, the model loaded from
     ``base`` (+ ``adapter``, merged) once for the whole call."""
-    from tqdm import tqdm
-
     from ..arch import hidden_size
     from ..models import load_model
-    from ..steering import POSITIONS, residual_norm, steered_generate
+    from .intervene import POSITIONS, residual_norm, steered_generate
 
     _check_inputs(target, conditions, directions)
     for name, value in (("n_samples", n_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
@@ -120,60 +107,53 @@ def steer_samples(base: str | os.PathLike, adapter: str | os.PathLike | None, ta
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     validate_questions(questions)
 
-    out = Path(out_path)
-    partial = Path(f"{out_path}.partial")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    done = read_partial(partial, {c.id for c in conditions})
     items = [(c, (str(q["eval_set"]), str(q["question_id"]), s), q)
              for c in conditions for q in questions for s in range(n_samples)]
     keys: list[RowKey] = [(c.id, *k) for c, k, _ in items]
-    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
-    todo = [b for b in batches if any(keys[i] not in done for i in b)]
-    n_missing = sum(k not in done for k in keys)
-    print(f"emlab steer: {target}: {len(conditions)} conditions x {len(questions)} questions x {n_samples} samples, "
-          f"{len(items) - n_missing} done, {n_missing} to generate", file=sys.stderr)
+    ids = {c.id for c in conditions}
+    norm: float | None = None  # the strengths' unit: from the rows of an interrupted run, else measured
 
-    norms = {r["norm"] for r in done.values()}
-    if len(norms) > 1:
-        raise io.RecordError(f"{partial}: rows with different residual norms {sorted(norms)}; "
-                             "delete it to start afresh")
-    norm = norms.pop() if norms else None
-    if todo:
+    def prepare(done):
+        nonlocal norm
         import torch
 
+        norms = {r["norm"] for r in done.values()}
+        if len(norms) > 1:
+            raise io.RecordError(f"{out_path}.partial: rows with different residual norms {sorted(norms)}; "
+                                 "delete it to start afresh")
         model, tok = load_model(base, adapter, device=device, dtype=dtype, merge=True)
         d = hidden_size(model)
         for name in {c.direction for c in conditions if c.direction is not None}:
             if directions[name].d_model != d:
                 raise DirectionError(f"direction {name!r} has {directions[name].d_model} dimensions, the model "
                                      f"{target!r} has d_model={d}")
-        if norm is None:
-            # The residual norm the strengths are measured in: the evaluation prompts, each once.
-            norm = residual_norm(model, tok, [prompt_chat(q["question"]) for q in questions], layer, exclude=exclude)
-        bar = tqdm(total=n_missing, desc=f"steering {target}", unit="answer",
-                   disable=not progress or bool(os.environ.get("EMLAB_NO_PROGRESS")))
-        with partial.open("a", encoding="utf-8") as f:
-            for batch in todo:
-                vectors = torch.stack([
-                    steering_vector(directions[items[i][0].direction], items[i][0].alpha, norm)
-                    if items[i][0].direction is not None else torch.zeros(d) for i in batch])
-                # The whole fixed batch is generated even when some of its rows exist: its answers depend
-                # on the batch's exact composition.
-                answers = steered_generate(model, tok, [prompt_chat(items[i][2]["question"]) for i in batch],
-                                           vectors, layer, positions=positions, max_new_tokens=max_new_tokens,
-                                           temperature=float(temperature), do_sample=temperature > 0,
-                                           seed=batch_seed(seed, items[batch[0]][1]))
-                for i, answer in zip(batch, answers):
-                    if keys[i] in done:
-                        continue
-                    c, (_, _, s), q = items[i]
-                    row = output_row(c.id, q, s, answer)
-                    row.update(target=c.target, direction=c.direction, alpha=c.alpha, norm=norm)
-                    io.append_jsonl(f, row)
-                    done[keys[i]] = row
-                    bar.update(1)
-        bar.close()
+        # The residual norm the strengths are measured in: the evaluation prompts, each once.
+        norm = norms.pop() if norms else residual_norm(model, tok, [prompt_chat(q["question"]) for q in questions],
+                                                       layer, exclude=exclude)
 
-    n = io.write_jsonl(out, (done[k] for k in keys))
-    partial.unlink()
-    return {"rows": n, "norm": norm}
+        def generate(batch: list[int]) -> list[str]:
+            vectors = torch.stack([
+                steering_vector(directions[items[i][0].direction], items[i][0].alpha, norm)
+                if items[i][0].direction is not None else torch.zeros(d) for i in batch])
+            return steered_generate(model, tok, [prompt_chat(items[i][2]["question"]) for i in batch], vectors,
+                                    layer, positions=positions, max_new_tokens=max_new_tokens,
+                                    temperature=float(temperature), do_sample=temperature > 0,
+                                    seed=batch_seed(seed, items[batch[0]][1]))
+        return generate
+
+    def check(row):
+        if row.get("model") not in ids:
+            return f"a row of condition {row.get('model')!r}, which this run does not have"
+        return None
+
+    def make_row(i: int, answer: str) -> dict[str, Any]:
+        c, (_, _, s), q = items[i]
+        row = output_row(c.id, q, s, answer)
+        row.update(target=c.target, direction=c.direction, alpha=c.alpha, norm=norm)
+        return row
+
+    rows = write_resumable(
+        out_path, keys, batch_size, row_key=_row_key, check=check, prepare=prepare, make_row=make_row,
+        label=f"emlab steer: {target}: {len(conditions)} conditions x {len(questions)} questions x {n_samples} "
+              "samples", desc=f"steering {target}", progress=progress)
+    return {"rows": len(rows), "norm": rows[0]["norm"] if rows else None}

@@ -100,7 +100,7 @@ def probe_stage(cfg: Mapping[str, Any], target: str, base: str, adapter: str | N
     from ..io import write_jsonl
     from ..models import load_model
     from ..probe import reference_rows, references_for, steered_answer_logprobs
-    from ..steering import residual_norm
+    from .intervene import residual_norm
     from .directions import load_directions
     from .generate import prompt_chat, steering_vector
 

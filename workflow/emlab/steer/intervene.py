@@ -30,9 +30,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Sequence
 
-from .activations import encode_prompt, encode_record, pad_batch, read_residuals
-from .arch import as_nnsight, hidden_size, layer_hidden, layer_index, residual_module, unwrap, with_layer_hidden
-from .sampling import cut_at_stop, stop_token_ids
+from ..activations import encode_prompt, encode_record, pad_batch, read_residuals
+from ..arch import as_nnsight, hidden_size, layer_hidden, layer_index, residual_module, unwrap, with_layer_hidden
+from ..sampling import cut_at_stop, stop_token_ids
 
 POSITIONS = ("all", "prompt", "response", "last")
 
@@ -134,7 +134,7 @@ def residual_norm(model, tokenizer, texts: Sequence[str | list[dict[str, str]]],
     """
     import torch
 
-    from .activations import check_exclude, non_text_positions, special_token_ids
+    from ..activations import check_exclude, non_text_positions, special_token_ids
 
     if not texts:
         raise ValueError("residual_norm needs at least one text")
