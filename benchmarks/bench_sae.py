@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 import torch  # noqa: E402
 
-from emlab.sae.train import SAETrainConfig, lr_factor, train_sae  # noqa: E402
+from emlab.sae.config import SAETrainConfig  # noqa: E402
+from emlab.sae.train import lr_factor, train_sae  # noqa: E402
 from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
 
 

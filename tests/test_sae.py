@@ -8,10 +8,10 @@ import torch
 from emlab.sae.metrics import ce_loss_recovered, reconstruction_metrics, replaced_output
 from emlab.sae.saelens_io import SAEFormatError, load_sae, resolve_pretrained, save_sae
 from emlab.sae.topk import TopKSAE, select_topk
-from emlab.sae.train import (
-    LOG_COLUMNS, SAEConfigError, SAETrainConfig, compute_grads, geometric_median, init_sae, lr_factor,
-    _tf32_matmuls, normalize_grad_, train_sae,
-)
+from emlab.sae.config import SAEConfigError, SAETrainConfig
+from emlab.sae.grads import compute_grads, normalize_grad_
+from emlab.sae.init import geometric_median, init_sae
+from emlab.sae.train import LOG_COLUMNS, _tf32_matmuls, lr_factor, train_sae
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -603,7 +603,7 @@ def test_resolve_pretrained(tmp_path):
 
 @pytest.mark.parametrize("m", [512, 1 << 16, (1 << 16) + 1])
 def test_grouping_by_latent_is_a_stable_argsort(m):
-    from emlab.sae.train import _group_by_latent
+    from emlab.sae.grads import _group_by_latent
 
     keys = torch.randint(0, m, (5000,), generator=torch.Generator().manual_seed(0))
     keys[:100] = m - 1  # many equal keys: stability decides their order

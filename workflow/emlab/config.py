@@ -113,7 +113,7 @@ def load(path: str | Path) -> dict[str, Any]:
 
 def _check_diffing(cfg: dict[str, Any], source: str) -> None:
     """The SAE settings and, in hub mode, the texts the SAE is fitted on and latents are interpreted with."""
-    from .sae.train import SAEConfigError, SAETrainConfig
+    from .sae.config import SAEConfigError, SAETrainConfig
 
     try:
         SAETrainConfig.from_dict(cfg["sae"]["train"], where="sae.train")
