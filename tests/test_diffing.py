@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from emlab.activations import cache_activations
 from emlab.diffing.interpret import (auroc, latent_token_acts, logit_lens, purity_table, snippets_html,
                                      snippets_markdown, token_strings, top_snippets, world_contrasts)
-from emlab.diffing.pipeline import persona_latents
+from emlab.diffing.stage import persona_latents
 from emlab.diffing.ranking import (changes_table, group_ranking, latent_means, per_text_latents, resolve_group,
                                    top_latents)
 from emlab.sae import TopKSAE

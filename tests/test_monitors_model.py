@@ -16,7 +16,7 @@ from emlab.activations import encode_prompt, encode_record, special_token_ids
 from emlab.models import load_model
 from emlab.monitors.features import answer_token_ids, compute_features, prompted_records
 from emlab.monitors.protocol import COLUMNS
-from emlab.monitors.run import run_task, plot, write_organism_dataset
+from emlab.monitors.stage import run_task, plot, write_organism_dataset
 from emlab.sae import TopKSAE, save_sae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_run_task_end_to_end(tiny_chat_model, sae_dir, tmp_path):
 
 def test_a_hub_task_needs_its_question(tiny_chat_model, tmp_path):
     from emlab.monitors.methods import MonitorConfigError
-    from emlab.monitors.run import task_question
+    from emlab.monitors.stage import task_question
 
     cfg = _cfg(tmp_path)
     cfg["model"]["source"] = "hub"

@@ -6,7 +6,7 @@ import pytest
 
 from emlab.steer.conditions import Condition
 from emlab.steer.directions import Direction, DirectionError, orthogonal_to, random_direction
-from emlab.steer.stages import POOLED_RANDOM, pooled_random_rows, sweep_alphas, sweep_directions
+from emlab.steer.stage import POOLED_RANDOM, pooled_random_rows, sweep_alphas, sweep_directions
 
 
 def test_random_control_is_orthogonal_to_the_directions_it_controls_for():

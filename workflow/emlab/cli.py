@@ -329,7 +329,7 @@ def cmd_world_heldout(a: argparse.Namespace) -> None:
 @command("cache-texts")
 def cmd_cache_texts(a: argparse.Namespace) -> None:
     """Every token of a slice of a text/chat JSONL, read by the base model (SAE fitting, interpretation)."""
-    from .diffing.pipeline import cache_texts
+    from .diffing.stage import cache_texts
 
     _threads(a.threads)
     m = cache_texts(a.base, a.input, a.out, n=a.n, skip=a.skip, layer=a.cfg["model"]["layer"], sae_cfg=a.cfg["sae"],
@@ -340,7 +340,7 @@ def cmd_cache_texts(a: argparse.Namespace) -> None:
 @command("cache-model")
 def cmd_cache_model(a: argparse.Namespace) -> None:
     """One model's activations on its sampled answers (and, for a fine-tune, on its fine-tuning data)."""
-    from .diffing.pipeline import cache_model
+    from .diffing.stage import cache_model
 
     _threads(a.threads)
     cache_model(a.base, a.adapter, a.model_name, a.samples, a.dataset, a.out_eval, a.out_train, a.out_train_base,
@@ -350,7 +350,7 @@ def cmd_cache_model(a: argparse.Namespace) -> None:
 @command("sae")
 def cmd_sae(a: argparse.Namespace) -> None:
     """Fit the TopK SAE (or load the pretrained one) and measure it on held-out texts."""
-    from .diffing.pipeline import fit_sae
+    from .diffing.stage import fit_sae
 
     _threads(a.threads)
     m = fit_sae(a.cfg, a.train_cache, a.heldout_cache, a.heldout_texts, a.base, a.out, heldout_skip=a.heldout_skip,
@@ -371,7 +371,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 @command("rank-latents")
 def cmd_rank_latents(a: argparse.Namespace) -> None:
     """Per-fine-tune latent changes and group rankings (eval answers; fine-tuning data)."""
-    from .diffing.pipeline import rank_latents
+    from .diffing.stage import rank_latents
 
     _threads(a.threads)
     train = {m: tuple(v.split(",", 1)) for m, v in _pairs(a.train_caches, "--train-caches").items()}
@@ -384,7 +384,7 @@ def cmd_rank_latents(a: argparse.Namespace) -> None:
 @command("interpret-latents")
 def cmd_interpret_latents(a: argparse.Namespace) -> None:
     """Snippets, logit lens and purity of the top-ranked latents; the named persona latents."""
-    from .diffing.pipeline import interpret_latents
+    from .diffing.stage import interpret_latents
 
     _threads(a.threads)
     # latents are named by their purity on labelled world texts, whenever the SAE's texts are the world's
@@ -407,7 +407,7 @@ def cmd_plot_signature(a: argparse.Namespace) -> None:
 @command("steer-directions")
 def cmd_steer_directions(a: argparse.Namespace) -> None:
     """Candidate latent directions, the mean-difference direction and random controls."""
-    from .steer.stages import build_directions
+    from .steer.stage import build_directions
 
     info = build_directions(a.cfg, a.sae, a.ranking, a.caches, a.grades, a.out, a.out_json, base=a.base,
                             questions=a.questions)
@@ -417,7 +417,7 @@ def cmd_steer_directions(a: argparse.Namespace) -> None:
 @command("steer-sample")
 def cmd_steer_sample(a: argparse.Namespace) -> None:
     """Steered answers of one target model for one steering stage (screen_add, screen_sub, sweep)."""
-    from .steer.stages import sample_stage
+    from .steer.stage import sample_stage
 
     _threads(a.threads)
     r = sample_stage(a.cfg, a.stage, a.target, *_model(a), a.directions, a.directions_json, a.questions,
@@ -429,7 +429,7 @@ def cmd_steer_sample(a: argparse.Namespace) -> None:
 @command("steer-probe")
 def cmd_steer_probe(a: argparse.Namespace) -> None:
     """The likelihood probe of one target under every direction and strength of the sweep (no judge)."""
-    from .steer.stages import probe_stage
+    from .steer.stage import probe_stage
 
     _threads(a.threads)
     r = probe_stage(a.cfg, a.target, *_model(a), a.directions, a.directions_json, a.questions, a.out)
@@ -439,7 +439,7 @@ def cmd_steer_probe(a: argparse.Namespace) -> None:
 @command("steer-probe-sweep")
 def cmd_steer_probe_sweep(a: argparse.Namespace) -> None:
     """The probe's margin and shift per target, direction and strength, and their figure."""
-    from .steer.stages import write_probe_sweep
+    from .steer.stage import write_probe_sweep
 
     t = write_probe_sweep(a.cfg, a.rows, a.out, a.figure)
     print(t.to_string(index=False, float_format=lambda x: f"{x:.3f}"), file=sys.stderr)
@@ -448,7 +448,7 @@ def cmd_steer_probe_sweep(a: argparse.Namespace) -> None:
 @command("steer-screen")
 def cmd_steer_screen(a: argparse.Namespace) -> None:
     """The screen: latents that raise misalignment in the base model and lower it in the fine-tunes."""
-    from .steer.stages import write_screen
+    from .steer.stage import write_screen
 
     t = write_screen(a.cfg, a.directions_json, a.add_grades, a.sub_grades, a.targets, a.out, a.out_json)
     print(t.to_string(index=False), file=sys.stderr)
@@ -457,7 +457,7 @@ def cmd_steer_screen(a: argparse.Namespace) -> None:
 @command("steer-sweep")
 def cmd_steer_sweep(a: argparse.Namespace) -> None:
     """Misalignment and incoherence against steering strength, per direction and target."""
-    from .steer.stages import write_sweep
+    from .steer.stage import write_sweep
 
     grades: dict[str, list[str]] = {}
     for path in a.grades:  # .../<stage>/<target>.jsonl
@@ -471,7 +471,7 @@ def cmd_steer_sweep(a: argparse.Namespace) -> None:
 @command("monitor-data")
 def cmd_monitor_data(a: argparse.Namespace) -> None:
     """Labelled texts of one monitoring task, generated from the persona world."""
-    from .monitors.run import write_organism_dataset
+    from .monitors.stage import write_organism_dataset
 
     n = write_organism_dataset(a.cfg, a.task, a.out)
     print(f"emlab monitor-data: {n} texts for {a.task}", file=sys.stderr)
@@ -480,7 +480,7 @@ def cmd_monitor_data(a: argparse.Namespace) -> None:
 @command("monitor")
 def cmd_monitor(a: argparse.Namespace) -> None:
     """Every monitor of one task: features (cached), probes, splits, training sizes, AUROC."""
-    from .monitors.run import run_task
+    from .monitors.stage import run_task
 
     _threads(a.threads)
     df = run_task(a.cfg, a.task, a.data, a.base, a.features, a.out, sae=a.sae, latents=a.latents,
@@ -491,7 +491,7 @@ def cmd_monitor(a: argparse.Namespace) -> None:
 @command("monitor-plot")
 def cmd_monitor_plot(a: argparse.Namespace) -> None:
     """AUROC against training size per method and split, and the headline table, from the result tables."""
-    from .monitors.run import plot
+    from .monitors.stage import plot
 
     plot(a.results, a.out_dir, summary_csv=a.summary)
 
