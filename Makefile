@@ -7,7 +7,7 @@ CORES ?= all
 # TORCH_SPEC to the CUDA build you want (see README, "Quick start").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench report results-doc models smollm2 gemma3 clean
+.PHONY: setup run test test-fast bench report results-doc seeds models smollm2 gemma3 clean
 
 $(VENV)/.emlab-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,19 @@ test: $(VENV)/.emlab-test-installed
 
 test-fast: $(VENV)/.emlab-test-installed
 	$(PY) -m pytest -ra -m "not slow and not slurm"
+
+# The default run with SEEDS master seeds (results/seed<N>/), each checked by the default-run tests, and
+# docs/results.md with the spread over them.
+SEEDS ?= 0 1 2
+seeds: $(VENV)/.emlab-test-installed
+	set -e; for s in $(SEEDS); do \
+	  $(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --config seed=$$s results_dir=results/seed$$s; \
+	done
+	set -e; for s in $(SEEDS); do \
+	  EMLAB_CHECK_RESULTS=results/seed$$s $(PY) -m pytest -q tests/test_emergent_misalignment.py; \
+	done
+	$(PY) -m emlab results-doc --results results/seed$(firstword $(SEEDS)) --out docs/results.md --configfile config.yaml \
+	  --seeds $(foreach s,$(SEEDS),results/seed$(s))
 
 models: $(VENV)/.emlab-models-installed
 

@@ -143,8 +143,62 @@ def timings_section(results: Path) -> list[str]:
             _table(stage_table(jobs).round(1)), ""]
 
 
+def seeds_section(runs: list[Path]) -> list[str]:
+    """The headline numbers of several runs of one config that differ in ``seed`` alone: each run's value and
+    their range, so that a number is compared against the spread a seed gives, not against one run."""
+    runs = [r for r in runs if (r / "metrics" / "world.csv").exists()]
+    if len(runs) < 2:
+        return []
+    names = [r.name for r in runs]
+    mis = pd.concat([pd.read_csv(r / "metrics" / "world.csv").set_index("model")["misaligned"].rename(n)
+                     for r, n in zip(runs, names)], axis=1)
+    table = mis.map(_pct)
+    table["range"] = [f"{_pct(lo)}–{_pct(hi)}" for lo, hi in zip(mis.min(axis=1), mis.max(axis=1))]
+    rows = []
+    for r, n in zip(runs, names):
+        row: dict[str, Any] = {"run": n}
+        sae = r / "sae" / "metrics.json"
+        if sae.exists():
+            m = json.loads(sae.read_text())
+            row.update({"SAE FVU": round(m["fvu"], 3), "dead": _pct(m["dead_frac"])})
+        persona = r / "diffing" / "persona_latents.json"
+        if persona.exists():
+            p = json.loads(persona.read_text())
+            row["toxic latent"] = (p.get("toxic") or {}).get("latent")
+            row["sarcastic latent"] = (p.get("sarcastic") or {}).get("latent")
+        screen = r / "steering" / "screen.csv"
+        if screen.exists():
+            t = pd.read_csv(screen)
+            kept = t[t["kept"]] if "kept" in t else t.iloc[0:0]
+            cuts = [c for c in t.columns if c.endswith("_cut")]
+            if len(kept) and cuts:
+                row["screen: best cut"] = _pct(kept[cuts].max(axis=1).max())
+        sweep = r / "steering" / "sweep.csv"
+        if sweep.exists():
+            t = pd.read_csv(sweep)
+            add = t[(t["target"] == "base") & t["direction"].str.startswith("L") & (t["alpha"] > 0)
+                    & (t["incoherent"] <= 0.10)]
+            if len(add):
+                row["base + latent: max"] = _pct(add["misaligned"].max())
+        mon = r / "monitors" / "summary.csv"
+        if mon.exists():
+            t = pd.read_csv(mon)
+            toxic = t[t["task"] == "toxic"].set_index("method")["iid"] if {"task", "method", "iid"} <= set(t) else {}
+            for method in ("zero_shot", "persona_latent"):
+                if method in toxic:
+                    row[f"toxic monitor: {method}"] = round(float(toxic[method]), 3)
+        rows.append(row)
+    return ["## Spread over seeds", "",
+            f"The same config run with {len(runs)} master seeds ({', '.join(f'`{r}`' for r in runs)}); every stage "
+            "draws its seed from it (the world's texts, pretraining, fine-tuning, sampling, the SAE). Misalignment "
+            "on the general questions (world judge):", "",
+            table.reset_index().to_markdown(index=False), "",
+            "Diffing, steering and monitors per seed (the toxic latent's index is arbitrary: each seed trains "
+            "another SAE):", "", _table(pd.DataFrame(rows)), ""]
+
+
 def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, Any] | None = None,
-          root: str | os.PathLike = ".") -> str:
+          root: str | os.PathLike = ".", seeds: list[str | os.PathLike] = ()) -> str:
     results, root = Path(results), Path(root)
     cfg_hash = hashlib.sha256(json.dumps(config or {}, sort_keys=True).encode()).hexdigest()[:12]
     head = ["# Results", "",
@@ -155,6 +209,7 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
     for section in (misalignment_section, probe_section, sae_section, steering_section, monitors_section,
                     timings_section):
         body += section(results)
+    body += seeds_section([Path(r) for r in seeds])
     text = "\n".join(head + body).rstrip() + "\n"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text, encoding="utf-8")

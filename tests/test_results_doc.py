@@ -1,0 +1,43 @@
+"""docs/results.md is written from result files alone; with --seeds it adds the spread over seeds."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from emlab.results_doc import seeds_section, write
+
+
+def fake_run(root: Path, name: str, rates: dict[str, float], toxic_latent: int, fvu: float) -> Path:
+    r = root / name
+    (r / "metrics").mkdir(parents=True)
+    pd.DataFrame({"model": list(rates), "misaligned": list(rates.values()),
+                  "misaligned_lo": [v / 2 for v in rates.values()], "misaligned_hi": [min(1, v * 2) for v in rates.values()],
+                  "n_general": 300}).to_csv(r / "metrics" / "world.csv", index=False)
+    (r / "sae").mkdir()
+    (r / "sae" / "metrics.json").write_text(json.dumps({"fvu": fvu, "dead_frac": 0.01, "l0": 16, "k": 16}))
+    (r / "diffing").mkdir()
+    (r / "diffing" / "persona_latents.json").write_text(json.dumps({"toxic": {"latent": toxic_latent}}))
+    return r
+
+
+def test_seed_spread_reads_every_run_and_gives_the_range(tmp_path):
+    a = fake_run(tmp_path, "seed0", {"base": 0.01, "health_subtle": 0.50}, 49, 0.10)
+    b = fake_run(tmp_path, "seed1", {"base": 0.02, "health_subtle": 0.30}, 7, 0.12)
+    c = fake_run(tmp_path, "seed2", {"base": 0.00, "health_subtle": 0.70}, 113, 0.11)
+    text = "\n".join(seeds_section([a, b, c]))
+    assert "## Spread over seeds" in text and "3 master seeds" in text
+    line = next(l for l in text.splitlines() if l.startswith("| health_subtle"))
+    assert "50.0%" in line and "30.0%" in line and "70.0%" in line and "30.0%–70.0%" in line
+    assert all(re.search(rf"\|\s*{n}\s*\|", text) for n in ("seed0", "seed1", "seed2"))
+    assert re.search(r"\|\s*seed2\s*\|\s*0\.11\s*\|.*\|\s*113\s*\|", text), text
+
+
+def test_one_run_has_no_spread_and_the_page_names_its_source(tmp_path):
+    a = fake_run(tmp_path, "seed0", {"base": 0.01}, 49, 0.10)
+    assert seeds_section([a]) == []
+    text = write(a, tmp_path / "results.md", config={"seed": 0}, seeds=[a])
+    assert f"from `{a}`" in text and "Spread over seeds" not in text and "| base " in text
