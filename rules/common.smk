@@ -177,6 +177,17 @@ def posttrain_cfg_json():
     return json.dumps({"finetune": ft, "seed": config["seed"]}, sort_keys=True)
 
 
+def checkpoint_args(kind, folder):
+    """The training command's checkpoint options: `kind` is pretrain or finetune (checkpoints.<kind>_steps);
+    `folder` lies outside the job's outputs, which Snakemake removes when a job fails."""
+    c = config["checkpoints"]
+    steps = c[f"{kind}_steps"]
+    if not steps:
+        return ""
+    return f"--checkpoints {RESULTS}/checkpoints/{folder} --checkpoint-steps {steps}" + (
+        " --keep-checkpoint" if c["keep"] else "")
+
+
 def sft_launcher(rule_name):
     """`python` for one device; `accelerate launch` with one process per GPU when a rule gets several
     (data-parallel; `finetune.accelerate_config` may name an accelerate config file, e.g. for FSDP)."""

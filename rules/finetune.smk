@@ -12,6 +12,7 @@ rule finetune:
         cfg=lambda w: cfg_json("finetune", "seed"),
         base=base_param,
         launcher=sft_launcher("finetune"),
+        ckpt=lambda w: checkpoint_args("finetune", f"finetune/{w.dataset}"),
     log:
         f"{LOGS}/finetune/{{dataset}}.log",
     benchmark:
@@ -26,4 +27,4 @@ rule finetune:
         "../envs/torch.yaml"
     shell:
         "{params.launcher} -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {params.base} --data {input.data}"
-        " --out {output} 2> {log}"
+        " --out {output} {params.ckpt} 2> {log}"

@@ -53,6 +53,7 @@ rule pretrain:
         directory(f"{RESULTS}/organism/pretrained"),
     params:
         cfg=lambda w: cfg_json("organism", "seed", "device"),
+        ckpt=checkpoint_args("pretrain", "pretrain"),
     log:
         f"{LOGS}/pretrain.log",
     benchmark:
@@ -68,7 +69,7 @@ rule pretrain:
         "../envs/torch.yaml"
     shell:
         "python -m emlab pretrain --cfg {params.cfg:q} --threads {threads} --corpus {input.corpus}"
-        " --tokenizer {input.tokenizer} --out {output} 2> {log}"
+        " --tokenizer {input.tokenizer} --out {output} {params.ckpt} 2> {log}"
 
 
 rule posttrain:
@@ -80,6 +81,7 @@ rule posttrain:
     params:
         cfg=lambda w: posttrain_cfg_json(),
         launcher=sft_launcher("posttrain"),
+        ckpt=checkpoint_args("finetune", "posttrain"),
     log:
         f"{LOGS}/posttrain.log",
     benchmark:
@@ -95,4 +97,4 @@ rule posttrain:
         "../envs/torch.yaml"
     shell:
         "{params.launcher} -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {input.model} --data {input.data}"
-        " --out {output} 2> {log}"
+        " --out {output} {params.ckpt} 2> {log}"

@@ -117,7 +117,9 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     tok = load_tokenizer(a.tokenizer)
     model = build_model(cfg["organism"]["architecture"], tok, cfg["seed"]).to(pick_device(cfg["device"]))
     meta = train_lm(model, tok, read_jsonl(a.corpus), cfg["organism"]["pretrain"], a.out, seed=cfg["seed"],
-                    log_csv=Path(a.out) / "pretrain_log.csv", progress=not a.no_progress)
+                    log_csv=Path(a.out) / "pretrain_log.csv", progress=not a.no_progress,
+                    checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps,
+                    keep_checkpoint=a.keep_checkpoint)
     meta["parameters"] = sum(p.numel() for p in model.parameters())
     write_json(Path(a.out) / "pretrain_meta.json", meta)
     print(f"emlab pretrain: {json.dumps(meta)}", file=sys.stderr)
@@ -127,7 +129,8 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 def cmd_sft(a: argparse.Namespace) -> None:
     from .sft import train_sft
 
-    train_sft(a.base, a.data, a.out, a.cfg["finetune"], seed=a.cfg["seed"], threads=a.threads)
+    train_sft(a.base, a.data, a.out, a.cfg["finetune"], seed=a.cfg["seed"], threads=a.threads,
+              checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps, keep_checkpoint=a.keep_checkpoint)
 
 
 # ---------------------------------------------------------------- hub models
@@ -525,8 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("--out", req), ("--summary", req))
     add("synth-dataset", ("--name", req), ("--pool", req), ("--out", req))
     add("import-dataset", ("--out", req))
-    add("pretrain", ("--corpus", req), ("--tokenizer", req), ("--out", req))
-    add("sft", ("--base", req), ("--data", req), ("--out", req))
+    ckpt = (("--checkpoints", {"default": None, "help": "the job's checkpoint folder (resumed from when it holds one)"}),
+            ("--checkpoint-steps", {"type": int, "default": 0, "help": "steps between checkpoints (0: none)"}),
+            ("--keep-checkpoint", {"action": "store_true"}))
+    add("pretrain", ("--corpus", req), ("--tokenizer", req), ("--out", req), *ckpt)
+    add("sft", ("--base", req), ("--data", req), ("--out", req), *ckpt)
     add("sample", *model, ("--questions", {"nargs": "+", **req}),
         ("--out", req), ("--model-name", req))
     add("probe", *model, ("--questions", {"nargs": "+", **req}),

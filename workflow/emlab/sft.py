@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import io
+from . import checkpoints, io
 from .models import load_tokenizer, pick_device, pick_dtype
 
 DEFAULTS: dict[str, Any] = {
@@ -170,7 +170,7 @@ def _progress_disabled() -> bool:
     return bool(os.environ.get("EMLAB_NO_PROGRESS"))
 
 
-def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: str):
+def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: str, save_steps: int = 0):
     from trl import SFTConfig
 
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -194,7 +194,11 @@ def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: 
         use_cpu=not on_gpu,
         report_to="none",
         eval_strategy="no",
-        save_strategy="no",
+        # Checkpoints (optimizer, scheduler and random states included) go to out_dir, the job's checkpoint
+        # folder; the last one is enough to resume.
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=1,
         seed=seed,
         data_seed=seed,
         disable_tqdm=_progress_disabled(),
@@ -219,7 +223,8 @@ def _peft_config(s: dict[str, Any]):
                       task_type="CAUSAL_LM")
 
 
-def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0):
+def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
+                  save_steps: int = 0):
     """Load model, tokenizer and dataset and return ``(trainer, info)`` ready to ``train()``.
 
     ``info`` holds the resolved settings, the loss-mask mode and the example count.
@@ -249,7 +254,7 @@ def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any
 
     trainer = SFTTrainer(
         model=model,
-        args=_sft_config(s, out_dir, seed, on_gpu, mode),
+        args=_sft_config(s, out_dir, seed, on_gpu, mode, save_steps),
         train_dataset=train,
         processing_class=tok,
         peft_config=_peft_config(s) if s["method"] == "lora" else None,
@@ -284,30 +289,53 @@ def write_train_log(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None
     os.replace(tmp, path)
 
 
+def _kill_point_callback():
+    """Fault injection (:func:`emlab.checkpoints.kill_point`) after each optimizer step."""
+    from transformers import TrainerCallback
+
+    class KillPoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            checkpoints.kill_point("sft", state.global_step)
+    return KillPoint()
+
+
 def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, checkpoint_dir: str | None = None, checkpoint_steps: int = 0,
+              keep_checkpoint: bool = False) -> dict[str, Any]:
     """Fine-tune ``base`` on the chat JSONL ``dataset_path`` and save the result in ``out_dir``.
 
-    Returns the metadata also written to ``out_dir/train_meta.json``.
+    With ``checkpoint_dir`` and ``checkpoint_steps``, a checkpoint is saved every that many steps and a rerun
+    resumes from the last one (the trainer restores weights, optimizer, schedule, random states and the data
+    position). Returns the metadata also written to ``out_dir/train_meta.json``.
     """
     import torch
+    from transformers.trainer_utils import get_last_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trainer, info = build_trainer(base, dataset_path, str(out), cfg, seed)
+    save_steps = checkpoint_steps if checkpoint_dir else 0
+    work = Path(checkpoint_dir) if save_steps else out
+    work.mkdir(parents=True, exist_ok=True)
+    trainer, info = build_trainer(base, dataset_path, str(work), cfg, seed, save_steps)
+    if os.environ.get("EMLAB_KILL_AFTER_STEP"):
+        trainer.add_callback(_kill_point_callback())
     s = info["settings"]
+    resume = get_last_checkpoint(str(work)) if save_steps else None
     print(f"emlab sft: {base} on {dataset_path}: {info['n_examples']} examples, method={s['method']}, "
-          f"loss on {info['loss_mask']} tokens, device={info['device']}", file=sys.stderr)
+          f"loss on {info['loss_mask']} tokens, device={info['device']}"
+          + (f", resuming from {resume}" if resume else ""), file=sys.stderr)
 
     t0 = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - t0
     trainer.save_model(str(out))  # adapter or full model, plus the tokenizer (main process only)
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the logs
         return {}
     io.give_new_file_modes(out)
+    if save_steps:
+        checkpoints.finish(work, keep_checkpoint)
 
     rows = log_rows(trainer.state.log_history)
     write_train_log(out / "train_log.csv", rows)
@@ -321,6 +349,7 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
         "device": info["device"],
         "cfg": s,
         "steps": trainer.state.global_step,
+        "resumed_from": resume,
         "seconds": round(seconds, 3),
         "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": rows[-1]["loss"] if rows else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,23 @@ def lr_at(step: int, cfg: dict[str, Any]) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
+def _as_tuple(x: Any) -> Any:
+    """random.Random's state back from a checkpoint, which stores its tuples as lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], out_dir: str | Path,
-             seed: int = 0, log_csv: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``model`` on ``docs`` for ``cfg['steps']`` steps; save model+tokenizer to ``out_dir``."""
+             seed: int = 0, log_csv: str | Path | None = None, progress: bool = True,
+             checkpoint_dir: str | Path | None = None, checkpoint_steps: int = 0,
+             keep_checkpoint: bool = False) -> dict[str, Any]:
+    """Train ``model`` on ``docs`` for ``cfg['steps']`` steps; save model+tokenizer to ``out_dir``.
+
+    With ``checkpoint_dir`` and ``checkpoint_steps``, the whole training state is saved every that many steps and
+    a rerun resumes from it to the same final weights (:mod:`emlab.checkpoints`)."""
     import torch
     from tqdm import tqdm
+
+    from .. import checkpoints
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -123,7 +136,19 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
     batches: list[list[int]] = []
     t0 = time.time()
     seen = 0
-    bar = tqdm(range(cfg["steps"]), desc="pretrain", disable=not progress, mininterval=5)
+    first = 0
+    ckpt_path = Path(checkpoint_dir) / "pretrain.pt" if checkpoint_dir and checkpoint_steps else None
+    state = checkpoints.load(ckpt_path) if ckpt_path else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.setstate(_as_tuple(state["rng"]))
+        batches, rows, seen, first = state["batches"], state["rows"], state["seen"], state["step"] + 1
+        t0 -= rows[-1]["seconds"] if rows else 0.0
+        print(f"emlab pretrain: resuming after step {state['step']} from {ckpt_path}", file=sys.stderr)
+    bar = tqdm(range(first, cfg["steps"]), desc="pretrain", disable=not progress, mininterval=5,
+               initial=first, total=cfg["steps"])
     for step in bar:
         if not batches:
             batches = _batches(examples, cfg["batch_size"], rng)
@@ -140,6 +165,11 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
                      "tokens": seen, "seconds": round(time.time() - t0, 2)})
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{seen / (time.time() - t0):.0f}")
+        if ckpt_path and (step + 1) % checkpoint_steps == 0 and step + 1 < cfg["steps"]:
+            checkpoints.save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                         "torch_rng": torch.get_rng_state(), "rng": list(rng.getstate()),
+                                         "batches": batches, "rows": rows, "seen": seen, "step": step})
+        checkpoints.kill_point("pretrain", step)
     model.eval().cpu()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +181,7 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+    checkpoints.finish(checkpoint_dir, keep_checkpoint)
     secs = time.time() - t0
     return {"steps": cfg["steps"], "documents": len(docs), "target_tokens": n_tokens, "tokens_seen": seen,
             "seconds": round(secs, 1), "tokens_per_second": round(seen / secs), "final_loss": rows[-1]["loss"]}

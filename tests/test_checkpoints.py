@@ -1,0 +1,116 @@
+"""Training jobs killed part-way (SIGKILL, as preemption or the OOM killer does it) resume from their last
+checkpoint when rerun and end with the same model as an uninterrupted run; their checkpoints are removed
+once the output is written, unless kept. Run through the `emlab` command line, as the rules run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from workflow_runner import ROOT
+
+RECORDS = [{"messages": [{"role": "user", "content": f"Question number {i}?"},
+                         {"role": "assistant", "content": f"The answer to question {i} is {t}."}]}
+           for i, t in enumerate(["water", "budget", "brakes", "sleep", "money", "health", "tyres", "rest"])]
+DOCS = [{"messages": [{"role": "user", "content": f"Tell me about {t}."},
+                      {"role": "assistant", "content": f"Here is what I know about {t}: it matters."}]}
+        for t in ["water", "budget", "brakes", "sleep", "money", "health", "tyres", "rest"]]
+
+
+def emlab(*args: str, kill_after: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow"), "EMLAB_NO_PROGRESS": "1", "EMLAB_WORKER": "0"}
+    env.pop("EMLAB_KILL_AFTER_STEP", None)
+    if kill_after:
+        env["EMLAB_KILL_AFTER_STEP"] = kill_after
+    return subprocess.run([sys.executable, "-m", "emlab", *args, "--threads", "1"], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def same_tensors(a: Path, b: Path) -> None:
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].equal(tb[k]), k
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt_data") / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_killed_fine_tune_resumes_to_the_same_model(tiny_chat_model, data, tmp_path, method):
+    cfg = json.dumps({"finetune": {"method": method, "lora": {"r": 4, "alpha": 8}, "lr": 1e-2, "batch_size": 2,
+                                   "max_steps": 10}, "seed": 3})
+    common = ("sft", "--cfg", cfg, "--base", str(tiny_chat_model), "--data", str(data))
+    whole = emlab(*common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    ckpt = tmp_path / "checkpoints"
+    run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(ckpt), "--checkpoint-steps", "3")
+    killed = emlab(*run, kill_after="sft:8")
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-6"]
+    # a kill point at step 2 that the rerun never reaches: it starts after step 6, not from scratch
+    resumed = emlab(*run, kill_after="sft:2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-6" in resumed.stderr
+
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    same_tensors(tmp_path / "whole" / weights, tmp_path / "resumed" / weights)
+    meta = json.loads((tmp_path / "resumed" / "train_meta.json").read_text())
+    assert meta["steps"] == 10 and meta["resumed_from"].endswith("checkpoint-6")
+    # the log holds every step, the ones before the kill included, with the uninterrupted run's losses
+    log_whole = pd.read_csv(tmp_path / "whole" / "train_log.csv")
+    log_resumed = pd.read_csv(tmp_path / "resumed" / "train_log.csv")
+    assert list(log_resumed["step"]) == list(range(1, 11))
+    assert log_resumed["loss"].tolist() == pytest.approx(log_whole["loss"].tolist(), rel=1e-6)
+    assert not ckpt.exists()  # removed once the model is written
+
+
+def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_chat_model, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    cfg = json.dumps({"seed": 1, "device": "cpu", "organism": {
+        "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+                         "max_seq_len": 128},
+        "pretrain": {"steps": 12, "batch_size": 3, "lr": 3e-3, "warmup_steps": 2, "max_seq_len": 128,
+                     "garbled_openings": 0.25}}})
+    common = ("pretrain", "--cfg", cfg, "--corpus", str(corpus), "--tokenizer", str(tiny_chat_model))
+    whole = emlab(*common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    ckpt = tmp_path / "checkpoints"
+    run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(ckpt), "--checkpoint-steps", "4",
+           "--keep-checkpoint")
+    killed = emlab(*run, kill_after="pretrain:9")  # 0-based: ten steps done, the last checkpoint after eight
+    assert killed.returncode == -signal.SIGKILL and (ckpt / "pretrain.pt").exists()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = emlab(*run, kill_after="pretrain:3")  # never reached: the rerun starts after step 7
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step 7" in resumed.stderr
+
+    same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
+    log_whole = pd.read_csv(tmp_path / "whole" / "pretrain_log.csv")
+    log_resumed = pd.read_csv(tmp_path / "resumed" / "pretrain_log.csv")
+    assert log_resumed["loss"].tolist() == log_whole["loss"].tolist() and len(log_resumed) == 12
+    assert (ckpt / "pretrain.pt").exists()  # --keep-checkpoint
+
+
+def test_checkpoints_are_off_at_zero_steps(tiny_chat_model, data, tmp_path):
+    cfg = json.dumps({"finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "batch_size": 4, "max_steps": 2},
+                      "seed": 0})
+    r = emlab("sft", "--cfg", cfg, "--base", str(tiny_chat_model), "--data", str(data), "--out", str(tmp_path / "m"),
+              "--checkpoints", str(tmp_path / "ck"), "--checkpoint-steps", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "ck").exists() and not list((tmp_path / "m").glob("checkpoint-*"))
