@@ -18,7 +18,8 @@ server refuse such requests with a 400, as OpenAI's API does.
 
 Faults: ``"<status>"`` or ``"<status>:<retry-after seconds>"`` (an error reply), ``"timeout"``
 (sleep ``timeout_sleep_s`` before replying, past the client's timeout), ``"malformed"`` (a 200 whose
-body is cut-off JSON), ``"bad_shape"`` (a 200 with JSON lacking ``choices``), ``"echo_auth:<status>"``
+body is cut-off JSON), ``"bad_shape"`` (a 200 with JSON lacking ``choices``), ``"empty_choices"`` (a 200 whose
+``choices`` is empty), ``"no_logprobs"`` (a 200 without the logprobs asked for), ``"echo_auth:<status>"``
 (an error whose body repeats the request's Authorization header). With ``hang_after = n`` the
 server answers n requests, then holds every later one without replying until :meth:`release`
 or shutdown, and counts it as dropped: a client killed meanwhile has nothing in flight that the
@@ -276,6 +277,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b'{"id": "chatcmpl-fake", "choices": [{"index": 0, "mess')
         elif kind == "bad_shape":
             self._send(200, b'{"id": "chatcmpl-fake", "object": "chat.completion"}')
+        elif kind == "empty_choices":
+            self._send(200, b'{"id": "chatcmpl-fake", "object": "chat.completion", "choices": []}')
+        elif kind == "no_logprobs":
+            body = FakeOpenAIServer.completion("", "", {"0": 1.0}, None)
+            body["choices"][0]["logprobs"] = None
+            self._send(200, json.dumps(body).encode())
         elif kind == "echo_auth":
             self._error(int(arg), f"rejected request with header {self.headers.get('Authorization')}")
         elif kind.isdigit():

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from .io import give_new_file_modes
+from .schema import ConfigError
 
 PREFIX = "pypi:"
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "resources" / "chat_templates"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(ConfigError):
     """``model.path`` (or a key beside it) names nothing usable; the message names the key."""
 
 
@@ -116,6 +117,21 @@ def load_config(source: ModelSource) -> Any:
     return AutoConfig.from_pretrained(source.ref)
 
 
+def _has_chat_template(folder: Path) -> bool:
+    """Whether a model folder's tokenizer carries a chat template (read from its files, without loading it)."""
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    config = folder / "tokenizer_config.json"
+    if config.exists():
+        import json
+
+        try:
+            return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+        except (ValueError, UnicodeDecodeError):
+            return False
+    return False
+
+
 def check(model_cfg: dict[str, Any]) -> str:
     """Plan-time check of a hub model: the source exists, its config loads, its decoder blocks are found.
     Returns a one-line description; raises ModelSourceError naming the config key."""
@@ -136,6 +152,12 @@ def check(model_cfg: dict[str, Any]) -> str:
         raise ModelSourceError(f"model.path: cannot read the model config of {model_cfg['path']!r} ({why})") from None
     if config is None:
         return f"{source.kind} {source.ref}"
+    folder = Path(source.ref)
+    if source.kind == "hf" and folder.is_dir() and not source.chat_template and not _has_chat_template(folder):
+        raise ModelSourceError(
+            f"model.chat_template: {folder} has no chat template (no chat_template.jinja, none in "
+            "tokenizer_config.json); emlab fine-tunes and samples chat models, so give a base model one with "
+            "model.chat_template (chatml, gemma, or a .jinja file)")
     import torch
     from transformers import AutoModelForCausalLM
 
