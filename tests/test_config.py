@@ -28,6 +28,20 @@ def test_default_config_validates_and_fills_defaults(monkeypatch):
     assert cfg["judges"][0]["fuzzy_threshold"] == 0.8
 
 
+def test_the_paper_config_is_the_default_run_at_full_size(monkeypatch):
+    """configs/organism-paper.yaml goes on top of config.yaml (--configfile config.yaml configs/organism-paper.yaml)."""
+    from emlab.cli import _merge
+
+    monkeypatch.chdir(ROOT)
+    paper = validate(_merge(default_config(), yaml.safe_load((ROOT / "configs/organism-paper.yaml").read_text())))
+    plan = make_plan(paper)
+    assert paper["model"]["source"] == "organism" and paper["results_dir"] == "results/organism-paper"
+    assert len(paper["datasets"]["domains"]) == 6 and paper["datasets"]["n_train"] == 800
+    assert paper["steer"]["screen"]["subtract_alpha"] == 1  # config.yaml's value is kept
+    mixtures = [d for d in plan.datasets if "_mix" in d]
+    assert len(mixtures) == 15 and len(plan.datasets) == 6 * 3 + 15
+
+
 def test_empty_config_gets_complete_defaults(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = validate({})

@@ -28,6 +28,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # the paper's recipe on a GPU cluster (hub ids, an OpenAI judge) and the two CPU runs on models from PyPI
 CLUSTER = ["gemma-2-9b-it.yaml", "llama-3.1-8b-instruct.yaml", "qwen2.5-0.5b-instruct.yaml", "qwen2.5-7b-instruct.yaml"]
 LOCAL = ["gemma3-270m.yaml", "smollm2-135m-instruct.yaml"]
+ORGANISM = ["organism-paper.yaml"]  # the organism at the papers' scale (tests/test_config.py)
 SMOKE = "configs/qwen2.5-0.5b-instruct.yaml"
 
 
@@ -52,7 +53,7 @@ def hub_workflow(dest: Path) -> Path:
 
 
 def test_there_are_the_real_model_configs():
-    assert [p.name for p in CONFIGS] == sorted(CLUSTER + LOCAL)
+    assert [p.name for p in CONFIGS] == sorted(CLUSTER + LOCAL + ORGANISM)
 
 
 @pytest.mark.parametrize("path", [ROOT / "configs" / c for c in LOCAL], ids=lambda p: p.stem)
