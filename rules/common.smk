@@ -178,7 +178,7 @@ def posttrain_cfg_json():
 
 
 def checkpoint_args(kind, folder):
-    """The training command's checkpoint options: `kind` is pretrain or finetune (checkpoints.<kind>_steps);
+    """The training command's checkpoint options: `kind` is pretrain, finetune or sae (checkpoints.<kind>_steps);
     `folder` lies outside the job's outputs, which Snakemake removes when a job fails."""
     c = config["checkpoints"]
     steps = c[f"{kind}_steps"]

@@ -47,6 +47,7 @@ rule sae:
         base=base_param,
         train=lambda w, input: f"--train-cache {input.train}" if input.train else "",  # none: sae.pretrained
         skip=HELDOUT_SKIP,
+        ckpt=checkpoint_args("sae", "sae"),
     log:
         f"{LOGS}/sae.log",
     benchmark:
@@ -61,7 +62,8 @@ rule sae:
         "../envs/torch.yaml"
     shell:
         "python -m emlab sae --cfg {params.cfg:q} --threads {threads} --base {params.base} {params.train}"
-        " --heldout-cache {input.heldout} --heldout-texts {input.texts} --heldout-skip {params.skip} --out {output} 2> {log}"
+        " --heldout-cache {input.heldout} --heldout-texts {input.texts} --heldout-skip {params.skip} --out {output}"
+        " {params.ckpt} 2> {log}"
 
 
 rule activations_base:

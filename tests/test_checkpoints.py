@@ -114,3 +114,44 @@ def test_checkpoints_are_off_at_zero_steps(tiny_chat_model, data, tmp_path):
               "--checkpoints", str(tmp_path / "ck"), "--checkpoint-steps", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (tmp_path / "ck").exists() and not list((tmp_path / "m").glob("checkpoint-*"))
+
+
+SAE_SCRIPT = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from emlab.sae import SAETrainConfig, train_sae
+acts = load_file(sys.argv[1])["acts"]
+cfg = SAETrainConfig(k=4, n_latents=64, batch_tokens=64, epochs=2, lr=3e-3, seed=5, device="cpu",
+                     dead_tokens_threshold=500)
+sae = train_sae(acts, cfg, progress=False, log_path=sys.argv[3], checkpoint_dir=sys.argv[4] or None,
+                checkpoint_steps=int(sys.argv[5]))
+save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, sys.argv[2])
+"""
+
+
+def test_a_killed_sae_fit_resumes_to_the_same_sae(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"acts": torch.randn(4000, 16, generator=g) @ torch.randn(16, 16, generator=g)}, tmp_path / "acts.st")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow"), "EMLAB_NO_PROGRESS": "1"}
+    env.pop("EMLAB_KILL_AFTER_STEP", None)
+
+    def fit(name: str, ckpt: str = "", steps: int = 0, kill: str | None = None) -> subprocess.CompletedProcess:
+        e = {**env, "EMLAB_KILL_AFTER_STEP": kill} if kill else env
+        return subprocess.run([sys.executable, "-c", SAE_SCRIPT, str(tmp_path / "acts.st"), str(tmp_path / f"{name}.st"),
+                               str(tmp_path / f"{name}.csv"), ckpt, str(steps)], env=e, capture_output=True, text=True,
+                              timeout=600)
+
+    whole = fit("whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ckpt = str(tmp_path / "ckpt")
+    killed = fit("resumed", ckpt, 40, kill="sae:100")  # 125 steps; the last checkpoint after step 79
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "ckpt" / "sae.pt").exists()
+    resumed = fit("resumed", ckpt, 40, kill="sae:20")  # a kill point the rerun never reaches
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step 79" in resumed.stderr
+    same_tensors(tmp_path / "whole.st", tmp_path / "resumed.st")
+    log_whole, log_resumed = pd.read_csv(tmp_path / "whole.csv"), pd.read_csv(tmp_path / "resumed.csv")
+    assert len(log_whole) == 125 and log_resumed.equals(log_whole)

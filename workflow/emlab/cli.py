@@ -357,7 +357,8 @@ def cmd_sae(a: argparse.Namespace) -> None:
 
     _threads(a.threads)
     m = fit_sae(a.cfg, a.train_cache, a.heldout_cache, a.heldout_texts, a.base, a.out, heldout_skip=a.heldout_skip,
-                progress=not a.no_progress)
+                progress=not a.no_progress, checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps,
+                keep_checkpoint=a.keep_checkpoint)
     print(f"emlab sae: {json.dumps(m)}", file=sys.stderr)
 
 
@@ -555,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--dataset", {"default": None}), ("--out-eval", req), ("--out-train", {"default": None}),
         ("--out-train-base", {"default": None}))
     add("sae", ("--train-cache", {"default": None}), ("--heldout-cache", req), ("--heldout-texts", req),
-        ("--heldout-skip", {"type": int, "default": 0}), ("--base", req), ("--out", req))
+        ("--heldout-skip", {"type": int, "default": 0}), ("--base", req), ("--out", req), *ckpt)
     add("rank-latents", ("--sae", req), ("--eval-caches", {"nargs": "+", **req}),
         ("--train-caches", {"nargs": "*", "default": []}), ("--out-dir", req))
     add("interpret-latents", ("--sae", req), ("--heldout-cache", req), ("--heldout-texts", req), ("--base", req),

@@ -73,7 +73,8 @@ def cache_model(base: str, adapter: str | None, model_name: str, samples: str, d
 
 
 def fit_sae(cfg: Mapping[str, Any], train_cache: str | None, heldout_cache: str, heldout_texts: str, base: str,
-            out: str, *, heldout_skip: int = 0, progress: bool = True) -> dict[str, Any]:
+            out: str, *, heldout_skip: int = 0, progress: bool = True, checkpoint_dir: str | None = None,
+            checkpoint_steps: int = 0, keep_checkpoint: bool = False) -> dict[str, Any]:
     """Fit the TopK SAE on the corpus cache (or load ``sae.pretrained``), save it in SAELens format and
     measure it on held-out texts: FVU, L0, dead fraction and CE loss recovered. A fitted SAE's training
     curve (one row per step: :data:`emlab.sae.train.LOG_COLUMNS`) goes to ``train_log.csv`` beside it."""
@@ -91,7 +92,8 @@ def fit_sae(cfg: Mapping[str, Any], train_cache: str | None, heldout_cache: str,
     else:
         tcfg = SAETrainConfig.from_dict({"seed": cfg["seed"], "device": cfg["device"], **s["train"]}, where="sae.train")
         acts, _ = load_activations(train_cache, layer)
-        sae = train_sae(acts, tcfg, progress=progress, log_path=Path(out) / "train_log.csv")
+        sae = train_sae(acts, tcfg, progress=progress, log_path=Path(out) / "train_log.csv",
+                        checkpoint_dir=checkpoint_dir, checkpoint_steps=checkpoint_steps)
         source = {"fitted_on": str(train_cache), "n_tokens": len(acts), "train": s["train"]}
     sae.meta.update({"model_name": str(base), "hook_name": f"layer_{layer}", "hook_layer": layer})
     if sae.d_in != acts_dim(heldout_cache):
@@ -122,6 +124,9 @@ def fit_sae(cfg: Mapping[str, Any], train_cache: str | None, heldout_cache: str,
     metrics.update({"k": sae.k, "d_sae": sae.d_sae, "d_in": sae.d_in, "layer": layer, **source})
     save_sae(sae.cpu(), out)
     write_json(Path(out) / "metrics.json", metrics)
+    from ..checkpoints import finish
+
+    finish(checkpoint_dir, keep_checkpoint)
     return metrics
 
 

@@ -35,6 +35,7 @@ import contextlib
 import csv
 import math
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -93,16 +94,20 @@ LOG_EVERY = 50  # steps whose log rows are read back from the device together
 
 def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainConfig, *,
               n_tokens: int | None = None, log_path: str | os.PathLike | None = None,
-              progress: bool = True, meta: Mapping[str, Any] | None = None) -> TopKSAE:
+              progress: bool = True, meta: Mapping[str, Any] | None = None,
+              checkpoint_dir: str | os.PathLike | None = None, checkpoint_steps: int = 0) -> TopKSAE:
     """Train a TopK SAE on activations ``[tokens, d_in]`` (a tensor or shards of them).
 
     ``n_tokens`` is the size of a streamed source (only needed for iterables without a length,
     when ``cfg.train_tokens`` is not set). ``log_path`` gets one CSV row per step
     (:data:`LOG_COLUMNS`). The returned SAE is on the CPU, takes raw activations, and carries
-    ``meta`` plus the training settings in ``sae.meta``.
+    ``meta`` plus the training settings in ``sae.meta``. With ``checkpoint_dir`` and ``checkpoint_steps``
+    the training state is saved every that many steps and a rerun resumes from it to the same SAE
+    (:mod:`emlab.checkpoints`; the caller removes the folder once the SAE is saved).
     """
     from tqdm.auto import tqdm
 
+    from emlab import checkpoints
     from emlab.models import pick_device
 
     cfg.validate()
@@ -151,19 +156,35 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
     # Graphed steps read the current dead mask on the device; only the choice between the graphs with and
     # without an AuxK term waits for the log read-back.
     dead_refresh = 1 if device.type == "cpu" else LOG_EVERY
+    ckpt_path = Path(checkpoint_dir) / "sae.pt" if checkpoint_dir and checkpoint_steps else None
+    batches_rng = generator.get_state()  # where the batch order starts: a resumed run replays it to its step
+    resume = checkpoints.load(ckpt_path) if ckpt_path else None
+    first_step = 0
+    written: list[list[Any]] = []  # the log's rows so far (a checkpoint carries them: the log sits in the output)
+    if resume is not None:
+        sae.load_state_dict(resume["sae"])
+        opt.load_state_dict(resume["optimizer"])
+        state.since_fired.copy_(resume["since_fired"].to(device))
+        state.dead.copy_(resume["dead"].to(device))
+        batches_rng, written, first_step = resume["batches_rng"], resume["log"], resume["step"] + 1
+        print(f"emlab sae: resuming after step {resume['step']} from {ckpt_path}", file=sys.stderr)
     log_file = writer = None
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log_file = open(log_path, "w", newline="")
         writer = csv.writer(log_file)
         writer.writerow(LOG_COLUMNS)
-    bar = tqdm(total=steps, desc="sae", unit="step", disable=not progress, mininterval=1.0)
+        writer.writerows(written)
+    bar = tqdm(total=steps, initial=first_step, desc="sae", unit="step", disable=not progress, mininterval=1.0)
+    generator.set_state(batches_rng)
     batches = shards.batches(cfg.batch_tokens, generator, device)
+    for _ in range(first_step):  # the batches the checkpoint's steps took, in the same order
+        next(batches, None)
+    any_dead = bool(state.dead.any()) if resume is not None else False
     # Per-step numbers stay on the device and reach the host LOG_EVERY steps at a time: a GPU step
     # is a few milliseconds of kernels, and reading a value back each step would stall it each time.
     log_rows = torch.empty(LOG_EVERY, len(LOG_COLUMNS) - 3, device=device)
     pending: list[tuple[int, float]] = []
-    any_dead = False
 
     def flush() -> None:
         nonlocal any_dead
@@ -171,17 +192,19 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
             return
         values = log_rows[:len(pending)].tolist()
         for (step, step_lr), (loss, fvu, aux, l0, dead_frac) in zip(pending, values):
+            row = [step, (step + 1) * cfg.batch_tokens] + [f"{v:.6g}" for v in (step_lr, loss, fvu, aux, l0, dead_frac)]
+            written.append(row)
             if writer is not None:
-                writer.writerow([step, (step + 1) * cfg.batch_tokens] +
-                                [f"{v:.6g}" for v in (step_lr, loss, fvu, aux, l0, dead_frac)])
+                writer.writerow(row)
         any_dead = values[-1][4] > 0
         bar.set_postfix(fvu=f"{values[-1][1]:.4f}", l0=f"{values[-1][3]:.1f}", dead=f"{values[-1][4]:.3f}",
                         refresh=False)
         pending.clear()
 
     try:
+        dead_idx = state.dead.nonzero().squeeze(1)
         with _tf32_matmuls(device, cfg.tf32):
-            for step in range(steps):
+            for step in range(first_step, steps):
                 batch = next(batches, None)
                 if batch is None:
                     raise ValueError(f"activation shards ran out after {step * cfg.batch_tokens} tokens; "
@@ -201,8 +224,14 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
                     opt.zero_grad(set_to_none=True)
                 log_rows[len(pending)].copy_(row)
                 pending.append((step, step_lr))
-                if len(pending) == LOG_EVERY or step == steps - 1:
+                save = ckpt_path is not None and (step + 1) % checkpoint_steps == 0 and step < steps - 1
+                if len(pending) == LOG_EVERY or step == steps - 1 or save:
                     flush()
+                if save:
+                    checkpoints.save(ckpt_path, {
+                        "sae": sae.state_dict(), "optimizer": opt.state_dict(), "since_fired": state.since_fired,
+                        "dead": state.dead, "batches_rng": batches_rng, "log": written, "step": step})
+                checkpoints.kill_point("sae", step)
                 bar.update(1)
     finally:
         flush()
