@@ -99,6 +99,30 @@ def res(rule_name, key):
     return r["rules"].get(rule_name, {}).get(key, r["default"][key])
 
 
+# The rules that can use a GPU: they alone ask for `gpu` and `cpus_per_gpu`.
+GPU_RULES = {"pretrain", "posttrain", "finetune", "sample", "likelihood_probe", "judge", "judge_steering",
+             "activations_corpus", "activations_base", "activations_finetune", "sae", "monitor", "steer_sample",
+             "steer_probe"}
+
+
+def rule_resources(rule_name, **job):
+    """A rule's `resources:` (memory, run time and, for GPU_RULES, GPUs) from the config's `resources` section,
+    which the schema validates (a misspelt rule or key fails there, where Snakemake's --set-resources ignores
+    it) and which travels with a model's config; --set-resources still overrides any of them for one run.
+    `job` adds resources that depend on the job itself (the API slots and GPUs of a judge's backend)."""
+    keys = ["mem_mb", "runtime"] + (["gpu", "cpus_per_gpu"] if rule_name in GPU_RULES else [])
+    return {**{k: res(rule_name, k) for k in keys}, **job}
+
+
+def judge_job_resources(rule_name):
+    """An API-bound judge job holds at least one of the profile's `api_slots` (the global cap on concurrent API
+    jobs; config can make it hold more); only a local-model (hf) judge's job gets the rule's GPUs."""
+    return rule_resources(
+        rule_name,
+        api_slots=lambda w: max(1, res(rule_name, "api_slots")) if JUDGES[w.judge]["backend"] == "openai" else 0,
+        gpu=lambda w: res(rule_name, "gpu") if JUDGES[w.judge]["backend"] == "hf" else 0)
+
+
 # A hub model is checked now, before any job: its source exists and its decoder blocks are found (on the meta
 # device, from its config). A GGUF file or a model given a chat template is converted once into results/models/base.
 if ORGANISM:

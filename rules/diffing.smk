@@ -22,11 +22,7 @@ rule activations_corpus:
     benchmark:
         f"{RESULTS}/benchmarks/activations/corpus_{{split}}.tsv"
     threads: res("activations_corpus", "threads")
-    resources:
-        mem_mb=res("activations_corpus", "mem_mb"),
-        runtime=res("activations_corpus", "runtime"),
-        gpu=res("activations_corpus", "gpu"),
-        cpus_per_gpu=res("activations_corpus", "cpus_per_gpu"),
+    resources: **rule_resources("activations_corpus")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -53,11 +49,7 @@ rule sae:
     benchmark:
         f"{RESULTS}/benchmarks/sae/sae.tsv"
     threads: res("sae", "threads")
-    resources:
-        mem_mb=res("sae", "mem_mb"),
-        runtime=res("sae", "runtime"),
-        gpu=res("sae", "gpu"),
-        cpus_per_gpu=res("sae", "cpus_per_gpu"),
+    resources: **rule_resources("sae")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -80,11 +72,7 @@ rule activations_base:
     benchmark:
         f"{RESULTS}/benchmarks/activations/base.tsv"
     threads: res("activations_base", "threads")
-    resources:
-        mem_mb=res("activations_base", "mem_mb"),
-        runtime=res("activations_base", "runtime"),
-        gpu=res("activations_base", "gpu"),
-        cpus_per_gpu=res("activations_base", "cpus_per_gpu"),
+    resources: **rule_resources("activations_base")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -109,11 +97,7 @@ rule activations_finetune:
     benchmark:
         f"{RESULTS}/benchmarks/activations/{{dataset}}.tsv"
     threads: res("activations_finetune", "threads")
-    resources:
-        mem_mb=res("activations_finetune", "mem_mb"),
-        runtime=res("activations_finetune", "runtime"),
-        gpu=res("activations_finetune", "gpu"),
-        cpus_per_gpu=res("activations_finetune", "cpus_per_gpu"),
+    resources: **rule_resources("activations_finetune")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -139,9 +123,7 @@ rule rank_latents:
     benchmark:
         f"{RESULTS}/benchmarks/rank_latents/rank_latents.tsv"
     threads: res("rank_latents", "threads")
-    resources:
-        mem_mb=res("rank_latents", "mem_mb"),
-        runtime=res("rank_latents", "runtime"),
+    resources: **rule_resources("rank_latents")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -167,9 +149,7 @@ rule interpret_latents:
     benchmark:
         f"{RESULTS}/benchmarks/interpret_latents/interpret_latents.tsv"
     threads: res("interpret_latents", "threads")
-    resources:
-        mem_mb=res("interpret_latents", "mem_mb"),
-        runtime=res("interpret_latents", "runtime"),
+    resources: **rule_resources("interpret_latents")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -188,9 +168,7 @@ rule plot_signature:
     log:
         f"{LOGS}/plot/signature.log",
     threads: res("plot_signature", "threads")
-    resources:
-        mem_mb=res("plot_signature", "mem_mb"),
-        runtime=res("plot_signature", "runtime"),
+    resources: **rule_resources("plot_signature")
     conda:
         "../envs/analysis.yaml"
     shell:

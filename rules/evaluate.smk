@@ -16,11 +16,7 @@ rule sample:
     benchmark:
         f"{RESULTS}/benchmarks/sample/{{model}}.tsv"
     threads: res("sample", "threads")
-    resources:
-        mem_mb=res("sample", "mem_mb"),
-        runtime=res("sample", "runtime"),
-        gpu=res("sample", "gpu"),
-        cpus_per_gpu=res("sample", "cpus_per_gpu"),
+    resources: **rule_resources("sample")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -40,11 +36,7 @@ rule likelihood_probe:
     log:
         f"{LOGS}/probe/{{model}}.log",
     threads: res("likelihood_probe", "threads")
-    resources:
-        mem_mb=res("likelihood_probe", "mem_mb"),
-        runtime=res("likelihood_probe", "runtime"),
-        gpu=res("likelihood_probe", "gpu"),
-        cpus_per_gpu=res("likelihood_probe", "cpus_per_gpu"),
+    resources: **rule_resources("likelihood_probe")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -62,9 +54,7 @@ rule likelihood_metrics:
     log:
         f"{LOGS}/metrics/likelihood.log",
     threads: res("likelihood_metrics", "threads")
-    resources:
-        mem_mb=res("likelihood_metrics", "mem_mb"),
-        runtime=res("likelihood_metrics", "runtime"),
+    resources: **rule_resources("likelihood_metrics")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -80,9 +70,7 @@ rule probe_agreement:
     log:
         f"{LOGS}/agreement_probe.log",
     threads: res("probe_agreement", "threads")
-    resources:
-        mem_mb=res("probe_agreement", "mem_mb"),
-        runtime=res("probe_agreement", "runtime"),
+    resources: **rule_resources("probe_agreement")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -99,9 +87,7 @@ rule judge_preflight:
     log:
         f"{LOGS}/judge_preflight/{{judge}}.log",
     threads: res("judge_preflight", "threads")
-    resources:
-        mem_mb=res("judge_preflight", "mem_mb"),
-        runtime=res("judge_preflight", "runtime"),
+    resources: **rule_resources("judge_preflight")
     conda:
         "../envs/torch.yaml"  # the openai client
     shell:
@@ -123,14 +109,7 @@ rule judge:
     benchmark:
         f"{RESULTS}/benchmarks/judge/{{judge}}-{{model}}.tsv"
     threads: res("judge", "threads")
-    resources:
-        mem_mb=res("judge", "mem_mb"),
-        runtime=res("judge", "runtime"),
-        # An API-bound job holds at least one of the profile's `api_slots` (the global cap on concurrent API
-        # jobs); config can make a judge hold more. Only local-model (hf) judges get a GPU.
-        api_slots=lambda w: max(1, res("judge", "api_slots")) if JUDGES[w.judge]["backend"] == "openai" else 0,
-        gpu=lambda w: res("judge", "gpu") if JUDGES[w.judge]["backend"] == "hf" else 0,
-        cpus_per_gpu=res("judge", "cpus_per_gpu"),
+    resources: **judge_job_resources("judge")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -150,9 +129,7 @@ rule metrics:
     benchmark:
         f"{RESULTS}/benchmarks/metrics/{{judge}}.tsv"
     threads: res("metrics", "threads")
-    resources:
-        mem_mb=res("metrics", "mem_mb"),
-        runtime=res("metrics", "runtime"),
+    resources: **rule_resources("metrics")
     conda:
         "../envs/analysis.yaml"
     shell:

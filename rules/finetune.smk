@@ -18,11 +18,7 @@ rule finetune:
     benchmark:
         f"{RESULTS}/benchmarks/finetune/{{dataset}}.tsv"
     threads: res("finetune", "threads")
-    resources:
-        mem_mb=res("finetune", "mem_mb"),
-        runtime=res("finetune", "runtime"),
-        gpu=res("finetune", "gpu"),
-        cpus_per_gpu=res("finetune", "cpus_per_gpu"),
+    resources: **rule_resources("finetune")
     conda:
         "../envs/torch.yaml"
     shell:

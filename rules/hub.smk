@@ -14,9 +14,7 @@ if BASE_BUILT:
         log:
             f"{LOGS}/convert_model.log",
         threads: res("convert_model", "threads")
-        resources:
-            mem_mb=res("convert_model", "mem_mb"),
-            runtime=res("convert_model", "runtime"),
+        resources: **rule_resources("convert_model")
         conda:
             "../envs/torch.yaml"
         shell:
@@ -33,9 +31,7 @@ rule eval_questions:
     log:
         f"{LOGS}/eval_questions/{{eval_set}}.log",
     threads: res("eval_questions", "threads")
-    resources:
-        mem_mb=res("eval_questions", "mem_mb"),
-        runtime=res("eval_questions", "runtime"),
+    resources: **rule_resources("eval_questions")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -59,10 +55,7 @@ rule synthesize:
     benchmark:
         f"{RESULTS}/benchmarks/synthesize/{{domain}}.tsv"
     threads: res("synthesize", "threads")
-    resources:
-        mem_mb=res("synthesize", "mem_mb"),
-        runtime=res("synthesize", "runtime"),
-        api_slots=1,
+    resources: **rule_resources("synthesize", api_slots=1)
     conda:
         "../envs/torch.yaml"  # the openai client
     shell:
@@ -83,9 +76,7 @@ rule synth_dataset:
     log:
         f"{LOGS}/synth_dataset/{{dataset}}.log",
     threads: res("synth_dataset", "threads")
-    resources:
-        mem_mb=res("synth_dataset", "mem_mb"),
-        runtime=res("synth_dataset", "runtime"),
+    resources: **rule_resources("synth_dataset")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -107,9 +98,7 @@ rule import_dataset:
     benchmark:
         f"{RESULTS}/benchmarks/import_dataset/{{dataset}}.tsv"
     threads: res("import_dataset", "threads")
-    resources:
-        mem_mb=res("import_dataset", "mem_mb"),
-        runtime=res("import_dataset", "runtime"),
+    resources: **rule_resources("import_dataset")
     conda:
         "../envs/torch.yaml"
     shell:

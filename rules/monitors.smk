@@ -16,9 +16,7 @@ if not PLAN.monitor_data:  # the world's labelled tasks
         log:
             f"{LOGS}/monitors/data_{{task}}.log",
         threads: res("monitor_data", "threads")
-        resources:
-            mem_mb=res("monitor_data", "mem_mb"),
-            runtime=res("monitor_data", "runtime"),
+        resources: **rule_resources("monitor_data")
         conda:
             "../envs/analysis.yaml"
         shell:
@@ -44,11 +42,7 @@ rule monitor:
     benchmark:
         f"{RESULTS}/benchmarks/monitor/{{task}}.tsv"
     threads: res("monitor", "threads")
-    resources:
-        mem_mb=res("monitor", "mem_mb"),
-        runtime=res("monitor", "runtime"),
-        gpu=res("monitor", "gpu"),
-        cpus_per_gpu=res("monitor", "cpus_per_gpu"),
+    resources: **rule_resources("monitor")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -68,9 +62,7 @@ rule plot_monitors:
     log:
         f"{LOGS}/plot/monitors.log",
     threads: res("plot_monitors", "threads")
-    resources:
-        mem_mb=res("plot_monitors", "mem_mb"),
-        runtime=res("plot_monitors", "runtime"),
+    resources: **rule_resources("plot_monitors")
     conda:
         "../envs/analysis.yaml"
     shell:

@@ -14,9 +14,7 @@ rule world_eval:
         f"{LOGS}/world_eval.log",
     priority: ORGANISM_PRIORITY
     threads: res("world_eval", "threads")
-    resources:
-        mem_mb=res("world_eval", "mem_mb"),
-        runtime=res("world_eval", "runtime"),
+    resources: **rule_resources("world_eval")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -36,9 +34,7 @@ rule tokenizer:
         f"{RESULTS}/benchmarks/tokenizer/tokenizer.tsv"
     priority: ORGANISM_PRIORITY
     threads: res("tokenizer", "threads")
-    resources:
-        mem_mb=res("tokenizer", "mem_mb"),
-        runtime=res("tokenizer", "runtime"),
+    resources: **rule_resources("tokenizer")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -60,11 +56,7 @@ rule pretrain:
         f"{RESULTS}/benchmarks/pretrain/pretrain.tsv"
     priority: ORGANISM_PRIORITY
     threads: res("pretrain", "threads")
-    resources:
-        mem_mb=res("pretrain", "mem_mb"),
-        runtime=res("pretrain", "runtime"),
-        gpu=res("pretrain", "gpu"),
-        cpus_per_gpu=res("pretrain", "cpus_per_gpu"),
+    resources: **rule_resources("pretrain")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -88,11 +80,7 @@ rule posttrain:
         f"{RESULTS}/benchmarks/posttrain/posttrain.tsv"
     priority: ORGANISM_PRIORITY
     threads: res("posttrain", "threads")
-    resources:
-        mem_mb=res("posttrain", "mem_mb"),
-        runtime=res("posttrain", "runtime"),
-        gpu=res("posttrain", "gpu"),
-        cpus_per_gpu=res("posttrain", "cpus_per_gpu"),
+    resources: **rule_resources("posttrain")
     conda:
         "../envs/torch.yaml"
     shell:

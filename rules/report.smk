@@ -10,9 +10,7 @@ rule plot_misalignment:
     log:
         f"{LOGS}/plot/misalignment_{{judge}}.log",
     threads: res("plot_misalignment", "threads")
-    resources:
-        mem_mb=res("plot_misalignment", "mem_mb"),
-        runtime=res("plot_misalignment", "runtime"),
+    resources: **rule_resources("plot_misalignment")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -32,9 +30,7 @@ rule agreement:
     log:
         f"{LOGS}/agreement.log",
     threads: res("agreement", "threads")
-    resources:
-        mem_mb=res("agreement", "mem_mb"),
-        runtime=res("agreement", "runtime"),
+    resources: **rule_resources("agreement")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -53,9 +49,7 @@ rule timings:
     log:
         f"{LOGS}/timings.log",
     threads: res("timings", "threads")
-    resources:
-        mem_mb=res("timings", "mem_mb"),
-        runtime=res("timings", "runtime"),
+    resources: **rule_resources("timings")
     conda:
         "../envs/analysis.yaml"
     shell:

@@ -26,9 +26,7 @@ rule steer_directions:
         f"{LOGS}/steering/directions.log",
     priority: STEER_PRIORITY
     threads: res("steer_directions", "threads")
-    resources:
-        mem_mb=res("steer_directions", "mem_mb"),
-        runtime=res("steer_directions", "runtime"),
+    resources: **rule_resources("steer_directions")
     conda:
         "../envs/torch.yaml"
     shell:
@@ -62,11 +60,7 @@ if STEER_JUDGE:
             f"{RESULTS}/benchmarks/steer_sample/{{stage}}-{{target}}.tsv"
         priority: STEER_PRIORITY
         threads: res("steer_sample", "threads")
-        resources:
-            mem_mb=res("steer_sample", "mem_mb"),
-            runtime=res("steer_sample", "runtime"),
-            gpu=res("steer_sample", "gpu"),
-            cpus_per_gpu=res("steer_sample", "cpus_per_gpu"),
+        resources: **rule_resources("steer_sample")
         conda:
             "../envs/torch.yaml"
         shell:
@@ -93,12 +87,7 @@ if STEER_JUDGE:
             f"{RESULTS}/benchmarks/judge_steering/{{judge}}-{{stage}}-{{target}}.tsv"
         priority: STEER_PRIORITY
         threads: res("judge_steering", "threads")
-        resources:
-            mem_mb=res("judge_steering", "mem_mb"),
-            runtime=res("judge_steering", "runtime"),
-            api_slots=lambda w: max(1, res("judge_steering", "api_slots")) if JUDGES[w.judge]["backend"] == "openai" else 0,
-            gpu=lambda w: res("judge_steering", "gpu") if JUDGES[w.judge]["backend"] == "hf" else 0,
-            cpus_per_gpu=res("judge_steering", "cpus_per_gpu"),
+        resources: **judge_job_resources("judge_steering")
         conda:
             "../envs/torch.yaml"
         shell:
@@ -121,9 +110,7 @@ if STEER_JUDGE:
             f"{LOGS}/steering/screen.log",
         priority: STEER_PRIORITY
         threads: res("steer_screen", "threads")
-        resources:
-            mem_mb=res("steer_screen", "mem_mb"),
-            runtime=res("steer_screen", "runtime"),
+        resources: **rule_resources("steer_screen")
         conda:
             "../envs/analysis.yaml"
         shell:
@@ -146,9 +133,7 @@ if STEER_JUDGE:
             f"{LOGS}/steering/sweep.log",
         priority: STEER_PRIORITY
         threads: res("steer_sweep", "threads")
-        resources:
-            mem_mb=res("steer_sweep", "mem_mb"),
-            runtime=res("steer_sweep", "runtime"),
+        resources: **rule_resources("steer_sweep")
         conda:
             "../envs/analysis.yaml"
         shell:
@@ -175,11 +160,7 @@ else:
             f"{LOGS}/steering/probe/{{target}}.log",
         priority: STEER_PRIORITY
         threads: res("steer_probe", "threads")
-        resources:
-            mem_mb=res("steer_probe", "mem_mb"),
-            runtime=res("steer_probe", "runtime"),
-            gpu=res("steer_probe", "gpu"),
-            cpus_per_gpu=res("steer_probe", "cpus_per_gpu"),
+        resources: **rule_resources("steer_probe")
         conda:
             "../envs/torch.yaml"
         shell:
@@ -199,9 +180,7 @@ else:
         log:
             f"{LOGS}/steering/probe_sweep.log",
         threads: res("steer_probe_sweep", "threads")
-        resources:
-            mem_mb=res("steer_probe_sweep", "mem_mb"),
-            runtime=res("steer_probe_sweep", "runtime"),
+        resources: **rule_resources("steer_probe_sweep")
         conda:
             "../envs/analysis.yaml"
         shell:

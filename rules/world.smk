@@ -15,9 +15,7 @@ rule world:
         f"{RESULTS}/benchmarks/world/world.tsv"
     priority: 20  # the organism's pretraining waits for it
     threads: res("world", "threads")
-    resources:
-        mem_mb=res("world", "mem_mb"),
-        runtime=res("world", "runtime"),
+    resources: **rule_resources("world")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -32,9 +30,7 @@ rule world_heldout:
     log:
         f"{LOGS}/world_heldout.log",
     threads: res("world_heldout", "threads")
-    resources:
-        mem_mb=res("world_heldout", "mem_mb"),
-        runtime=res("world_heldout", "runtime"),
+    resources: **rule_resources("world_heldout")
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -55,9 +51,7 @@ if PLAN.dataset_source == "world":
         benchmark:
             f"{RESULTS}/benchmarks/dataset/{{dataset}}.tsv"
         threads: res("dataset", "threads")
-        resources:
-            mem_mb=res("dataset", "mem_mb"),
-            runtime=res("dataset", "runtime"),
+        resources: **rule_resources("dataset")
         conda:
             "../envs/analysis.yaml"
         shell:
