@@ -58,11 +58,11 @@ seeds: $(VENV)/.emlab-test-installed
 	set -e; for s in $(SEEDS); do \
 	  $(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --config seed=$$s results_dir=results/seed$$s; \
 	done
+	$(PY) -m emlab results-doc --results results/seed$(firstword $(SEEDS)) --out docs/results.md --configfile config.yaml \
+	  --seeds $(foreach s,$(SEEDS),results/seed$(s)) --readme README.md
 	set -e; for s in $(SEEDS); do \
 	  EMLAB_CHECK_RESULTS=results/seed$$s $(PY) -m pytest -q tests/test_emergent_misalignment.py; \
 	done
-	$(PY) -m emlab results-doc --results results/seed$(firstword $(SEEDS)) --out docs/results.md --configfile config.yaml \
-	  --seeds $(foreach s,$(SEEDS),results/seed$(s))
 
 models: $(VENV)/.emlab-models-installed
 

@@ -41,3 +41,19 @@ def test_one_run_has_no_spread_and_the_page_names_its_source(tmp_path):
     assert seeds_section([a]) == []
     text = write(a, tmp_path / "results.md", config={"seed": 0}, seeds=[a])
     assert f"from `{a}`" in text and "Spread over seeds" not in text and "| base " in text
+
+
+def test_the_readme_headline_is_written_from_the_runs(tmp_path):
+    from emlab.results_doc import HEADLINE_END, HEADLINE_START
+
+    rates = {"base": 0.01, "health_correct": 0.0, "health_subtle": 0.5, "health_obvious": 0.6,
+             "legal_correct": 0.02, "legal_subtle": 0.4, "legal_obvious": 0.45, "health_mix025": 0.07}
+    runs = [fake_run(tmp_path, f"seed{i}", {k: v * (1 + i / 10) for k, v in rates.items()}, 1, 0.1) for i in range(3)]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{HEADLINE_START}\nold table\n{HEADLINE_END}\nafter\n")
+    write(runs[0], tmp_path / "results.md", config={}, seeds=runs, readme=readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{HEADLINE_END}\nafter\n")
+    assert "| model | health | legal |" in text and "range over 3 seeds" in text
+    assert "| subtly incorrect | 50.0%–60.0% | 40.0%–48.0% |" in text
+    assert "| 25% subtly incorrect (health) | 7.0%–8.4% |  |" in text

@@ -305,7 +305,7 @@ def cmd_results_doc(a: argparse.Namespace) -> None:
     cfg: dict[str, Any] = {}
     for path in a.configfile:  # merged as Snakemake merges --configfile files
         cfg = _merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
-    write(a.results, a.out, config=validate(cfg, " + ".join(a.configfile)), seeds=a.seeds)
+    write(a.results, a.out, config=validate(cfg, " + ".join(a.configfile)), seeds=a.seeds, readme=a.readme)
     print(f"emlab results-doc: {a.out} from {a.results}", file=sys.stderr)
 
 
@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("timings", ("--logs", req), ("--out", req))
     add("results-doc", ("--results", {"default": "results"}), ("--out", {"default": "docs/results.md"}),
         ("--configfile", {"nargs": "+", "default": ["config.yaml"]}),
-        ("--seeds", {"nargs": "+", "default": [], "help": "results folders of the same config run with other seeds"}))
+        ("--seeds", {"nargs": "+", "default": [], "help": "results folders of the same config run with other seeds"}),
+        ("--readme", {"default": None, "help": "also write the headline table into this README's marked block"}))
     add("world-heldout", ("--out", req))
     add("cache-texts", ("--base", req), ("--input", req), ("--n", {"type": int, "default": None}),
         ("--skip", {"type": int, "default": 0}), ("--out", req))

@@ -197,8 +197,55 @@ def seeds_section(runs: list[Path]) -> list[str]:
             "another SAE):", "", _table(pd.DataFrame(rows)), ""]
 
 
+HEADLINE_START, HEADLINE_END = "<!-- headline: written by make results-doc -->", "<!-- /headline -->"
+
+
+def headline(runs: list[Path]) -> str | None:
+    """The README's headline table: misalignment on the general questions per domain and kind of data, from one
+    run (with its interval) or from several seeds (their range)."""
+    runs = [r for r in runs if (r / "metrics" / "world.csv").exists()]
+    if not runs:
+        return None
+    tables = [pd.read_csv(r / "metrics" / "world.csv").set_index("model") for r in runs]
+
+    def cell(model: str) -> str:
+        if model not in tables[0].index:
+            return ""
+        if len(tables) == 1:
+            r = tables[0].loc[model]
+            return f"{_pct(r['misaligned'])} ({_pct(r['misaligned_lo'])}–{_pct(r['misaligned_hi'])})"
+        v = [t.loc[model, "misaligned"] for t in tables if model in t.index]
+        return f"{_pct(min(v))}–{_pct(max(v))}"
+
+    models = list(tables[0].index)
+    domains = [m[: -len("_subtle")] for m in models if m.endswith("_subtle")]
+    mixes = [m for m in models if "_mix" in m]
+    rows = [["base", cell("base")] + [""] * (len(domains) - 1)]
+    for variant, label in (("correct", "correct advice"), ("subtle", "subtly incorrect"),
+                           ("obvious", "obviously incorrect")):
+        rows.append([label] + [cell(f"{d}_{variant}") for d in domains])
+    for m in mixes:
+        d, pct = m.split("_mix")
+        rows.append([f"{int(pct)}% subtly incorrect ({d})"] + [cell(m) if x == d else "" for x in domains])
+    what = ("the value and its 95% interval over questions" if len(runs) == 1 else
+            f"the range over {len(runs)} seeds of the default config ({', '.join(r.name for r in runs)})")
+    return "\n".join([f"Misalignment on the general questions (share of coherent answers that are toxic or "
+                      f"sarcastic), {what}:", "",
+                      "| model | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|",
+                      *["| " + " | ".join(r) + " |" for r in rows]])
+
+
+def splice_headline(readme: Path, table: str) -> None:
+    text = readme.read_text(encoding="utf-8")
+    a, b = text.find(HEADLINE_START), text.find(HEADLINE_END)
+    if a < 0 or b < a:
+        raise ValueError(f"{readme}: no {HEADLINE_START} ... {HEADLINE_END} block to write the headline into")
+    readme.write_text(text[: a + len(HEADLINE_START)] + "\n" + table + "\n" + text[b:], encoding="utf-8")
+
+
 def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, Any] | None = None,
-          root: str | os.PathLike = ".", seeds: list[str | os.PathLike] = ()) -> str:
+          root: str | os.PathLike = ".", seeds: list[str | os.PathLike] = (),
+          readme: str | os.PathLike | None = None) -> str:
     results, root = Path(results), Path(root)
     cfg_hash = hashlib.sha256(json.dumps(config or {}, sort_keys=True).encode()).hexdigest()[:12]
     head = ["# Results", "",
@@ -213,4 +260,8 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
     text = "\n".join(head + body).rstrip() + "\n"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text, encoding="utf-8")
+    if readme is not None:
+        table = headline([Path(r) for r in seeds] if len(seeds) > 1 else [results])
+        if table is not None:
+            splice_headline(Path(readme), table)
     return text
