@@ -172,6 +172,7 @@ def seeds_section(runs: list[Path]) -> list[str]:
             kept = t[t["kept"]] if "kept" in t else t.iloc[0:0]
             cuts = [c for c in t.columns if c.endswith("_cut")]
             if len(kept) and cuts:
+                row["screen kept"] = ", ".join(kept["latent"].astype(str))
                 row["screen: best cut"] = _pct(kept[cuts].max(axis=1).max())
         sweep = r / "steering" / "sweep.csv"
         if sweep.exists():
@@ -179,7 +180,7 @@ def seeds_section(runs: list[Path]) -> list[str]:
             add = t[(t["target"] == "base") & t["direction"].str.startswith("L") & (t["alpha"] > 0)
                     & (t["incoherent"] <= 0.10)]
             if len(add):
-                row["base + latent: max"] = _pct(add["misaligned"].max())
+                row["base + latent: best coherent"] = _pct(add["misaligned"].max())
         mon = r / "monitors" / "summary.csv"
         if mon.exists():
             t = pd.read_csv(mon)
