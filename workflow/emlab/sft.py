@@ -197,12 +197,13 @@ def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: 
         # Checkpoints (optimizer, scheduler and random states included) go to out_dir, the job's checkpoint
         # folder; the last one is enough to resume.
         save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
         save_total_limit=1,
         seed=seed,
         data_seed=seed,
         disable_tqdm=_progress_disabled(),
     )
+    if save_steps:
+        kwargs["save_steps"] = save_steps
     # transformers 5 renamed gradient_checkpointing (the old name still works, with a warning).
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     kwargs[ckpt] = on_gpu and s["gradient_checkpointing"]
