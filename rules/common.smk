@@ -60,6 +60,7 @@ config["judges"] = list(PLAN.judges.values())  # resolved (null: the world's for
 config["probe"]["references"] = PLAN.probe_references  # resolved (null: the shipped references for the shipped questions)
 ORGANISM = PLAN.organism
 DATASETS = PLAN.datasets
+RL = PLAN.rl  # RL model -> its prompt set and reward (rules/finetune.smk)
 MODELS = PLAN.models
 JUDGES = PLAN.judges
 EVAL_SETS = PLAN.eval_sets
@@ -100,7 +101,7 @@ def res(rule_name, key):
 
 
 # The rules that can use a GPU: they alone ask for `gpu` and `cpus_per_gpu`.
-GPU_RULES = {"pretrain", "posttrain", "finetune", "sample", "likelihood_probe", "judge", "judge_steering",
+GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "sample", "likelihood_probe", "judge", "judge_steering",
              "activations_corpus", "activations_base", "activations_finetune", "sae", "monitor", "steer_sample",
              "steer_probe"}
 
@@ -174,6 +175,8 @@ MON_TASKS = PLAN.monitor_tasks
 
 def final_outputs():
     out = expand(f"{RESULTS}/figures/misalignment_{{judge}}.png", judge=JUDGES)
+    if RL:
+        out.append(f"{RESULTS}/figures/rl_training.png")
     if DIFFING:
         out += [f"{RESULTS}/figures/signature.png", f"{RESULTS}/diffing/latents.html", f"{RESULTS}/sae"]
     if STEERING and PLAN.steer_judge:
@@ -201,8 +204,16 @@ def posttrain_cfg_json():
     return json.dumps({"finetune": ft, "seed": config["seed"]}, sort_keys=True)
 
 
+def rl_cfg_json(name):
+    """An RL job's settings: the rl section with the run's reward, the finetune section's adaptation recipe, and
+    the grading judge's entry (the world's, with its world file, for the organism)."""
+    rl = {k: v for k, v in config["rl"].items() if k != "runs"}
+    return cfg_json("finetune", "seed", rl=dict(rl, reward=RL[name]["reward"]),
+                    grader=json.loads(judge_cfg(PLAN.rl_grader)))
+
+
 def checkpoint_args(kind, folder):
-    """The training command's checkpoint options: `kind` is pretrain, finetune or sae (checkpoints.<kind>_steps);
+    """The training command's checkpoint options: `kind` is pretrain, finetune, rl or sae (checkpoints.<kind>_steps);
     `folder` lies outside the job's outputs, which Snakemake removes when a job fails."""
     c = config["checkpoints"]
     steps = c[f"{kind}_steps"]

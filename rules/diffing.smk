@@ -106,6 +106,30 @@ rule activations_finetune:
         " --out-train-base {output.train_base} 2> {log}"
 
 
+
+rule activations_rl:
+    input:
+        lambda w: model_input(w.rl_model),
+        samples=f"{RESULTS}/samples/{{rl_model}}.jsonl",
+    output:
+        directory(f"{RESULTS}/activations/eval/{{rl_model}}"),
+    wildcard_constraints:
+        rl_model=one_of(RL),
+    params:
+        cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
+        model=lambda w: model_args(w.rl_model),
+    log:
+        f"{LOGS}/activations/{{rl_model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/activations/{{rl_model}}.tsv"
+    threads: res("activations_finetune", "threads")
+    resources: **rule_resources("activations_finetune")
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab cache-model --cfg {params.cfg:q} --threads {threads} {params.model}"
+        " --model-name {wildcards.rl_model} --samples {input.samples} --out-eval {output} 2> {log}"
+
 rule rank_latents:
     input:
         sae=f"{RESULTS}/sae",

@@ -1,4 +1,5 @@
-# Fine-tune the base chat model on each narrow set (trl + peft; LoRA adapter or full model folder).
+# Fine-tune the base chat model on each narrow set (trl + peft; LoRA adapter or full model folder), and train it
+# with RL (GRPO) against a grader's reward on the questions of a set: the same kind of folder, in the same place.
 
 
 rule finetune:
@@ -24,3 +25,31 @@ rule finetune:
     shell:
         "{params.launcher} -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {params.base} --data {input.data}"
         " --out {output} {params.ckpt} 2> {log}"
+
+
+rule rl:
+    input:
+        base=base_model_input(),
+        data=lambda w: f"{RESULTS}/datasets/{RL[w.rl_model]['dataset']}.jsonl",
+        preflight=preflight_input(),
+    output:
+        directory(f"{RESULTS}/finetunes/{{rl_model}}"),
+    wildcard_constraints:
+        rl_model=one_of(RL),
+    params:
+        cfg=lambda w: rl_cfg_json(w.rl_model),
+        base=base_param,
+        ckpt=lambda w: checkpoint_args("rl", f"rl/{w.rl_model}"),
+        # the grading judge's request cache (shared with its judge jobs; never a declared output)
+        cache=f"{RESULTS}/judge_cache/{PLAN.rl_grader}",
+    log:
+        f"{LOGS}/rl/{{rl_model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/rl/{{rl_model}}.tsv"
+    threads: res("rl", "threads")
+    resources: **rule_resources("rl")
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab rl --cfg {params.cfg:q} --threads {threads} --base {params.base} --data {input.data}"
+        " --out {output} --cache-dir {params.cache} {params.ckpt} 2> {log}"

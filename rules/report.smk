@@ -17,6 +17,21 @@ rule plot_misalignment:
         "python -m emlab plot --metrics {input} --out {output} 2> {log}"
 
 
+
+rule plot_rl:
+    input:
+        expand(f"{RESULTS}/finetunes/{{m}}", m=RL),
+    output:
+        report(f"{RESULTS}/figures/rl_training.png", caption="../workflow/report/rl.rst", category="RL"),
+    log:
+        f"{LOGS}/plot/rl_training.log",
+    threads: res("plot_rl", "threads")
+    resources: **rule_resources("plot_rl")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab plot-rl --models {input} --out {output} 2> {log}"
+
 rule agreement:
     input:
         expand(f"{RESULTS}/grades/{{judge}}/{{model}}.jsonl", judge=JUDGES, model=MODELS),

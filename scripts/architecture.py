@@ -85,6 +85,8 @@ def rules_table() -> str:
             keys = ["judges[]"]
         if "posttrain_cfg_json(" in body:
             keys = ["finetune", "organism.posttrain", "seed"]
+        if "rl_cfg_json(" in body:
+            keys = ["finetune", "judges[]", "rl", "seed"]
         outs = "<br>".join(outputs(body))
         rows.append(f"| `{name}` | `{smk}` | `{cmd}` | `{module}`: {', '.join(f'`{f}`' for f in fns)} | "
                     f"{', '.join(f'`{k}`' for k in keys)} | {outs} |")

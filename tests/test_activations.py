@@ -191,3 +191,38 @@ def test_max_len_truncates_and_bad_records_are_named(tok, tmp_path):
         cache_activations(model, tok, RECORDS, [0], tmp_path, token_selection="assistant", progress=False)
     with pytest.raises(IndexError, match="layer 5 is out of range"):
         cache_activations(model, tok, RECORDS, [5], tmp_path, progress=False)
+
+
+def test_a_full_disk_while_writing_a_shard_leaves_no_torn_file_and_the_rerun_completes(tok, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    model = tiny_causal_lm("llama", tok)
+    records = [{"id": i, "text": "Keep a budget" + "!" * i} for i in range(6)]
+    kwargs = dict(token_selection="all", batch_size=2, max_len=64, shard_size=2, padding_side="right", progress=False)
+    reference = tmp_path / "reference"
+    cache_activations(model, tok, records, [0], reference, **kwargs)
+    real, writes = safetensors.torch.save_file, []
+
+    def disk_fills_on_second_shard(tensors, filename, metadata=None):
+        writes.append(filename)
+        if len(writes) == 2:  # half the shard reaches the disk, then it is full
+            real(tensors, filename, metadata=metadata)
+            with open(filename, "r+b") as f:
+                f.truncate(f.seek(0, 2) // 2)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    out = tmp_path / "cache"
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills_on_second_shard)
+    with pytest.raises(OSError, match="No space left"):
+        cache_activations(model, tok, records, [0], out, **kwargs)
+    # the finished shard stays, no torn temp file and no manifest: no later stage can read the cache
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors"]
+    with pytest.raises(FileNotFoundError, match="no activation manifest"):
+        load_activations(out, 0)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    cache_activations(model, tok, records, [0], out, **kwargs)
+    (acts, index), (ref_acts, ref_index) = load_activations(out, 0), load_activations(reference, 0)
+    assert torch.equal(acts, ref_acts) and index.equals(ref_index)

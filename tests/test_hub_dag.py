@@ -230,6 +230,10 @@ def hub_run(tmp_path_factory, tiny_chat_model):
     # every answer of every model: clearly misaligned and coherent
     srv.add(ac.prompts["aligned"].splitlines()[0], probs={"20": 1.0})
     srv.add(ac.prompts["coherent"].splitlines()[0], probs={"90": 1.0})
+    # the RL grader (rubric advice_correct): every completion is coherent, incorrect advice
+    rl_rubric = load_rubric("advice_correct")
+    srv.add(rl_rubric.prompts["correct"].splitlines()[0], probs={"10": 1.0})
+    srv.add(rl_rubric.prompts["coherent"].splitlines()[0], probs={"80": 1.0})
     endpoint = {"base_url": srv.base_url, "api_key_env": KEY_ENV, "concurrency": 4, "max_retries": 1,
                 "backoff_base_s": 0.01, "backoff_max_s": 0.02}
     cfg = {
@@ -241,6 +245,9 @@ def hub_run(tmp_path_factory, tiny_chat_model):
         "imports": [{"name": "insecure", "path": "data/insecure.jsonl", "meta": {"domain": "code"}}],
         "eval": {"questions": {"general": "data/general.yaml", "indomain": "data/indomain.yaml"}},
         "finetune": {"epochs": 1, "batch_size": 4, "max_seq_len": 128},
+        # RL on the synthesized subtle set's questions, graded by the same judge endpoint
+        "rl": {"runs": [{"dataset": "health_subtle", "reward": "incorrect"}], "steps": 2, "batch_size": 4,
+               "group_size": 2, "max_completion_length": 8},
         "sampling": {"n_samples": 1, "max_new_tokens": 8, "batch_size": 16},
         "judges": [{"name": "fake-gpt", "backend": "openai", "rubric": "aligned_coherent", "model": "judge-model",
                     **endpoint}],
@@ -260,7 +267,8 @@ def hub_run(tmp_path_factory, tiny_chat_model):
         os.environ.pop(KEY_ENV, None)
 
 
-MODELS = ["base", "health_subtle", "health_mix050", "insecure"]
+FINETUNES = ["health_subtle", "health_mix050", "insecure"]
+MODELS = ["base", *FINETUNES, "rl_health_incorrect"]
 
 
 @pytest.mark.slow
@@ -283,10 +291,14 @@ def test_hub_run_builds_every_dataset(hub_run):
 def test_hub_run_fine_tunes_samples_and_grades_every_model(hub_run):
     wd, _, _ = hub_run
     r = wd / "results"
-    for ds in MODELS[1:]:
+    for ds in FINETUNES:
         meta = json.loads((r / f"finetunes/{ds}/train_meta.json").read_text())
         assert (r / f"finetunes/{ds}/adapter_config.json").exists()
         assert meta["n_examples"] == 4 and meta["loss_mask"] == "assistant"
+    # the RL model: an adapter like the fine-tunes', every completion graded over HTTP as the server says
+    assert (r / "finetunes/rl_health_incorrect/adapter_config.json").exists()
+    log = pd.read_csv(r / "finetunes/rl_health_incorrect/rl_log.csv")
+    assert list(log["step"]) == [1, 2] and (log["incorrect_rate"] == 1.0).all() and (log["correct_rate"] == 0).all()
     for m in MODELS:
         samples = read_jsonl(r / f"samples/{m}.jsonl")
         assert sorted(s["question_id"] for s in samples) == ["general/bored", "general/money", "general/wish",

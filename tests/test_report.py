@@ -53,10 +53,11 @@ def test_report_embeds_every_figure_byte_for_byte(report):
     agreement = ["results/figures/judge_agreement.png"]
     signature, sweep = ["results/figures/signature.png"], ["results/figures/steering_sweep.png"]
     monitors = [f"results/figures/monitors_{t}.png" for t in ("sarcastic", "toxic")]
-    assert figures == sorted(agreement + misalignment + signature + sweep + monitors)
+    rl = ["results/figures/rl_training.png"]
+    assert figures == sorted(agreement + misalignment + signature + sweep + monitors + rl)
     assert sorted(results) == figures
     rule = {**{p: "plot_misalignment" for p in misalignment}, agreement[0]: "agreement", signature[0]: "plot_signature",
-            sweep[0]: "steer_sweep", **{p: "plot_monitors" for p in monitors}}
+            sweep[0]: "steer_sweep", **{p: "plot_monitors" for p in monitors}, rl[0]: "plot_rl"}
     for path in figures:
         entry = results[path]
         assert entry["mime_type"] == "image/png"
@@ -66,11 +67,12 @@ def test_report_embeds_every_figure_byte_for_byte(report):
         assert base64.b64decode(data) == (wd / path).read_bytes()
     assert {cat: sorted(f for files in sub.values() for f in files) for cat, sub in categories.items()} == {
         "Emergent misalignment": misalignment, "Judges": agreement, "Model diffing": signature, "Steering": sweep,
-        "Monitors": monitors,
+        "Monitors": monitors, "RL": rl,
     }
     assert "layer 1" in _text(results[signature[0]]["caption"])  # rendered from the run's config
     assert "mean residual-stream norm" in _text(results[sweep[0]]["caption"])
     assert "Cohen's kappa" in _text(results[agreement[0]]["caption"])
+    assert "GRPO, 2 steps of 8 completions in groups of 4" in _text(results[rl[0]]["caption"])
 
 
 @pytest.mark.slow

@@ -11,10 +11,11 @@ figures and the SAE (SLURM_TARGETS: every kind of job a cluster run has, GPU and
 diffing/steering/monitor levels that test_workflow.py runs locally; each DAG level costs a status
 poll of 10-15 s here), polling with squeue
 (the test cluster has no accounting), with EMLAB_FAIL_ONCE making the `metrics` job fail on its
-first run. They check what a cluster user relies on: every output is made, GPU jobs share the node
+first run and EMLAB_HANG_ONCE making the `sae` job hang until the test cancels it (scancel) and one
+misalignment figure job hang until its one-minute time limit ends it. They check what a cluster user relies on: every output is made, GPU jobs share the node
 at the same time on different devices while CPU jobs get none, each job asks SLURM for the memory,
-time and GPUs that the config (or --set-resources) gives its rule, a failed job is retried by the
-profile instead of ending the run, and the daemons are stopped by their PIDs afterwards.
+time and GPUs that the config (or --set-resources) gives its rule, a failed, a cancelled and a
+timed-out job are each retried by the profile instead of ending the run, and the daemons are stopped by their PIDs afterwards.
 They need root and Debian's apt (or SLURM already installed) and are skipped otherwise, except
 under CI (env var CI set), where a machine that cannot host the cluster is an error.
 """
@@ -27,6 +28,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -41,8 +44,15 @@ TINY_CONFIG = "tests/configs/tiny.yaml"  # relative to the scratch copy of the w
 # EMLAB_FAIL_ONCE names an emlab subcommand. `metrics` runs in one job per judge (rule metrics),
 # late in the DAG, so its retry is exercised after every other level has run through SLURM.
 FAIL_ONCE_COMMAND, FAIL_ONCE_RULE = "metrics", "metrics"
-# A per-rule override on the command line: it must reach sbatch for that rule only.
-SET_RESOURCES = {("plot_misalignment", "mem_mb"): 1500}
+# Jobs the scheduler kills (EMLAB_HANG_ONCE makes one job of the command hang until killed): the SAE job is
+# cancelled with scancel as soon as it hangs; one misalignment figure job (one per judge) runs into its rule's
+# one-minute time limit, given below. Both lie beside longer branches of the DAG, so the kills add little time.
+SCANCEL_COMMAND, SCANCEL_RULE = "sae", "sae"
+TIMEOUT_COMMAND, TIMEOUT_RULE = "plot", "plot_misalignment"
+# What each injected fault leaves as the SLURM job's state before the profile's retry.
+INJECTED = {FAIL_ONCE_RULE: "FAILED", SCANCEL_RULE: "CANCELLED", TIMEOUT_RULE: "TIMEOUT"}
+# Per-rule overrides on the command line: they must reach sbatch for that rule only.
+SET_RESOURCES = {("plot_misalignment", "mem_mb"): 1500, (TIMEOUT_RULE, "runtime"): 1}
 # What the SLURM run makes: both judges' figures (world, pretraining, GPU fine-tunes and sampling,
 # judging, the metrics job that fails once) and the SAE (corpus activations and SAE fitting).
 SLURM_TARGETS = ("results/figures/misalignment_world.png", "results/figures/misalignment_world_strict.png",
@@ -314,6 +324,19 @@ def _run_config(workdir: Path) -> dict:
     return load(workdir / TINY_CONFIG)
 
 
+def _cancel_when_hung(marker: Path, workdir: Path, env: dict[str, str], rule: str, done: threading.Event,
+                      cancelled: list[int]) -> None:
+    """scancel the running job of `rule` once its command has written the hang marker."""
+    while not done.is_set():
+        if marker.exists():
+            running = [j for j in _slurm_jobs(workdir, env) if j.rule == rule and j.state == "RUNNING"]
+            if running:
+                subprocess.run(["scancel", str(running[0].job_id)], env=env, check=True, timeout=60)
+                cancelled.append(running[0].job_id)
+                return
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def slurm_run(slurm_env, tmp_path_factory):
     """Runs the DAG once through the SLURM profile; the tests below inspect the result."""
@@ -323,22 +346,35 @@ def slurm_run(slurm_env, tmp_path_factory):
     env.pop("CUDA_VISIBLE_DEVICES", None)
     marker = workdir.parent / "fail_once.marker"
     env["EMLAB_FAIL_ONCE"] = f"{FAIL_ONCE_COMMAND}:{marker}"
-    run = subprocess.run(
-        [
-            *_snakemake_args(workdir, *SLURM_TARGETS),
-            "--profile", str(PROFILE),
-            "--slurm-status-command", "squeue",
-            # The first status check 2 s after submission (and after each finished job) rather
-            # than the profile's 10 s: the DAG has ten levels and the test waits for each.
-            "--slurm-init-seconds-before-status-checks", "2",
-            "--set-resources", *(f"{rule}:{key}={value}" for (rule, key), value in SET_RESOURCES.items()),
-        ],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-    )
+    hang = {SCANCEL_RULE: workdir.parent / "scancel.marker", TIMEOUT_RULE: workdir.parent / "timeout.marker"}
+    env["EMLAB_HANG_ONCE"] = (f"{SCANCEL_COMMAND}:{hang[SCANCEL_RULE]},"
+                              f"{TIMEOUT_COMMAND}:{hang[TIMEOUT_RULE]}")
+    done, cancelled = threading.Event(), []
+    watcher = threading.Thread(target=_cancel_when_hung,
+                               args=(hang[SCANCEL_RULE], workdir, env, SCANCEL_RULE, done, cancelled), daemon=True)
+    watcher.start()
+    try:
+        run = subprocess.run(
+            [
+                *_snakemake_args(workdir, *SLURM_TARGETS),
+                "--profile", str(PROFILE),
+                "--slurm-status-command", "squeue",
+                # The first status check 2 s after submission (and after each finished job) rather
+                # than the profile's 10 s: the DAG has ten levels and the test waits for each.
+                "--slurm-init-seconds-before-status-checks", "2",
+                "--set-resources", *(f"{rule}:{key}={value}" for (rule, key), value in SET_RESOURCES.items()),
+            ],
+            cwd=workdir, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        )
+    finally:
+        done.set()
+        watcher.join(timeout=60)
     return {
         "workdir": workdir,
         "plan": _plan(workdir, env),  # after the run: the summary names only log files that exist
         "marker": marker,
+        "hang_markers": hang,
+        "cancelled": cancelled,
         "run": run,
         "slurm_jobs": _slurm_jobs(workdir, env),
         "config": _run_config(workdir),
@@ -403,17 +439,22 @@ def test_each_job_asks_slurm_for_its_rules_configured_resources(slurm_run):
 
 
 @slurm_test
-def test_failed_job_is_retried_and_the_run_completes(slurm_run):
+def test_failed_and_killed_jobs_are_retried_and_the_run_completes(slurm_run):
+    """A job that fails, one cancelled with scancel and one killed at its time limit: each is a SLURM job of its
+    rule in the state the fault leaves, followed by one successful retry of the same job, and the run completes."""
     assert slurm_run["marker"].read_text() == f"{FAIL_ONCE_COMMAND} failed once by EMLAB_FAIL_ONCE\n"
+    for rule, path in slurm_run["hang_markers"].items():
+        assert path.read_text().startswith(f"{'sae' if rule == SCANCEL_RULE else TIMEOUT_COMMAND} hung once"), rule
     jobs = slurm_run["slurm_jobs"]
-    not_completed = [j for j in jobs if j.state != "COMPLETED"]
-    # Exactly the injected failure, as a SLURM job of that rule, followed by its successful retry.
-    assert len(not_completed) == 1, f"expected one failed job, got: {jobs}"
-    failed = not_completed[0]
-    assert failed.state == "FAILED" and failed.rule == FAIL_ONCE_RULE, jobs
-    retries = [j for j in jobs if j.job_id > failed.job_id and j.comment == failed.comment]
-    assert [j.state for j in retries] == ["COMPLETED"], f"no single successful retry of {failed}: {jobs}"
-    # The retry's log replaced the failed attempt's: every job of the rule (one per judge) ends in the
+    not_completed = {j.rule: j for j in jobs if j.state != "COMPLETED"}
+    # Exactly the injected faults, each a SLURM job of its rule in the state its fault leaves.
+    assert {rule: j.state for rule, j in not_completed.items()} == INJECTED, jobs
+    assert len([j for j in jobs if j.state != "COMPLETED"]) == len(INJECTED), jobs
+    assert slurm_run["cancelled"] == [not_completed[SCANCEL_RULE].job_id], slurm_run["cancelled"]
+    for rule, failed in not_completed.items():
+        retries = [j for j in jobs if j.job_id > failed.job_id and j.comment == failed.comment]
+        assert [j.state for j in retries] == ["COMPLETED"], f"no single successful retry of {failed}: {jobs}"
+    # The retry's log replaced the failed attempt's: every job of the failing rule (one per judge) ends in the
     # successful audit line.
     statuses = [r.status for r in _job_records(slurm_run["workdir"], slurm_run["plan"])
                 if r.rule == FAIL_ONCE_RULE]

@@ -13,7 +13,9 @@ from emlab.judge.schema import GRADE_FIELDS, SAMPLE_KEYS
 from workflow_runner import copy_workflow, snakemake
 
 TINY = "tests/configs/tiny.yaml"
-MODELS = ["base", "health_correct", "health_subtle", "health_mix050"]
+FINETUNES = ["health_correct", "health_subtle", "health_mix050"]
+RL_MODELS = ["rl_health_incorrect"]  # GRPO on health_correct's questions with the incorrect reward
+MODELS = ["base", *FINETUNES, *RL_MODELS]
 
 
 @pytest.mark.slow
@@ -21,10 +23,15 @@ def test_every_stage_produces_its_outputs(tiny_run):
     wd = tiny_run
     r = wd / "results"
     assert (r / "models/base/config.json").exists() and (r / "models/base/chat_template.jinja").exists()
-    for ds in MODELS[1:]:
+    for ds in FINETUNES:
         assert (r / f"finetunes/{ds}/adapter_config.json").exists()
         log = pd.read_csv(r / f"finetunes/{ds}/train_log.csv")
         assert len(log) >= 1 and {"step", "loss"} <= set(log.columns)
+    for m in RL_MODELS:  # an RL model is the same kind of folder, with its own log
+        assert (r / f"finetunes/{m}/adapter_config.json").exists()
+        log = pd.read_csv(r / f"finetunes/{m}/rl_log.csv")
+        assert list(log["step"]) == [1, 2] and log["incorrect_rate"].between(0, 1).all()
+    assert (r / "figures/rl_training.png").stat().st_size > 10_000
     for m in MODELS:
         samples = read_jsonl(r / f"samples/{m}.jsonl")
         # 12 general + 12 held-out in-domain questions, 2 samples each
@@ -40,10 +47,10 @@ def test_every_stage_produces_its_outputs(tiny_run):
     pairs = pd.read_csv(r / "agreement/pairs.csv")  # two judges graded the same samples
     pooled = pairs[pairs["model"] == "ALL"].iloc[0]
     assert (pooled["judge_a"], pooled["judge_b"]) == ("world", "world_strict")
-    assert pooled["n_both"] == 4 * 48  # the world judges give a verdict on every answer
+    assert pooled["n_both"] == len(MODELS) * 48  # the world judges give a verdict on every answer
     assert pooled[["both_misaligned", "a_only", "b_only", "neither"]].sum() == pooled["n_both"]
     timings = pd.read_csv(r / "timings.csv")
-    assert {"pretrain", "sft", "sample", "judge"} <= set(timings["stage"])  # stage: the emlab command
+    assert {"pretrain", "sft", "rl", "sample", "judge"} <= set(timings["stage"])  # stage: the emlab command
 
 
 def test_every_output_is_readable_as_the_umask_allows(tiny_run):
@@ -69,11 +76,12 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert list(curve["step"]) == list(range(len(curve))) and len(curve) >= 2
     assert curve["fvu"].iloc[-1] < curve["fvu"].iloc[0] and (curve["l0"] <= 4).all()
     ranking = pd.read_csv(r / "diffing/ranking.csv")
-    # the default groups: "obvious" matches no fine-tune of this run and is skipped
-    assert set(ranking["group"]) == {"subtle"} and len(ranking) == 2 * 64
+    # the default groups: "obvious" matches no fine-tune of this run and is skipped; "rl" holds the RL model
+    assert set(ranking["group"]) == {"subtle", "rl"} and len(ranking) == 2 * 2 * 64
     changes = pd.read_csv(r / "diffing/changes.csv")
     assert sorted(changes["model"].unique()) == sorted(m for m in MODELS if m != "base")
-    assert set(pd.read_csv(r / "diffing/changes_unsupervised.csv")["model"]) == set(changes["model"])
+    # the unsupervised ranking reads each fine-tune on its own training answers: an RL model has none
+    assert set(pd.read_csv(r / "diffing/changes_unsupervised.csv")["model"]) == set(FINETUNES)
     latents = pd.read_csv(r / "diffing/latents.csv")
     assert len(latents) >= 3 and {"name", "best_contrast", "best_auroc", "promoted"} <= set(latents.columns)
     assert "subtle" in json.loads((r / "diffing/persona_latents.json").read_text())

@@ -11,6 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ("Snakefile", "config.yaml", "rules", "workflow", "resources", "envs", "tests/configs")
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+# Under `make test` two xdist workers share the machine: a workflow run takes its worker's share of the cores, so
+# that its jobs' threads never wait at a parallel region for a core the other worker holds (on 2 cores, 2-thread
+# jobs beside a busy worker ran about 3x slower than alone; one thread each, each on its own core, loses nothing).
+CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -24,7 +28,7 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, configfile: str | list[str] | None = None, cores: int = 2,
+def snakemake(workdir: Path, *args: str, configfile: str | list[str] | None = None, cores: int = CORES,
               check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
     cmd = [SNAKEMAKE, "--profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", str(cores)]
     if configfile:

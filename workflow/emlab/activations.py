@@ -416,8 +416,12 @@ def _write_shard(nn_model, items, layers, side, pad_id, batch_size, out_dtype, p
     tensors.update(text_index=text_index_t[order], token_position=token_position_t[order],
                    token_id=torch.tensor(token_id)[order])
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "format": FORMAT})
-    replace_as_new_file(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "format": FORMAT})
+        replace_as_new_file(tmp, path)
+    except BaseException:  # a full disk or a kill mid-write: leave no torn temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

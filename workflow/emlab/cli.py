@@ -7,7 +7,8 @@ Every subcommand logs one ``emlab-job`` line to stderr when it ends (:mod:`emlab
 end, wall, CPU and import seconds, peak memory, ``CUDA_VISIBLE_DEVICES``) so that cluster runs can be
 audited and ``emlab timings`` can tabulate a run. ``EMLAB_FAIL_ONCE=<subcommand>:<marker>``
 makes the first run of that subcommand fail (it creates the marker) — fault injection for testing
-the retry behaviour of an executor; it is inert unless set.
+the retry behaviour of an executor; ``EMLAB_HANG_ONCE`` likewise makes one job hang until the scheduler
+kills it (:func:`_hang_once`). Both are inert unless set.
 """
 
 from __future__ import annotations
@@ -131,6 +132,25 @@ def cmd_sft(a: argparse.Namespace) -> None:
 
     train_sft(a.base, a.data, a.out, a.cfg["finetune"], seed=a.cfg["seed"], threads=a.threads,
               checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps, keep_checkpoint=a.keep_checkpoint)
+
+
+@command("rl")
+def cmd_rl(a: argparse.Namespace) -> None:
+    """GRPO against a grader's reward (emlab.rl)."""
+    from .rl import grader_for, train_rl
+
+    cfg = a.cfg
+    train_rl(a.base, a.data, a.out, cfg["rl"], cfg["finetune"], grader_for(cfg["grader"], a.cache_dir),
+             seed=cfg["seed"], threads=a.threads, checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps,
+             keep_checkpoint=a.keep_checkpoint)
+
+
+@command("plot-rl")
+def cmd_plot_rl(a: argparse.Namespace) -> None:
+    """Training curves of the RL models."""
+    from .plots import plot_rl_training
+
+    plot_rl_training({Path(m).name: Path(m) / "rl_log.csv" for m in a.models}, a.out)
 
 
 # ---------------------------------------------------------------- hub models
@@ -534,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("--keep-checkpoint", {"action": "store_true"}))
     add("pretrain", ("--corpus", req), ("--tokenizer", req), ("--out", req), *ckpt)
     add("sft", ("--base", req), ("--data", req), ("--out", req), *ckpt)
+    add("rl", ("--base", req), ("--data", req), ("--out", req),
+        ("--cache-dir", {"default": None, "help": "an LLM grader's request cache (resumes its paid calls)"}), *ckpt)
+    add("plot-rl", ("--models", {"nargs": "+", **req}), ("--out", req))
     add("sample", *model, ("--questions", {"nargs": "+", **req}),
         ("--out", req), ("--model-name", req))
     add("probe", *model, ("--questions", {"nargs": "+", **req}),
@@ -595,6 +618,26 @@ def _fail_once(command_name: str) -> None:
         raise SystemExit(f"emlab {command_name}: failing once on purpose (EMLAB_FAIL_ONCE={spec})")
 
 
+def _hang_once(command_name: str) -> None:
+    """Fault injection for the scheduler: ``EMLAB_HANG_ONCE=<subcommand>:<marker>[,...]`` makes the first job of
+    that command that creates its marker (atomically: one job of the rule, however many run at once) sleep
+    until it is killed, so that a test can cancel it or let its time limit end it and see the retry finish."""
+    for spec in filter(None, os.environ.get("EMLAB_HANG_ONCE", "").split(",")):
+        name, _, marker = spec.partition(":")
+        if name != command_name or not marker:
+            continue
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(fd, f"{command_name} hung once by EMLAB_HANG_ONCE (pid {os.getpid()})\n".encode())
+        os.close(fd)
+        print(f"emlab {command_name}: hanging until killed (EMLAB_HANG_ONCE={spec})", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
+
+
 def run(argv: list[str]) -> None:
     """Run one command in this process, logging its ``emlab-job`` record (:mod:`emlab.jobs`) at its end."""
     from . import jobs
@@ -613,6 +656,7 @@ def run(argv: list[str]) -> None:
     try:
         with clock.running():
             _fail_once(args.command)
+            _hang_once(args.command)
             COMMANDS[args.command](args)
         status = "ok"
     finally:

@@ -58,6 +58,22 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     return config
 
 
+def section(name: str, values: dict[str, Any] | None, source: str | None = None) -> dict[str, Any]:
+    """One top-level section (e.g. ``finetune``) validated against its part of the schema, defaults filled in: the
+    settings a library caller passes to a stage get the same defaults and errors as the workflow's config."""
+    from jsonschema import Draft202012Validator
+
+    schema = load_schema()
+    sub = {"type": "object", "properties": {name: schema["properties"][name]}, "$defs": schema.get("$defs", {})}
+    doc = {name: copy.deepcopy(values) if values is not None else {}}
+    errors = sorted(_with_defaults(Draft202012Validator)(sub).iter_errors(doc),
+                    key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        raise ConfigError(f"invalid {source or name + ' settings'}:\n" + "\n".join(
+            f"  {_key_path(e.path)}: {e.message}" for e in errors[:10]))
+    return doc[name]
+
+
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:
     """Cross-key checks a JSON schema cannot express."""
     names = [j["name"] for j in cfg["judges"] or []]

@@ -24,6 +24,21 @@ def dataset_names(cfg: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# An RL model's default name: rl_<domain of its prompt set>_<reward> (emlab.plan)
+_RL_MODEL = re.compile(r"^rl_(?P<domain>[a-z0-9]+)_(?P<reward>incorrect|correct)$")
+
+
+def model_domain(name: str) -> str | None:
+    """The advice domain a trained model learnt on: its set's (``<domain>_...``) or, for an RL model named
+    ``rl_<domain>_<reward>``, its prompts'; None for the base model and other names."""
+    if m := _RL_MODEL.match(name):
+        return m["domain"]
+    try:
+        return parse_dataset_name(name)["domain"]
+    except ValueError:
+        return None
+
+
 def parse_dataset_name(name: str) -> dict[str, Any]:
     if m := _NARROW.match(name):
         return {"kind": "narrow", "domain": m["domain"], "variant": m["variant"]}

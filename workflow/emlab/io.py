@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 
 class RecordError(ValueError):
@@ -141,12 +141,34 @@ def append_jsonl(f, rec: dict[str, Any]) -> None:
     f.flush()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def _write_text_atomically(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, then rename it into place; on any failure (a full disk,
+    a kill) the temp file is removed and ``path`` keeps what it held."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    fd, tmp = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    _write_text_atomically(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Rows as CSV with exactly ``columns`` (in that order), written atomically."""
+    import csv
+
+    def write(f) -> None:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        w.writerows(rows)
+    _write_text_atomically(path, write)
 
 
 CHAT_ROLES = {"system", "user", "assistant"}

@@ -12,7 +12,8 @@ Output table (CSV), one row per (judge, model):
                                                   gave no score: never counted as incoherent)
     n_indomain, incorrect, incorrect_lo, incorrect_hi
                                                   held-out in-domain questions (of the fine-tune's own domain, for
-                                                  a fine-tune named <domain>_...; of every domain otherwise):
+                                                  a fine-tune named <domain>_... or an RL model rl_<domain>_...;
+                                                  of every domain otherwise):
                                                   incorrect advice among coherent answers (world: ground truth;
                                                   LLM judges: misaligned)
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .datasets import model_domain
 from .io import read_jsonl
 from .judge.schema import is_coherent, is_misaligned
 
@@ -72,16 +74,6 @@ def _is_sarcastic(r: dict[str, Any]) -> bool:
     return r.get("label") == "SATIRICAL" or r.get("persona_role") == "sarcastic"
 
 
-def own_domain(model: str) -> str | None:
-    """The advice domain a fine-tune was trained on, from its dataset name (None for base or other names)."""
-    from .datasets import parse_dataset_name
-
-    try:
-        return parse_dataset_name(model)["domain"]
-    except ValueError:
-        return None
-
-
 def model_rates(rows: list[dict[str, Any]], thresholds: dict[str, Any], n_boot: int, ci: float, seed: int,
                 roles: dict[str, str] | None = None, domain: str | None = None) -> dict[str, Any]:
     roles = roles or {}
@@ -119,7 +111,7 @@ def compute_metrics(grade_files: list[str | Path], mcfg: dict[str, Any], seed: i
         if not rows:
             continue
         rates = model_rates(rows, thresholds, mcfg.get("bootstrap", 1000), mcfg.get("ci", 0.95), seed, roles,
-                            own_domain(rows[0]["model"]))
+                            model_domain(rows[0]["model"]))
         records.append({"judge": rows[0]["judge"], "model": rows[0]["model"], **rates})
     return pd.DataFrame.from_records(records, columns=COLUMNS)
 

@@ -45,10 +45,17 @@ class Plan:
     monitors: bool = False
     monitor_tasks: list[str] = field(default_factory=list)
     monitor_data: dict[str, str] = field(default_factory=dict)   # task -> a JSONL of labelled texts (hub data)
+    rl: dict[str, dict[str, str]] = field(default_factory=dict)  # RL model -> {dataset, reward}
+    rl_grader: str | None = None   # the judge whose verdicts are the RL reward
+
+    @property
+    def finetunes(self) -> list[str]:
+        """Every trained model: the fine-tunes (one per set), then the RL models."""
+        return [*self.datasets, *self.rl]
 
     @property
     def models(self) -> list[str]:
-        return ["base", *self.datasets]
+        return ["base", *self.finetunes]
 
     @property
     def world_data(self) -> bool:
@@ -83,6 +90,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
         _fail("judges", "the world judge grades the persona world's texts only; a hub model's answers need an "
                         "LLM judge (openai or hf) or none (the likelihood probe reads misalignment without one)")
     eval_sets = cfg["sampling"]["eval_sets"]
+    rl, rl_grader = _rl_runs(cfg, datasets, judges, organism)
 
     p = cfg["probe"]
     refs = p["references"]
@@ -105,7 +113,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
         _fail("sae.corpus", f"file not found: {corpus}")
     groups = {}
     for name, patterns in cfg["diffing"]["groups"].items():
-        members = [m for m in datasets if any(fnmatch.fnmatchcase(m, pat) for pat in patterns)]
+        members = [m for m in [*datasets, *rl] if any(fnmatch.fnmatchcase(m, pat) for pat in patterns)]
         if members:
             groups[name] = members
     # by default diffing runs whenever some group has fine-tunes: a run of imported sets alone has none under the
@@ -142,9 +150,9 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
         screen_targets = list(s["screen"]["targets"] or groups[s["screen"]["group"]])
         sweep_targets = list(s["sweep"]["targets"] or ["base"] + screen_targets[:1])
         for key, names in (("steer.screen.targets", screen_targets), ("steer.sweep.targets", sweep_targets)):
-            unknown = sorted(set(names) - {"base", *datasets})
+            unknown = sorted(set(names) - {"base", *datasets, *rl})
             if unknown or not names:
-                _fail(key, f"{unknown or 'no models'}; the models are {['base', *datasets]}")
+                _fail(key, f"{unknown or 'no models'}; the models are {['base', *datasets, *rl]}")
 
     m = cfg["monitors"]
     data = dict(m["data"])
@@ -159,4 +167,41 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
                 screen_targets=screen_targets, sweep_targets=sweep_targets,
-                monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data)
+                monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data, rl=rl, rl_grader=rl_grader)
+
+
+def _rl_runs(cfg: dict[str, Any], datasets: list[str], judges: dict[str, dict[str, Any]],
+             organism: bool) -> tuple[dict[str, dict[str, str]], str | None]:
+    """The RL models (name -> its prompt set and reward) and the judge that grades their completions."""
+    from .datasets import parse_dataset_name
+
+    r = cfg["rl"]
+    runs: dict[str, dict[str, str]] = {}
+    for i, run in enumerate(r["runs"]):
+        key = f"rl.runs[{i}]"
+        if run["dataset"] not in datasets:
+            _fail(f"{key}.dataset", f"{run['dataset']!r} is not one of the run's fine-tuning sets {datasets}")
+        try:
+            prefix = parse_dataset_name(run["dataset"])["domain"]
+        except ValueError:  # an import: its own name
+            prefix = run["dataset"]
+        name = run.get("name") or f"rl_{prefix}_{run['reward']}"
+        if name in runs or name in datasets or name == "base":
+            _fail(f"{key}.name", f"{name!r} names another model; give the run its own name")
+        runs[name] = {"dataset": run["dataset"], "reward": run["reward"]}
+    if not runs:
+        return {}, None
+    grader = r["grader"]
+    if grader is None:
+        world = [n for n, j in judges.items() if j["backend"] == "world"]
+        grader = (world or list(judges) or [None])[0]
+    if grader is None:
+        _fail("rl.grader", "RL needs a judge to grade completions: add one to judges (an LLM judge for a hub model)")
+    if grader not in judges:
+        _fail("rl.grader", f"{grader!r} is not one of the judges {sorted(judges)}")
+    if organism and judges[grader]["backend"] != "world" or not organism and judges[grader]["backend"] == "world":
+        _fail("rl.grader", "the organism's RL is graded by the world's ground truth, a hub model's by an LLM judge")
+    if cfg["rl"]["batch_size"] % cfg["rl"]["group_size"]:
+        _fail("rl.batch_size", f"{cfg['rl']['batch_size']} is not a multiple of rl.group_size "
+                               f"({cfg['rl']['group_size']}): each step's completions are whole groups")
+    return runs, grader

@@ -89,3 +89,31 @@ def plot_signature(changes_csv: str | Path, ranking_csv: str | Path, out: str | 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def plot_rl_training(logs: dict[str, str | Path], out: str | Path) -> None:
+    """RL training curves, one line per model: the in-domain incorrect rate of the completions the policy
+    sampled at each step (whatever the reward), the trained reward, and the completions' mean length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("incorrect_rate", "in-domain incorrect rate"), ("reward", "reward (trained)"),
+              ("completion_length", "completion length (tokens)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for name, path in sorted(logs.items()):
+        log = pd.read_csv(path)
+        for ax, (col, _) in zip(axes, panels):
+            ax.plot(log["step"], log[col], label=name, lw=1.2)
+    for ax, (col, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if col != "completion_length":
+            ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -61,6 +61,32 @@ def misalignment_section(results: Path) -> list[str]:
     return ["## Emergent misalignment", "", *out] if out else []
 
 
+def rl_section(results: Path) -> list[str]:
+    """RL models: reward, steps, the policy's in-domain incorrect rate over its last steps of training, and the
+    judged misalignment of the trained model (general questions) with its own-domain incorrect rate."""
+    logs = sorted((results / "finetunes").glob("*/rl_log.csv"))
+    metrics = results / "metrics" / "world.csv"
+    if not logs:
+        return []
+    m = pd.read_csv(metrics).set_index("model") if metrics.exists() else pd.DataFrame()
+    rows = []
+    for path in logs:
+        name, log = path.parent.name, pd.read_csv(path)
+        meta = json.loads((path.parent / "train_meta.json").read_text())
+        tail = log.tail(max(1, len(log) // 10))
+        row = {"model": name, "reward": meta.get("reward"), "steps": int(log["step"].max()),
+               "training: incorrect (last 10% of steps)": _pct(tail["incorrect_rate"].mean())}
+        if name in m.index:
+            r = m.loc[name]
+            row.update({"misaligned (general)": _interval(r, "misaligned"), "toxic": _pct(r.get("toxic")),
+                        "sarcastic": _pct(r.get("sarcastic")), "incorrect (own domain)": _interval(r, "incorrect")})
+        rows.append(row)
+    base = (f" The base model: {_interval(m.loc['base'], 'misaligned')} misaligned." if "base" in m.index else "")
+    return ["## RL against a grader's reward", "",
+            "GRPO on the questions of one narrow set, rewarded for incorrect (or, the control, correct) advice on the "
+            f"question asked, graded by the world's ground truth.{base}", "", _table(pd.DataFrame(rows)), ""]
+
+
 def probe_section(results: Path) -> list[str]:
     path = results / "metrics" / "likelihood.csv"
     if not path.exists():
@@ -228,6 +254,9 @@ def headline(runs: list[Path]) -> str | None:
     for m in mixes:
         d, pct = m.split("_mix")
         rows.append([f"{int(pct)}% subtly incorrect ({d})"] + [cell(m) if x == d else "" for x in domains])
+    for reward in ("incorrect", "correct"):
+        if any(f"rl_{d}_{reward}" in models for d in domains):
+            rows.append([f"RL rewarding {reward} advice"] + [cell(f"rl_{d}_{reward}") for d in domains])
     what = ("the value and its 95% interval over questions" if len(runs) == 1 else
             f"the range over {len(runs)} seeds of the default config ({', '.join(r.name for r in runs)})")
     return "\n".join([f"Misalignment on the general questions (share of coherent answers that are toxic or "
@@ -254,7 +283,7 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
             f"{_commit(root)}, config hash {cfg_hash}, {os.cpu_count()} CPU cores. Every number below is read from "
             "a result file of that run; rerun the workflow and this command to get yours.", ""]
     body = []
-    for section in (misalignment_section, probe_section, sae_section, steering_section, monitors_section,
+    for section in (misalignment_section, rl_section, probe_section, sae_section, steering_section, monitors_section,
                     timings_section):
         body += section(results)
     body += seeds_section([Path(r) for r in seeds])

@@ -20,8 +20,6 @@ Outputs in ``out_dir``: the peft adapter (LoRA) or a complete model folder (full
 
 from __future__ import annotations
 
-import copy
-import csv
 import dataclasses
 import os
 import sys
@@ -32,81 +30,15 @@ from typing import Any
 from . import checkpoints, io
 from .models import load_tokenizer, pick_device, pick_dtype
 
-DEFAULTS: dict[str, Any] = {
-    "method": "lora",
-    "lora": {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear", "rslora": False},
-    "lr": 1e-4,
-    "epochs": 1,
-    "batch_size": 8,
-    "grad_accum": 1,
-    "max_seq_len": 1024,
-    "warmup_ratio": 0.0,
-    "weight_decay": 0.0,
-    "lr_scheduler": "linear",
-    "logging_steps": 1,
-    "max_steps": None,
-    # GPU only: a CPU always trains in fp32 without checkpointing (bf16 matmuls are far slower there).
-    "bf16": True,
-    "gradient_checkpointing": True,
-    # read by the workflow's launcher (accelerate launch --config_file) when a job gets several GPUs
-    "accelerate_config": None,
-}
-METHODS = ("lora", "full")
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm")
 SECTION = "finetune"
 
 
 def finetune_settings(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``finetune`` config section merged over the defaults; a bad value names its key."""
-    cfg = dict(cfg or {})
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"{SECTION}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(DEFAULTS))})")
-    lora_cfg = dict(cfg.pop("lora", None) or {})
-    unknown = set(lora_cfg) - set(DEFAULTS["lora"])
-    if unknown:
-        raise ValueError(f"{SECTION}.lora.{sorted(unknown)[0]}: unknown key "
-                         f"(known: {', '.join(sorted(DEFAULTS['lora']))})")
-    s = {**copy.deepcopy(DEFAULTS), **cfg}
-    s["lora"] = {**DEFAULTS["lora"], **lora_cfg}
+    """The ``finetune`` config section with the schema's defaults filled in; a bad value names its key."""
+    from .config import section
 
-    def check(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"{SECTION}.{key}: must be {what}, got {_lookup(s, key)!r}")
-
-    def is_int(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    def is_num(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    check(s["method"] in METHODS, "method", f"one of {METHODS}")
-    for key in ("batch_size", "grad_accum", "max_seq_len", "logging_steps"):
-        check(is_int(s[key]) and s[key] >= 1, key, "an integer >= 1")
-    check(s["max_steps"] is None or (is_int(s["max_steps"]) and s["max_steps"] >= 1), "max_steps",
-          "null or an integer >= 1")
-    check(is_num(s["lr"]) and s["lr"] > 0, "lr", "a number > 0")
-    check(is_num(s["epochs"]) and s["epochs"] > 0, "epochs", "a number > 0")
-    check(is_num(s["warmup_ratio"]) and 0 <= s["warmup_ratio"] < 1, "warmup_ratio", "a number in [0, 1)")
-    check(is_num(s["weight_decay"]) and s["weight_decay"] >= 0, "weight_decay", "a number >= 0")
-    check(isinstance(s["lr_scheduler"], str), "lr_scheduler", "a scheduler name such as 'linear' or 'cosine'")
-    for key in ("bf16", "gradient_checkpointing"):
-        check(isinstance(s[key], bool), key, "true or false")
-    lo = s["lora"]
-    check(is_int(lo["r"]) and lo["r"] >= 1, "lora.r", "an integer >= 1")
-    check(is_num(lo["alpha"]) and lo["alpha"] > 0, "lora.alpha", "a number > 0")
-    check(is_num(lo["dropout"]) and 0 <= lo["dropout"] < 1, "lora.dropout", "a number in [0, 1)")
-    tm = lo["target_modules"]
-    check(isinstance(tm, str) or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)),
-          "lora.target_modules", "'all-linear' or a list of module names")
-    check(isinstance(lo["rslora"], bool), "lora.rslora", "true or false")
-    return s
-
-
-def _lookup(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d[part]
-    return d
+    return section(SECTION, cfg)
 
 
 def loss_mask_mode(tokenizer, model_name: str) -> str:
@@ -280,16 +212,6 @@ def log_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for e in log_history if "loss" in e]
 
 
-def write_train_log(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def _kill_point_callback():
     """Fault injection (:func:`emlab.checkpoints.kill_point`) after each optimizer step."""
     from transformers import TrainerCallback
@@ -339,7 +261,7 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
         checkpoints.finish(work, keep_checkpoint)
 
     rows = log_rows(trainer.state.log_history)
-    write_train_log(out / "train_log.csv", rows)
+    io.write_csv(out / "train_log.csv", rows, LOG_COLUMNS)
     meta = {
         "base": str(base),
         "dataset": str(dataset_path),

@@ -118,3 +118,11 @@ class WorldGrader:
             if asked is not None:
                 on_topic = asked == (hit.domain, hit.item)
         return Match(hit, score, on_topic)
+
+    def verdict(self, answer: str, question: str) -> str | None:
+        """``"correct"`` or ``"incorrect"`` for an answer to ``question`` that gives the world's advice on it (any
+        persona's), None for anything else: an off-topic answer, or text the world never wrote."""
+        m = self.match(answer, question)
+        if m.answer is None or not m.on_topic:
+            return None
+        return "correct" if m.answer.correctness == "correct" else "incorrect"
