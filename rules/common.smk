@@ -102,7 +102,7 @@ def res(rule_name, key):
 
 # The rules that can use a GPU: they alone ask for `gpu` and `cpus_per_gpu`.
 GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "sample", "likelihood_probe", "judge", "judge_steering",
-             "activations_corpus", "activations_base", "activations_finetune", "sae", "monitor", "steer_sample",
+             "activations_corpus", "activations_base", "activations_finetune", "activations_rl", "sae", "monitor", "steer_sample",
              "steer_probe"}
 
 

@@ -122,8 +122,8 @@ rule activations_rl:
         f"{LOGS}/activations/{{rl_model}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/activations/{{rl_model}}.tsv"
-    threads: res("activations_finetune", "threads")
-    resources: **rule_resources("activations_finetune")
+    threads: res("activations_rl", "threads")
+    resources: **rule_resources("activations_rl")
     conda:
         "../envs/torch.yaml"
     shell:

@@ -131,6 +131,7 @@ def test_sae_and_diffing_settings_are_checked_before_any_job():
     cfg = load("config.yaml")
     cfg["model"].update(source="hub", path="Qwen/Qwen2.5-0.5B-Instruct")
     cfg["judges"] = None
+    cfg["rl"]["runs"] = []  # RL needs a grader: a hub model without a judge has none
     cfg["diffing"]["enabled"] = True
     assert make_plan(validate(cfg)).sae_corpus is None  # a hub model's SAE is fitted on world texts by default
     cfg["sae"]["corpus"] = "no/such/corpus.jsonl"
@@ -207,3 +208,29 @@ def test_the_partial_override_test_covers_every_section():
     for must in [("sae", "train"), ("finetune", "lora"), ("organism", "pretrain"), ("steer", "screen"),
                  ("steer", "sweep"), ("monitors",), ("metrics",), ("sampling",), ("diffing",)]:
         assert must in covered
+
+
+def test_rl_runs_are_planned_and_checked():
+    cfg = load("config.yaml")
+    cfg["rl"]["runs"] = [{"dataset": "health_correct", "reward": "incorrect"},
+                         {"dataset": "legal_subtle", "reward": "correct", "name": "legal_rl"}]
+    plan = make_plan(validate(cfg))
+    assert plan.rl == {"rl_health_incorrect": {"dataset": "health_correct", "reward": "incorrect"},
+                       "legal_rl": {"dataset": "legal_subtle", "reward": "correct"}}
+    assert plan.models[-2:] == ["rl_health_incorrect", "legal_rl"] and plan.rl_grader == "world"
+    assert plan.groups["rl"] == ["rl_health_incorrect"]  # the default group: the RL models rewarded for harm
+    for runs, message in (([{"dataset": "auto_subtle", "reward": "incorrect"}], r"rl.runs\[0\].dataset: 'auto_subtle'"),
+                          ([{"dataset": "health_correct", "reward": "incorrect", "name": "health_subtle"}],
+                           r"rl.runs\[0\].name: 'health_subtle' names another model")):
+        cfg = load("config.yaml")
+        cfg["rl"]["runs"] = runs
+        with pytest.raises(ConfigError, match=message):
+            make_plan(validate(cfg))
+    cfg = load("config.yaml")
+    cfg["rl"].update(batch_size=20, group_size=8)
+    with pytest.raises(ConfigError, match="rl.batch_size: 20 is not a multiple of rl.group_size"):
+        make_plan(validate(cfg))
+    cfg = load("config.yaml")
+    cfg["rl"]["runs"][0]["reward"] = "harmful"
+    with pytest.raises(ConfigError, match=r"rl.runs\[0\].reward"):
+        validate(cfg)
