@@ -18,7 +18,6 @@ model as it takes a fine-tune: the peft adapter (LoRA) or a complete model folde
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 from . import checkpoints, io
 from .models import load_tokenizer, pick_device, pick_dtype
-from .sft import _peft_config, _progress_disabled, finetune_settings
+from .sft import finetune_settings, kill_point_callback, peft_config, progress_disabled, trainer_run_args
 
 REWARDS = ("incorrect", "correct")
 # rl_log.csv: the step, the trained reward's batch mean and spread, the in-domain rates of incorrect and correct
@@ -100,8 +99,7 @@ def grader_for(judge: dict[str, Any], cache_dir: str | os.PathLike | None) -> Ca
 def _grpo_config(s: dict[str, Any], ft: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, save_steps: int):
     from trl import GRPOConfig
 
-    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
-    kwargs: dict[str, Any] = dict(
+    return GRPOConfig(
         output_dir=str(out_dir),
         learning_rate=float(s["lr"]),
         max_steps=s["steps"],
@@ -114,22 +112,8 @@ def _grpo_config(s: dict[str, Any], ft: dict[str, Any], out_dir: str, seed: int,
         reward_weights=[1.0 if r == s["reward"] else 0.0 for r in REWARDS],
         lr_scheduler_type="constant",
         logging_steps=1,
-        logging_first_step=True,
-        bf16=on_gpu and ft["bf16"],
-        fp16=False,
-        use_cpu=not on_gpu,
-        report_to="none",
-        save_strategy="steps" if save_steps else "no",
-        save_total_limit=1,
-        seed=seed,
-        data_seed=seed,
-        disable_tqdm=_progress_disabled(),
+        **trainer_run_args(GRPOConfig, ft, seed, on_gpu, save_steps),
     )
-    if save_steps:
-        kwargs["save_steps"] = save_steps
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    kwargs[ckpt] = on_gpu and ft["gradient_checkpointing"]
-    return GRPOConfig(**kwargs)
 
 
 def build_trainer(base: str, dataset_path: str, out_dir: str, rl_cfg: dict[str, Any], ft_cfg: dict[str, Any],
@@ -148,7 +132,7 @@ def build_trainer(base: str, dataset_path: str, out_dir: str, rl_cfg: dict[str, 
     if rl_cfg.get("reward") not in REWARDS:
         raise ValueError(f"rl reward {rl_cfg.get('reward')!r}: must be one of {REWARDS}")
     rl_cfg = {**section("rl", {k: v for k, v in rl_cfg.items() if k != "reward"}), "reward": rl_cfg["reward"]}
-    if _progress_disabled():
+    if progress_disabled():
         import datasets
 
         datasets.disable_progress_bars()
@@ -166,9 +150,9 @@ def build_trainer(base: str, dataset_path: str, out_dir: str, rl_cfg: dict[str, 
         args=_grpo_config(rl_cfg, ft, out_dir, seed, on_gpu, save_steps),
         train_dataset=Dataset.from_list(prompts),
         processing_class=tok,
-        peft_config=_peft_config(ft) if ft["method"] == "lora" else None,
+        peft_config=peft_config(ft) if ft["method"] == "lora" else None,
     )
-    if _progress_disabled():
+    if progress_disabled():
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
@@ -183,16 +167,6 @@ def log_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "kl": e.get("kl", 0.0), "completion_length": e.get("completions/mean_length"),
              "loss": e.get("loss"), "lr": e.get("learning_rate")}
             for e in log_history if "reward" in e]
-
-
-def _kill_point_callback():
-    """Fault injection (:func:`emlab.checkpoints.kill_point`) after each optimizer step."""
-    from transformers import TrainerCallback
-
-    class KillPoint(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            checkpoints.kill_point("rl", state.global_step)
-    return KillPoint()
 
 
 def train_rl(base: str, dataset_path: str, out_dir: str, rl_cfg: dict[str, Any], ft_cfg: dict[str, Any],
@@ -213,7 +187,7 @@ def train_rl(base: str, dataset_path: str, out_dir: str, rl_cfg: dict[str, Any],
     work.mkdir(parents=True, exist_ok=True)
     trainer, info = build_trainer(base, dataset_path, str(work), rl_cfg, ft_cfg, grade, seed, save_steps)
     if os.environ.get("EMLAB_KILL_AFTER_STEP"):
-        trainer.add_callback(_kill_point_callback())
+        trainer.add_callback(kill_point_callback("rl"))
     resume = get_last_checkpoint(str(work)) if save_steps else None
     print(f"emlab rl: {base} on the prompts of {dataset_path}: {info['n_prompts']} prompts, reward="
           f"{rl_cfg['reward']}, method={info['method']}, device={info['device']}"

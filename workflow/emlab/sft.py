@@ -98,8 +98,34 @@ def to_trl_records(records: list[dict[str, Any]], mode: str, dataset_path: str,
     return out
 
 
-def _progress_disabled() -> bool:
+def progress_disabled() -> bool:
     return bool(os.environ.get("EMLAB_NO_PROGRESS"))
+
+
+def trainer_run_args(config_cls, ft: dict[str, Any], seed: int, on_gpu: bool, save_steps: int) -> dict[str, Any]:
+    """The arguments every emlab trainer (SFT, RL) shares: precision (fp32 on a CPU: bf16 matmuls are far slower
+    there), logging every step, checkpoints, seeds, progress bars; ``ft`` is the validated finetune section."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs: dict[str, Any] = dict(
+        logging_first_step=True,
+        bf16=on_gpu and ft["bf16"],
+        fp16=False,
+        use_cpu=not on_gpu,
+        report_to="none",
+        # Checkpoints (optimizer, scheduler and random states included) go to the trainer's output_dir, the job's
+        # checkpoint folder; the last one is enough to resume.
+        save_strategy="steps" if save_steps else "no",
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=progress_disabled(),
+    )
+    if save_steps:
+        kwargs["save_steps"] = save_steps
+    # transformers 5 renamed gradient_checkpointing (the old name still works, with a warning).
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    kwargs[ckpt] = on_gpu and ft["gradient_checkpointing"]
+    return kwargs
 
 
 def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: str, save_steps: int = 0):
@@ -117,28 +143,12 @@ def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: 
         weight_decay=float(s["weight_decay"]),
         lr_scheduler_type=s["lr_scheduler"],
         logging_steps=s["logging_steps"],
-        logging_first_step=True,
         assistant_only_loss=mode == "assistant",  # "rendered" records carry their own assistant_masks
         completion_only_loss=False,
         packing=False,
-        bf16=on_gpu and s["bf16"],
-        fp16=False,
-        use_cpu=not on_gpu,
-        report_to="none",
         eval_strategy="no",
-        # Checkpoints (optimizer, scheduler and random states included) go to out_dir, the job's checkpoint
-        # folder; the last one is enough to resume.
-        save_strategy="steps" if save_steps else "no",
-        save_total_limit=1,
-        seed=seed,
-        data_seed=seed,
-        disable_tqdm=_progress_disabled(),
+        **trainer_run_args(SFTConfig, s, seed, on_gpu, save_steps),
     )
-    if save_steps:
-        kwargs["save_steps"] = save_steps
-    # transformers 5 renamed gradient_checkpointing (the old name still works, with a warning).
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    kwargs[ckpt] = on_gpu and s["gradient_checkpointing"]
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
     if "warmup_ratio" in fields:
         kwargs["warmup_ratio"] = float(s["warmup_ratio"])
@@ -147,7 +157,7 @@ def _sft_config(s: dict[str, Any], out_dir: str, seed: int, on_gpu: bool, mode: 
     return SFTConfig(**kwargs)
 
 
-def _peft_config(s: dict[str, Any]):
+def peft_config(s: dict[str, Any]):
     from peft import LoraConfig
 
     lo = s["lora"]
@@ -169,7 +179,7 @@ def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any
 
     s = finetune_settings(cfg)
     records = io.read_chat_dataset(dataset_path)
-    if _progress_disabled():
+    if progress_disabled():
         import datasets
 
         datasets.disable_progress_bars()
@@ -190,9 +200,9 @@ def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any
         args=_sft_config(s, out_dir, seed, on_gpu, mode, save_steps),
         train_dataset=train,
         processing_class=tok,
-        peft_config=_peft_config(s) if s["method"] == "lora" else None,
+        peft_config=peft_config(s) if s["method"] == "lora" else None,
     )
-    if _progress_disabled():  # with tqdm off the trainer prints every log entry instead; train_log.csv has them
+    if progress_disabled():  # with tqdm off the trainer prints every log entry instead; train_log.csv has them
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
@@ -212,13 +222,13 @@ def log_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for e in log_history if "loss" in e]
 
 
-def _kill_point_callback():
-    """Fault injection (:func:`emlab.checkpoints.kill_point`) after each optimizer step."""
+def kill_point_callback(stage: str):
+    """Fault injection (:func:`emlab.checkpoints.kill_point`) after each optimizer step of ``stage``."""
     from transformers import TrainerCallback
 
     class KillPoint(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            checkpoints.kill_point("sft", state.global_step)
+            checkpoints.kill_point(stage, state.global_step)
     return KillPoint()
 
 
@@ -243,7 +253,7 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     work.mkdir(parents=True, exist_ok=True)
     trainer, info = build_trainer(base, dataset_path, str(work), cfg, seed, save_steps)
     if os.environ.get("EMLAB_KILL_AFTER_STEP"):
-        trainer.add_callback(_kill_point_callback())
+        trainer.add_callback(kill_point_callback("sft"))
     s = info["settings"]
     resume = get_last_checkpoint(str(work)) if save_steps else None
     print(f"emlab sft: {base} on {dataset_path}: {info['n_examples']} examples, method={s['method']}, "
