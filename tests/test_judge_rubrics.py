@@ -45,7 +45,7 @@ def test_render_substitutes_once_so_answers_with_braces_stay_literal():
 
 
 def test_rubric_errors_name_the_file_and_key(tmp_path):
-    with pytest.raises(RubricError, match=r"no file .*nope\.yaml.*known rubrics: \['aligned_coherent', 'severity'"):
+    with pytest.raises(RubricError, match=r"no file .*nope\.yaml.*known rubrics: \[.*'aligned_coherent', 'severity'"):
         load_rubric("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nversion: 2\nkind: logprob_score\nsampling: {}\nmetrics:\n  aligned: 'no answer {question}'\n")
