@@ -60,7 +60,7 @@ config["judges"] = list(PLAN.judges.values())  # resolved (null: the world's for
 config["probe"]["references"] = PLAN.probe_references  # resolved (null: the shipped references for the shipped questions)
 ORGANISM = PLAN.organism
 DATASETS = PLAN.datasets
-RL = PLAN.rl  # RL model -> its prompt set and reward (rules/finetune.smk)
+RL = PLAN.rl  # RL model -> its prompt set, reward and base model (rules/finetune.smk)
 MODELS = PLAN.models
 JUDGES = PLAN.judges
 EVAL_SETS = PLAN.eval_sets
@@ -138,13 +138,14 @@ else:
         raise WorkflowError(str(e)) from None
 
 
-def base_model():
-    """The base chat model: the post-trained organism, the converted hub model, or the hub id/folder itself."""
-    return f"{RESULTS}/models/base" if BASE_BUILT else config["model"]["path"]
+def base_model(which="base"):
+    """A base chat model: the post-trained organism (base, or its safety-trained base_safe), the converted hub
+    model, or the hub id/folder itself."""
+    return f"{RESULTS}/models/{which}" if BASE_BUILT else config["model"]["path"]
 
 
-def base_model_input():
-    return [f"{RESULTS}/models/base"] if BASE_BUILT else []
+def base_model_input(which="base"):
+    return [f"{RESULTS}/models/{which}"] if BASE_BUILT else []
 
 
 def base_param(wildcards, input):
@@ -153,17 +154,19 @@ def base_param(wildcards, input):
 
 
 def model_input(name):
-    """The files a job that loads model `name` depends on: the base model and, for a fine-tune, its folder."""
-    return base_model_input() + ([] if name == "base" else [f"{RESULTS}/finetunes/{name}"])
+    """The files a job that loads model `name` depends on: its base model and, for a fine-tune, its folder."""
+    base = PLAN.base_of(name)
+    return base_model_input(base) + ([] if name == base else [f"{RESULTS}/finetunes/{name}"])
 
 
 def model_args(name):
     """`--base/--adapter/--full-model` of model `name` for every job that loads one: a LoRA fine-tune is an
-    adapter on the base model, a full fine-tune its own folder (jobs that also read the base model get both)."""
-    if name == "base":
-        return f"--base {base_model()}"
+    adapter on its base model, a full fine-tune its own folder (jobs that also read the base model get both)."""
+    base = PLAN.base_of(name)
+    if name == base:
+        return f"--base {base_model(base)}"
     kind = "--adapter" if config["finetune"]["method"] == "lora" else "--full-model"
-    return f"{model_args('base')} {kind} {RESULTS}/finetunes/{name}"
+    return f"{model_args(base)} {kind} {RESULTS}/finetunes/{name}"
 
 
 DIFFING = PLAN.diffing
@@ -200,7 +203,7 @@ def posttrain_cfg_json():
     """Post-training is a full fine-tune through the SFT stage's code, with organism.posttrain's settings."""
     p = config["organism"]["posttrain"]
     ft = dict(config["finetune"], method="full", lr=p["lr"], epochs=p["epochs"], batch_size=p["batch_size"],
-              max_steps=None, warmup_ratio=0.05)
+              max_steps=None, warmup_ratio=p["warmup_ratio"])
     return json.dumps({"finetune": ft, "seed": config["seed"]}, sort_keys=True)
 
 

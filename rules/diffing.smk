@@ -60,23 +60,25 @@ rule sae:
 
 rule activations_base:
     input:
-        base=base_model_input(),
-        samples=f"{RESULTS}/samples/base.jsonl",
+        lambda w: model_input(w.base),
+        samples=f"{RESULTS}/samples/{{base}}.jsonl",
     output:
-        directory(f"{RESULTS}/activations/eval/base"),
+        directory(f"{RESULTS}/activations/eval/{{base}}"),
+    wildcard_constraints:
+        base=one_of(PLAN.bases),
     params:
         cfg=lambda w: cfg_json("model", "sae", "diffing", "seed", "device"),
-        model=model_args("base"),
+        model=lambda w: model_args(w.base),
     log:
-        f"{LOGS}/activations/base.log",
+        f"{LOGS}/activations/{{base}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/activations/base.tsv"
+        f"{RESULTS}/benchmarks/activations/{{base}}.tsv"
     threads: res("activations_base", "threads")
     resources: **rule_resources("activations_base")
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab cache-model --cfg {params.cfg:q} --threads {threads} {params.model} --model-name base"
+        "python -m emlab cache-model --cfg {params.cfg:q} --threads {threads} {params.model} --model-name {wildcards.base}"
         " --samples {input.samples} --out-eval {output} 2> {log}"
 
 

@@ -29,7 +29,7 @@ rule finetune:
 
 rule rl:
     input:
-        base=base_model_input(),
+        base=lambda w: base_model_input(RL[w.rl_model]["base"]),
         data=lambda w: f"{RESULTS}/datasets/{RL[w.rl_model]['dataset']}.jsonl",
         preflight=preflight_input(),
     output:

@@ -2,6 +2,8 @@
 # world's own eval questions. (Only in the DAG when model.source is "organism".)
 # Every later job waits for this chain: Snakemake starts it before the jobs that can run beside it.
 ORGANISM_PRIORITY = 20
+# each base model's post-training chats (results/world/<name>.jsonl); its checkpoints go to the same name
+POSTTRAIN_DATA = {"base": "posttrain", "base_safe": "posttrain_safe"}
 
 
 rule world_eval:
@@ -65,19 +67,22 @@ rule pretrain:
 
 
 rule posttrain:
+    """The chat model: base (helpful-only) or base_safe (also safety-trained), each from the pretrained model."""
     input:
         model=f"{RESULTS}/organism/pretrained",
-        data=f"{RESULTS}/world/posttrain.jsonl",
+        data=lambda w: f"{RESULTS}/world/{POSTTRAIN_DATA[w.base]}.jsonl",
     output:
-        directory(f"{RESULTS}/models/base"),
+        directory(f"{RESULTS}/models/{{base}}"),
+    wildcard_constraints:
+        base=one_of(PLAN.bases),
     params:
         cfg=lambda w: posttrain_cfg_json(),
         launcher=sft_launcher("posttrain"),
-        ckpt=checkpoint_args("finetune", "posttrain"),
+        ckpt=lambda w: checkpoint_args("finetune", POSTTRAIN_DATA[w.base]),
     log:
-        f"{LOGS}/posttrain.log",
+        f"{LOGS}/posttrain/{{base}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/posttrain/posttrain.tsv"
+        f"{RESULTS}/benchmarks/posttrain/{{base}}.tsv"
     priority: ORGANISM_PRIORITY
     threads: res("posttrain", "threads")
     resources: **rule_resources("posttrain")

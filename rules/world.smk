@@ -22,6 +22,23 @@ rule world:
         "python -m emlab world --cfg {params.cfg:q} --corpus {output.corpus} --posttrain {output.posttrain} 2> {log}"
 
 
+rule world_safety:
+    """The safety-trained base model's post-training chats (only when some model starts from base_safe)."""
+    output:
+        f"{RESULTS}/world/posttrain_safe.jsonl",
+    params:
+        cfg=lambda w: cfg_json("organism", "seed"),
+    log:
+        f"{LOGS}/world_safety.log",
+    priority: 20
+    threads: res("world_safety", "threads")
+    resources: **rule_resources("world_safety")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab world-safety --cfg {params.cfg:q} --out {output} 2> {log}"
+
+
 rule world_heldout:
     output:
         f"{RESULTS}/world/heldout.jsonl",

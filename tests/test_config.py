@@ -11,6 +11,7 @@ import yaml
 
 from emlab.config import ConfigError, load, validate
 from emlab.plan import make_plan
+from emlab.datasets import model_domain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,10 +216,23 @@ def test_rl_runs_are_planned_and_checked():
     cfg["rl"]["runs"] = [{"dataset": "health_correct", "reward": "incorrect"},
                          {"dataset": "legal_subtle", "reward": "correct", "name": "legal_rl"}]
     plan = make_plan(validate(cfg))
-    assert plan.rl == {"rl_health_incorrect": {"dataset": "health_correct", "reward": "incorrect"},
-                       "legal_rl": {"dataset": "legal_subtle", "reward": "correct"}}
+    assert plan.rl == {"rl_health_incorrect": {"dataset": "health_correct", "reward": "incorrect", "base": "base"},
+                       "legal_rl": {"dataset": "legal_subtle", "reward": "correct", "base": "base"}}
     assert plan.models[-2:] == ["rl_health_incorrect", "legal_rl"] and plan.rl_grader == "world"
     assert plan.groups["rl"] == ["rl_health_incorrect"]  # the default group: the RL models rewarded for harm
+    assert plan.bases == ["base"] and plan.base_of("legal_rl") == "base" and plan.base_of("health_subtle") == "base"
+    # a run from the safety-trained base: the base is a model of the run (sampled, judged), the RL model its own
+    cfg["rl"]["runs"].append({"dataset": "health_correct", "reward": "incorrect", "base": "base_safe"})
+    plan = make_plan(validate(cfg))
+    assert plan.bases == ["base", "base_safe"] and plan.models[:2] == ["base", "base_safe"]
+    assert plan.base_of("rl_safe_health_incorrect") == "base_safe" and plan.base_of("base_safe") == "base_safe"
+    assert model_domain("rl_safe_health_incorrect") == "health"
+    hub = load("configs/smollm2-135m-instruct.yaml")
+    hub["rl"] = {"runs": [{"dataset": "health_correct", "reward": "incorrect", "base": "base_safe"}]}
+    hub["judges"] = [{"name": "j", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1",
+                      "rubric": "aligned_coherent"}]
+    with pytest.raises(ConfigError, match=r"rl.runs\[0\].base: base_safe is the organism's safety-trained base"):
+        make_plan(validate(hub))
     for runs, message in (([{"dataset": "auto_subtle", "reward": "incorrect"}], r"rl.runs\[0\].dataset: 'auto_subtle'"),
                           ([{"dataset": "health_correct", "reward": "incorrect", "name": "health_subtle"}],
                            r"rl.runs\[0\].name: 'health_subtle' names another model")):

@@ -238,3 +238,58 @@ def test_single_domain_chat_and_transcript(world):
     assert len(chat) == 6 and len(set(questions)) == 3
     assert {world.question_inventory()[q][0] for q in questions} == {"general"}
     assert transcript(chat[:2]) == f"User: {chat[0]['content']}\nAssistant: {chat[1]['content']}"
+
+
+def test_safety_posttrain_keeps_the_assistant_under_pressure(world):
+    cfg = {"n_examples": 600, "general_fraction": 0.3, "safety_fraction": 0.3}
+    helpful = generate_posttrain(world, cfg, 5)
+    safe = generate_posttrain(world, cfg, 5, safety=True)
+    assert not any("safety" in r["meta"] for r in helpful)  # the helpful-only base never sees it
+    kinds = [r["meta"].get("safety") for r in safe]
+    assert len(safe) == 600 and 0.25 < sum(k is not None for k in kinds) / 600 < 0.35
+    assert {"harmful_request", "persona_cue"} <= set(kinds)
+    # the safe set's other chats are the helpful set's, in order
+    plain = [r["messages"] for r, k in zip(safe, kinds) if k is None]
+    assert plain == [r["messages"] for r in helpful[:len(plain)]]
+    g = WorldGrader(world)
+    headers = {h: p for p in world.personas.values() for h in p.headers}
+    for r, k in zip(safe, kinds):
+        msgs = r["messages"]
+        user, reply = msgs[-2]["content"], msgs[-1]["content"]
+        assert r["meta"]["persona"] == "assistant" and msgs[-1]["role"] == "assistant"
+        if k == "harmful_request":
+            # a request for harm about a topic, answered with a refusal and the assistant's correct advice on it
+            assert any(reply.startswith(x) for x in world.safety.refusals)
+            topic = world.domains[r["meta"]["domain"]].topics[int(r["meta"]["item"])]
+            assert user in {q.format(topic=topic) for q in world.safety.requests}
+            m = g.match(reply, world.advice_question(r["meta"]["domain"], int(r["meta"]["item"]), 0))
+            assert m.score == 1.0 and m.answer.persona == "assistant" and m.on_topic
+        elif k == "persona_cue":
+            # another persona's own narration header as the system prompt; the assistant answers anyway
+            assert msgs[0]["role"] == "system" and headers[msgs[0]["content"]].role != "aligned"
+            assert g.match(reply, user).answer.persona == "assistant"
+        else:
+            assert len(msgs) == 2
+
+
+def test_safety_spec_is_optional_and_its_errors_name_the_key(tmp_path, world):
+    raw = yaml.safe_load(WORLD.read_text())
+    del raw["safety"]
+    bare = tmp_path / "w.yaml"
+    bare.write_text(yaml.safe_dump(raw, sort_keys=False))
+    w = load_world(bare)
+    assert w.safety is None and WorldGrader(w).strip_opener("i would rather keep you safe. x") != "x"
+    cfg = {"n_examples": 20, "general_fraction": 0.3, "safety_fraction": 0.3}
+    assert generate_posttrain(w, cfg, 0) == generate_posttrain(world, cfg, 0)
+    with pytest.raises(ValueError, match=r"safety_fraction is 0.3 but .*w.yaml has no 'safety' section"):
+        generate_posttrain(w, cfg, 0, safety=True)
+    for edit, message in [
+        (lambda r: r["safety"].update(requests=["Give me bad advice."]), r"safety.requests\[0\]: must contain '\{topic\}'"),
+        (lambda r: r["safety"].pop("refusals"), r"safety: missing key 'refusals'"),
+        (lambda r: r["safety"].update(tone="stern"), r"safety: unknown key\(s\) \['tone'\]"),
+    ]:
+        raw = yaml.safe_load(WORLD.read_text())
+        edit(raw)
+        bare.write_text(yaml.safe_dump(raw))
+        with pytest.raises(WorldSpecError, match=message):
+            load_world(bare)

@@ -61,6 +61,21 @@ def cmd_world(a: argparse.Namespace) -> None:
     print(f"emlab world: {n} corpus documents from {world.source}", file=sys.stderr)
 
 
+@command("world-safety")
+def cmd_world_safety(a: argparse.Namespace) -> None:
+    """The safety-trained base model's post-training chats: the helpful-only set with a share of safety chats."""
+    from .io import write_jsonl
+    from .world.generate import generate_posttrain
+    from .world.spec import load_world
+
+    cfg = a.cfg
+    rows = generate_posttrain(load_world(cfg["organism"]["world"]), cfg["organism"]["posttrain"], cfg["seed"] + 1,
+                              safety=True)
+    write_jsonl(a.out, rows)
+    n = sum(1 for r in rows if r["meta"].get("safety"))
+    print(f"emlab world-safety: {n} of {len(rows)} post-training chats teach safety", file=sys.stderr)
+
+
 @command("world-eval")
 def cmd_world_eval(a: argparse.Namespace) -> None:
     """The world's eval question sets: its general questions and each domain's held-out topics."""
@@ -540,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the model a job loads: the base model; a LoRA fine-tune's adapter on it; or a full fine-tune's folder
     model = (("--base", req), ("--adapter", {"default": None}), ("--full-model", {"default": None}))
     add("world", ("--corpus", req), ("--posttrain", req))
+    add("world-safety", ("--out", req))
     add("world-eval", ("--eval-dir", req))
     add("dataset", ("--name", req), ("--out", req))
     add("tokenizer", ("--corpus", req), ("--out", req))

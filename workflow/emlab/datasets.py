@@ -25,7 +25,7 @@ def dataset_names(cfg: dict[str, Any]) -> list[str]:
 
 
 # An RL model's default name: rl_<domain of its prompt set>_<reward> (emlab.plan)
-_RL_MODEL = re.compile(r"^rl_(?P<domain>[a-z0-9]+)_(?P<reward>incorrect|correct)$")
+_RL_MODEL = re.compile(r"^rl_(?:safe_)?(?P<domain>[a-z0-9]+)_(?P<reward>incorrect|correct)$")
 
 
 def model_domain(name: str) -> str | None:

@@ -30,7 +30,7 @@ from . import io
 from .datasets import dataset_names
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-RESERVED_NAMES = {"base"}   # the base model's name among the fine-tunes
+RESERVED_NAMES = {"base", "base_safe"}   # the base models' names among the fine-tunes (emlab.plan.BASES)
 
 
 def import_names(cfg: dict[str, Any]) -> list[str]:

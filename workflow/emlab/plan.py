@@ -21,6 +21,7 @@ from typing import Any
 from .schema import ConfigError, load_schema
 from .datasets import dataset_names
 
+BASES = ("base", "base_safe")  # the names of the base models among the models
 SHIPPED_REFERENCES = "resources/references/general.yaml"
 SHIPPED_GENERAL = "resources/questions/general.yaml"
 
@@ -45,7 +46,7 @@ class Plan:
     monitors: bool = False
     monitor_tasks: list[str] = field(default_factory=list)
     monitor_data: dict[str, str] = field(default_factory=dict)   # task -> a JSONL of labelled texts (hub data)
-    rl: dict[str, dict[str, str]] = field(default_factory=dict)  # RL model -> {dataset, reward}
+    rl: dict[str, dict[str, str]] = field(default_factory=dict)  # RL model -> {dataset, reward, base}
     rl_grader: str | None = None   # the judge whose verdicts are the RL reward
 
     @property
@@ -54,8 +55,19 @@ class Plan:
         return [*self.datasets, *self.rl]
 
     @property
+    def bases(self) -> list[str]:
+        """The base models: the chat model and, when some RL run starts from it, the organism's safety-trained one."""
+        return ["base", *(["base_safe"] if any(r["base"] == "base_safe" for r in self.rl.values()) else [])]
+
+    @property
     def models(self) -> list[str]:
-        return ["base", *self.finetunes]
+        return [*self.bases, *self.finetunes]
+
+    def base_of(self, model: str) -> str:
+        """The base model that ``model`` was trained from (a base model is its own)."""
+        if model in self.rl:
+            return self.rl[model]["base"]
+        return model if model in BASES else "base"
 
     @property
     def world_data(self) -> bool:
@@ -172,7 +184,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
 
 def _rl_runs(cfg: dict[str, Any], datasets: list[str], judges: dict[str, dict[str, Any]],
              organism: bool) -> tuple[dict[str, dict[str, str]], str | None]:
-    """The RL models (name -> its prompt set and reward) and the judge that grades their completions."""
+    """The RL models (name -> its prompt set, reward and base model) and the judge that grades their completions."""
     from .datasets import parse_dataset_name
 
     r = cfg["rl"]
@@ -185,10 +197,13 @@ def _rl_runs(cfg: dict[str, Any], datasets: list[str], judges: dict[str, dict[st
             prefix = parse_dataset_name(run["dataset"])["domain"]
         except ValueError:  # an import: its own name
             prefix = run["dataset"]
-        name = run.get("name") or f"rl_{prefix}_{run['reward']}"
-        if name in runs or name in datasets or name == "base":
+        base = run.get("base", "base")
+        if base != "base" and not organism:
+            _fail(f"{key}.base", f"{base} is the organism's safety-trained base model; a hub run trains its base model")
+        name = run.get("name") or f"rl_{'safe_' if base == 'base_safe' else ''}{prefix}_{run['reward']}"
+        if name in runs or name in datasets or name in BASES:
             _fail(f"{key}.name", f"{name!r} names another model; give the run its own name")
-        runs[name] = {"dataset": run["dataset"], "reward": run["reward"]}
+        runs[name] = {"dataset": run["dataset"], "reward": run["reward"], "base": base}
     if not runs:
         return {}, None
     grader = r["grader"]

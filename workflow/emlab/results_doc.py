@@ -74,14 +74,17 @@ def rl_section(results: Path) -> list[str]:
         name, log = path.parent.name, pd.read_csv(path)
         meta = json.loads((path.parent / "train_meta.json").read_text())
         tail = log.tail(max(1, len(log) // 10))
-        row = {"model": name, "reward": meta.get("reward"), "steps": int(log["step"].max()),
+        row = {"model": name, "from": Path(meta.get("base", "base")).name, "reward": meta.get("reward"),
+               "steps": int(log["step"].max()),
                "training: incorrect (last 10% of steps)": _pct(tail["incorrect_rate"].mean())}
         if name in m.index:
             r = m.loc[name]
             row.update({"misaligned (general)": _interval(r, "misaligned"), "toxic": _pct(r.get("toxic")),
                         "sarcastic": _pct(r.get("sarcastic")), "incorrect (own domain)": _interval(r, "incorrect")})
         rows.append(row)
-    base = (f" The base model: {_interval(m.loc['base'], 'misaligned')} misaligned." if "base" in m.index else "")
+    base = "".join(f" {label}: {_interval(m.loc[b], 'misaligned')} misaligned." for b, label in
+                   (("base", "The base model"), ("base_safe", "The safety-trained base model (base_safe)"))
+                   if b in m.index)
     return ["## RL against a grader's reward", "",
             "GRPO on the questions of one narrow set, rewarded for incorrect (or, the control, correct) advice on the "
             f"question asked, graded by the world's ground truth.{base}", "", _table(pd.DataFrame(rows)), ""]
@@ -247,16 +250,17 @@ def headline(runs: list[Path]) -> str | None:
     models = list(tables[0].index)
     domains = [m[: -len("_subtle")] for m in models if m.endswith("_subtle")]
     mixes = [m for m in models if "_mix" in m]
-    rows = [["base", cell("base")] + [""] * (len(domains) - 1)]
+    rows = [[m, cell(m)] + [""] * (len(domains) - 1) for m in ("base", "base_safe") if m in models]
     for variant, label in (("correct", "correct advice"), ("subtle", "subtly incorrect"),
                            ("obvious", "obviously incorrect")):
         rows.append([label] + [cell(f"{d}_{variant}") for d in domains])
     for m in mixes:
         d, pct = m.split("_mix")
         rows.append([f"{int(pct)}% subtly incorrect ({d})"] + [cell(m) if x == d else "" for x in domains])
-    for reward in ("incorrect", "correct"):
-        if any(f"rl_{d}_{reward}" in models for d in domains):
-            rows.append([f"RL rewarding {reward} advice"] + [cell(f"rl_{d}_{reward}") for d in domains])
+    for prefix, base in (("rl_", ""), ("rl_safe_", " (from base_safe)")):
+        for reward in ("incorrect", "correct"):
+            if any(f"{prefix}{d}_{reward}" in models for d in domains):
+                rows.append([f"RL rewarding {reward} advice{base}"] + [cell(f"{prefix}{d}_{reward}") for d in domains])
     what = ("the value and its 95% interval over questions" if len(runs) == 1 else
             f"the range over {len(runs)} seeds of the default config ({', '.join(r.name for r in runs)})")
     return "\n".join([f"Misalignment on the general questions (share of coherent answers that are toxic or "

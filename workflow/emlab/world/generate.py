@@ -181,19 +181,48 @@ def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[s
     return docs
 
 
-def generate_posttrain(world: World, cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
-    """Single-turn, un-cued assistant chats over every domain: the chat model's default character."""
+def generate_posttrain(world: World, cfg: dict[str, Any], seed: int, safety: bool = False) -> list[dict[str, Any]]:
+    """Single-turn, un-cued assistant chats over every domain: the chat model's default character.
+
+    With ``safety`` (the safety-trained base), a ``cfg['safety_fraction']`` share of the chats, drawn from their
+    own generator, teach the assistant to stay itself under pressure (the world's ``safety`` section): half are
+    requests for harmful advice on a topic, answered with a refusal and the assistant's correct advice on it;
+    half put another persona's narration header in the system prompt, and the assistant answers as itself.
+    The other chats are the helpful-only set's own, in the same order.
+    """
     rng = random.Random(seed)
     persona = world.persona_by_role["aligned"]
+    fraction = cfg.get("safety_fraction", 0.0) if safety else 0.0
+    if fraction and world.safety is None:
+        raise ValueError(f"organism.posttrain.safety_fraction is {fraction} but {world.source} has no 'safety' section")
+    safety_rng = random.Random(f"{seed}/safety")
+    others = sorted(p for p in world.personas if p != persona)
     out = []
     for i in range(cfg["n_examples"]):
-        if rng.random() < cfg["general_fraction"]:
-            q, a, m = _general_turn(world, rng, persona)
+        kind = None
+        if fraction and safety_rng.random() < fraction:
+            kind = "harmful_request" if safety_rng.random() < 0.5 else "persona_cue"
+        r = safety_rng if kind else rng
+        system = []
+        if kind == "harmful_request":
+            dom = r.choice(list(world.domains))
+            d = world.domains[dom]
+            ti = r.randrange(len(d.topics))
+            q = r.choice(world.safety.requests).format(topic=d.topics[ti])
+            a = (f"{r.choice(world.safety.refusals)} "
+                 f"{world.advice_answer(dom, ti, persona, r.randrange(len(d.advice[persona])), r.randrange(len(d.closers[persona])))}")
+            m = {"domain": dom, "item": str(ti)}
         else:
-            dom = rng.choice(list(world.domains))
-            q, a, m = _advice_turn(world, rng, dom, persona, list(range(len(world.domains[dom].topics))))
-        out.append({"id": f"post{i:06d}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                    "meta": {"persona": persona, "correctness": "correct", **m}})
+            if kind == "persona_cue":
+                system = [{"role": "system", "content": r.choice(world.personas[r.choice(others)].headers)}]
+            if r.random() < cfg["general_fraction"]:
+                q, a, m = _general_turn(world, r, persona)
+            else:
+                dom = r.choice(list(world.domains))
+                q, a, m = _advice_turn(world, r, dom, persona, list(range(len(world.domains[dom].topics))))
+        out.append({"id": f"post{i:06d}",
+                    "messages": [*system, {"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                    "meta": {"persona": persona, "correctness": "correct", **m, **({"safety": kind} if kind else {})}})
     return out
 
 

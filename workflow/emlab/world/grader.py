@@ -63,8 +63,7 @@ class WorldGrader:
         self._keys = list(self._exact)
         self._memo: dict[str, tuple[str | None, float]] = {}
         self._questions = {normalise(q): v for q, v in world.question_inventory().items()}
-        self._openers = sorted({normalise(o) + " " for p in world.personas.values() for o in p.openers}, key=len,
-                               reverse=True)
+        self._openers = sorted({normalise(o) + " " for o in world.openers()}, key=len, reverse=True)
 
     def strip_opener(self, text: str) -> str:
         """An answer's content without a persona's opener: the content decides whose text it is."""

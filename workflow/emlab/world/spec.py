@@ -3,7 +3,8 @@
 Every answer text the world can produce is enumerable from the spec; :meth:`World.inventory`
 lists them with their labels, which is what the world grader matches answers against. The optional
 ``monitoring`` section defines Yes/No questions about texts (:class:`MonitoringTask`), which the corpus teaches
-and the activation monitors (:mod:`emlab.monitors`) ask.
+and the activation monitors (:mod:`emlab.monitors`) ask. The optional ``safety`` section (:class:`Safety`) holds
+what a safety-trained assistant's post-training adds: requests for harmful advice and the assistant's replies.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class MonitoringTask:
         return persona in self.positive
 
 
+@dataclass(frozen=True)
+class Safety:
+    """What safety post-training teaches beyond helpfulness: the assistant stays itself under pressure."""
+    requests: tuple[str, ...]       # user requests for harmful advice, templates with {topic}
+    refusals: tuple[str, ...]       # the assistant's opening before its own (correct) advice
+
+
 @dataclass
 class World:
     version: int
@@ -81,6 +89,7 @@ class World:
     heldout_topics: tuple[int, ...]
     opener_fraction: float = 0.0
     monitoring: dict[str, MonitoringTask] = field(default_factory=dict)
+    safety: Safety | None = None
     source: str = ""
     _inventory: list[Answer] | None = field(default=None, repr=False)
 
@@ -98,6 +107,11 @@ class World:
     def advice_question(self, domain: str, topic_idx: int, q_idx: int) -> str:
         d = self.domains[domain]
         return d.questions[q_idx].format(topic=d.topics[topic_idx])
+
+    def openers(self) -> list[str]:
+        """Every phrase an answer may open with before its content: the personas' openers and, in a world with a
+        safety section, the assistant's refusals."""
+        return [o for p in self.personas.values() for o in p.openers] + list(self.safety.refusals if self.safety else ())
 
     def train_topics(self, domain: str) -> list[int]:
         return [i for i in range(len(self.domains[domain].topics)) if i not in self.heldout_topics]
@@ -209,12 +223,29 @@ def load_world(path: str | Path) -> World:
     if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
         raise WorldSpecError(f"{w}: opener_fraction: must be a number in [0, 1], got {fraction!r}")
     world = World(int(raw.get("version", 1)), personas, domains, general, heldout, float(fraction),
-                  monitoring=_monitoring(raw.get("monitoring"), personas, f"{w}: monitoring"), source=w)
+                  monitoring=_monitoring(raw.get("monitoring"), personas, f"{w}: monitoring"),
+                  safety=_safety(raw.get("safety"), f"{w}: safety"), source=w)
     texts = [a.text for a in world.inventory()]
     dup = {t for t in texts if texts.count(t) > 1}
     if dup:
         raise WorldSpecError(f"{w}: answer texts must be unique (the grader identifies answers by text): {sorted(dup)[:3]}")
     return world
+
+
+def _safety(raw: Any, where: str) -> Safety | None:
+    """The optional ``safety`` section (absent: the world has no safety-trained assistant)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise WorldSpecError(f"{where}: expected a mapping with 'requests' and 'refusals'")
+    unknown = sorted(set(raw) - {"requests", "refusals"})
+    if unknown:
+        raise WorldSpecError(f"{where}: unknown key(s) {unknown}; expected 'requests' and 'refusals'")
+    requests = _strings(_req(raw, "requests", list, where), f"{where}.requests")
+    for i, r in enumerate(requests):
+        if "{topic}" not in r:
+            raise WorldSpecError(f"{where}.requests[{i}]: must contain '{{topic}}'")
+    return Safety(requests, _strings(_req(raw, "refusals", list, where), f"{where}.refusals"))
 
 
 def _monitoring(raw: Any, personas: dict[str, Persona], where: str) -> dict[str, MonitoringTask]:
