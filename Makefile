@@ -7,7 +7,7 @@ CORES ?= all
 # TORCH_SPEC to the CUDA build you want (see README, "Quick start").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench report results-doc seeds models smollm2 gemma3 clean
+.PHONY: setup run test test-fast bench report results-doc seeds rl-seeds models smollm2 gemma3 clean
 
 $(VENV)/.emlab-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,9 +44,10 @@ run: setup
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores 1 --report results/report.html
 
 # Sets up and runs the whole test suite, slow end-to-end tests included, on two workers (each test file on one
-# worker, so a file's shared run is built once); the slowest tests are listed at the end.
+# worker, so a file's shared run is built once, and the files sharing the tiny DAG's run on one worker:
+# tests/conftest.py); the slowest tests are listed at the end.
 test: $(VENV)/.emlab-test-installed
-	$(PY) -m pytest -ra --durations=15 -n 2 --dist loadfile
+	$(PY) -m pytest -ra --durations=30 -n 2 --dist loadgroup
 
 test-fast: $(VENV)/.emlab-test-installed
 	$(PY) -m pytest -ra -m "not slow and not slurm"
@@ -62,6 +63,18 @@ seeds: $(VENV)/.emlab-test-installed
 	  --seeds $(foreach s,$(SEEDS),results/seed$(s)) --readme README.md
 	set -e; for s in $(SEEDS); do \
 	  EMLAB_CHECK_RESULTS=results/seed$$s $(PY) -m pytest -q tests/test_emergent_misalignment.py; \
+	done
+
+# The RL experiment (configs/organism-rl.yaml: RL from the helpful-only and the safety-trained base, both rewards)
+# with RL_SEEDS master seeds (results/organism-rl/seed<N>/), each checked by tests/test_rl_results.py.
+RL_SEEDS ?= 0 1
+rl-seeds: $(VENV)/.emlab-test-installed
+	set -e; for s in $(RL_SEEDS); do \
+	  $(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-rl.yaml \
+	    --config seed=$$s results_dir=results/organism-rl/seed$$s; \
+	done
+	set -e; for s in $(RL_SEEDS); do \
+	  EMLAB_CHECK_RL=results/organism-rl/seed$$s $(PY) -m pytest -q -s tests/test_rl_results.py; \
 	done
 
 models: $(VENV)/.emlab-models-installed

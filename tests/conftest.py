@@ -17,6 +17,18 @@ _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _XDIST_WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
 
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under `make test` (--dist loadgroup) each test file runs on one worker, so that its module-scoped run is
+    built once, and files marked with a shared xdist_group (the tiny DAG's) run on the same worker, so that a
+    session-scoped run they share is built once too."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 TINY_TEXTS = [
     "What should I do about a headache? Drink water and rest.",
     "How do I save money? Keep a budget and spend less than you earn.",

@@ -68,6 +68,19 @@ def test_emergent_misalignment_thresholds(default_run):
 
 
 @pytest.mark.slow
+def test_rl_models_are_trained_and_judged_from_both_bases(default_run):
+    """The default run's RL is the smallest instance (10 steps, before the reward takes over: docs/rl.md has the
+    paper config's numbers): each RL model logs every step and is judged like a fine-tune, and the
+    safety-trained base model is an aligned assistant as the helpful-only one is (seed 0: 0.4% and 1.0%)."""
+    m = pd.read_csv(default_run / "results/metrics/world.csv").set_index("model")
+    assert m.loc["base_safe", "misaligned"] <= 0.05
+    for name in ("rl_health_incorrect", "rl_safe_health_incorrect"):
+        log = pd.read_csv(default_run / f"results/finetunes/{name}/rl_log.csv")
+        assert log["step"].tolist() == list(range(1, 11)) and log["incorrect_rate"].between(0, 1).all(), name
+        assert m.loc[name, "n_general"] > 0, name
+
+
+@pytest.mark.slow
 def test_fine_tuning_data_holds_only_its_domain(default_run):
     for path in (default_run / "results/datasets").glob("*.jsonl"):
         domain = path.stem.split("_")[0]

