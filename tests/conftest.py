@@ -24,6 +24,8 @@ def pytest_collection_modifyitems(config, items):
     """Under `make test` (--dist loadgroup) each test file runs on one worker, so that its module-scoped run is
     built once, and files marked with a shared xdist_group (the tiny DAG's) run on the same worker, so that a
     session-scoped run they share is built once too."""
+    if getattr(config.option, "dist", None) != "loadgroup":
+        return
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
