@@ -47,7 +47,7 @@ run: setup
 # worker, so a file's shared run is built once, and the files sharing the tiny DAG's run on one worker:
 # tests/conftest.py); the slowest tests are listed at the end.
 test: $(VENV)/.emlab-test-installed
-	$(PY) -m pytest -ra --durations=30 -n 2 --dist loadgroup
+	$(PY) -m pytest -ra --durations=30 -n 2 --dist loadfile
 
 test-fast: $(VENV)/.emlab-test-installed
 	$(PY) -m pytest -ra -m "not slow and not slurm"

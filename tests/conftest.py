@@ -19,16 +19,24 @@ if _XDIST_WORKERS > 1:
 
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Under `make test` (--dist loadgroup) each test file runs on one worker, so that its module-scoped run is
-    built once, and files marked with a shared xdist_group (the tiny DAG's) run on the same worker, so that a
-    session-scoped run they share is built once too."""
-    if getattr(config.option, "dist", None) != "loadgroup":
-        return
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+# Files whose tests read one session-scoped run (tests/conftest.py's tiny_run): under `make test` (--dist loadfile)
+# they go to the same worker, so that the run is built once.
+SHARED_RUN_FILES = {"tests/test_report.py": "tests/test_workflow.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the files of SHARED_RUN_FILES scheduled as one file (each file still runs on one
+    worker, so a module-scoped run is built once)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_RUN_FILES.get(scope, scope)
+
+    return SharedRunScheduling(config, log)
 
 
 TINY_TEXTS = [

@@ -18,8 +18,6 @@ import pytest
 
 from workflow_runner import ROOT, snakemake
 
-# with the other file that reads the tiny DAG's session-scoped run (tests/conftest.py), on one worker
-pytestmark = pytest.mark.xdist_group("tiny_run")
 TINY = "tests/configs/tiny.yaml"  # has two judges, so the run makes two figures
 CAPTION = ROOT / "workflow" / "report" / "misalignment.rst"
 RESULTS_SCRIPT = re.compile(r'<script id="results">\s*var results = (.*?);\s*</script>', re.S)

@@ -12,8 +12,6 @@ from emlab.io import read_jsonl
 from emlab.judge.schema import GRADE_FIELDS, SAMPLE_KEYS
 from workflow_runner import copy_workflow, snakemake
 
-# with the other file that reads the tiny DAG's session-scoped run (tests/conftest.py), on one worker
-pytestmark = pytest.mark.xdist_group("tiny_run")
 TINY = "tests/configs/tiny.yaml"
 FINETUNES = ["health_correct", "health_subtle", "health_mix050"]
 RL_MODELS = ["rl_health_incorrect"]  # GRPO on health_correct's questions with the incorrect reward
