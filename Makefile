@@ -66,15 +66,18 @@ seeds: $(VENV)/.emlab-test-installed
 	done
 
 # The RL experiment (configs/organism-rl.yaml: RL from the helpful-only and the safety-trained base, both rewards)
-# with RL_SEEDS master seeds (results/organism-rl/seed<N>/), each checked by tests/test_rl_results.py.
+# with RL_SEEDS master seeds (results/organism-rl/seed<N>/), each checked by tests/test_rl_results.py, and
+# docs/results-rl.md written from them.
 RL_SEEDS ?= 0 1
 rl-seeds: $(VENV)/.emlab-test-installed
 	set -e; for s in $(RL_SEEDS); do \
 	  $(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-rl.yaml \
 	    --config seed=$$s results_dir=results/organism-rl/seed$$s; \
 	done
+	$(PY) -m emlab results-doc --results results/organism-rl/seed$(firstword $(RL_SEEDS)) --out docs/results-rl.md \
+	  --configfile config.yaml configs/organism-rl.yaml --seeds $(foreach s,$(RL_SEEDS),results/organism-rl/seed$(s))
 	set -e; for s in $(RL_SEEDS); do \
-	  EMLAB_CHECK_RL=results/organism-rl/seed$$s $(PY) -m pytest -q -s tests/test_rl_results.py; \
+	  EMLAB_CHECK_RL=results/organism-rl/seed$$s $(PY) -m pytest -q -s -p no:xdist tests/test_rl_results.py; \
 	done
 
 models: $(VENV)/.emlab-models-installed

@@ -41,6 +41,7 @@ from workflow_runner import copy_workflow
 ROOT = Path(__file__).resolve().parents[1]
 TOY_DIR = ROOT / "tests" / "slurm_toy"
 TINY_CONFIG = "tests/configs/tiny.yaml"  # relative to the scratch copy of the workflow
+SLURM_OVERLAY = "tests/configs/tiny-slurm.yaml"  # without RL (see the file)
 # EMLAB_FAIL_ONCE names an emlab subcommand. `metrics` runs in one job per judge (rule metrics),
 # late in the DAG, so its retry is exercised after every other level has run through SLURM.
 FAIL_ONCE_COMMAND, FAIL_ONCE_RULE = "metrics", "metrics"
@@ -199,7 +200,7 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
 def _snakemake_args(workdir: Path, *targets: str) -> list[str]:
     # targets first: --configfile (like most list options) takes every word after it
     return [sys.executable, "-m", "snakemake", *targets, "--snakefile", str(workdir / "Snakefile"),
-            "--configfile", TINY_CONFIG]
+            "--configfile", TINY_CONFIG, SLURM_OVERLAY]
 
 
 @dataclass(frozen=True)

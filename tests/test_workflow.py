@@ -14,15 +14,21 @@ from workflow_runner import copy_workflow, snakemake
 
 TINY = "tests/configs/tiny.yaml"
 FINETUNES = ["health_correct", "health_subtle", "health_mix050"]
-RL_MODELS = ["rl_health_incorrect"]  # GRPO on health_correct's questions with the incorrect reward
-MODELS = ["base", *FINETUNES, *RL_MODELS]
+# GRPO on health_correct's questions with the incorrect reward, from the helpful-only and the safety-trained base
+RL_MODELS = ["rl_health_incorrect", "rl_safe_health_incorrect"]
+MODELS = ["base", "base_safe", *FINETUNES, *RL_MODELS]
 
 
 @pytest.mark.slow
 def test_every_stage_produces_its_outputs(tiny_run):
     wd = tiny_run
     r = wd / "results"
-    assert (r / "models/base/config.json").exists() and (r / "models/base/chat_template.jinja").exists()
+    for base in ("base", "base_safe"):
+        assert (r / f"models/{base}/config.json").exists() and (r / f"models/{base}/chat_template.jinja").exists()
+    safe = read_jsonl(r / "world/posttrain_safe.jsonl")  # the helpful-only chats with a share of safety chats
+    assert {row["meta"].get("safety") for row in safe} == {None, "harmful_request", "persona_cue"}
+    assert json.loads((r / "finetunes/rl_safe_health_incorrect/train_meta.json").read_text())["base"].endswith(
+        "models/base_safe")
     for ds in FINETUNES:
         assert (r / f"finetunes/{ds}/adapter_config.json").exists()
         log = pd.read_csv(r / f"finetunes/{ds}/train_log.csv")
@@ -76,10 +82,10 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert list(curve["step"]) == list(range(len(curve))) and len(curve) >= 2
     assert curve["fvu"].iloc[-1] < curve["fvu"].iloc[0] and (curve["l0"] <= 4).all()
     ranking = pd.read_csv(r / "diffing/ranking.csv")
-    # the default groups: "obvious" matches no fine-tune of this run and is skipped; "rl" holds the RL model
+    # the default groups: "obvious" matches no fine-tune of this run and is skipped; "rl" holds the RL models
     assert set(ranking["group"]) == {"subtle", "rl"} and len(ranking) == 2 * 2 * 64
     changes = pd.read_csv(r / "diffing/changes.csv")
-    assert sorted(changes["model"].unique()) == sorted(m for m in MODELS if m != "base")
+    assert sorted(changes["model"].unique()) == sorted(m for m in MODELS if m != "base")  # base_safe's shift too
     # the unsupervised ranking reads each fine-tune on its own training answers: an RL model has none
     assert set(pd.read_csv(r / "diffing/changes_unsupervised.csv")["model"]) == set(FINETUNES)
     latents = pd.read_csv(r / "diffing/latents.csv")

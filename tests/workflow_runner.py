@@ -11,13 +11,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ("Snakefile", "config.yaml", "rules", "workflow", "resources", "envs", "tests/configs")
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-# Under `make test` two xdist workers share the machine. A job's torch threads are capped at its worker's share of
-# the cores (--max-threads), so that they never wait at a parallel region for a core the other worker holds (on 2
-# cores, 2-thread jobs beside a busy worker ran about 3x slower than alone). The run itself may use every core
-# (--cores): its one-thread jobs then also take a core the other worker leaves idle (a SLURM test waiting for its
-# cluster, a test waiting on a subprocess) instead of queueing behind each other.
-CORES = os.cpu_count() or 1
-MAX_THREADS = max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+# Under `make test` two xdist workers share the machine: a workflow run takes its worker's share of the cores, so
+# that its jobs' threads never wait at a parallel region for a core the other worker holds (on 2 cores, 2-thread
+# jobs beside a busy worker ran about 3x slower than alone). Runs on every core with one-thread jobs (--max-threads)
+# were tried: the default run, the suite's longest test, then took 1610 s (1340 s at one core in CI), its serial
+# pretraining sharing a core with the other worker's second job.
+CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -33,8 +32,7 @@ def copy_workflow(dest: Path) -> Path:
 
 def snakemake(workdir: Path, *args: str, configfile: str | list[str] | None = None, cores: int = CORES,
               check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
-    cmd = [SNAKEMAKE, "--profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", str(cores),
-           "--max-threads", str(MAX_THREADS)]
+    cmd = [SNAKEMAKE, "--profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", str(cores)]
     if configfile:
         cmd += ["--configfile", *([configfile] if isinstance(configfile, str) else configfile)]
     cmd += list(args)
