@@ -34,6 +34,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: a run without xdist (-p no:xdist) does not know it
 def pytest_xdist_make_scheduler(config, log):
     """--dist loadfile, with the files of SHARED_RUN_FILES scheduled as one file (each file still runs on one
     worker, so a module-scoped run is built once)."""
