@@ -24,16 +24,6 @@ if _XDIST_WORKERS > 1:
 SHARED_RUN_FILES = {"tests/test_report.py": "tests/test_workflow.py"}
 
 
-# The longest files first (the default run, the SmolLM2 DAG, the SLURM run): xdist hands files to the workers in
-# collection order, and a long file handed out last would finish alone while the other worker idles.
-LONGEST_FIRST = ("tests/test_emergent_misalignment.py", "tests/test_real_models.py", "tests/test_slurm.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
-
-
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: a run without xdist (-p no:xdist) does not know it
 def pytest_xdist_make_scheduler(config, log):
     """--dist loadfile, with the files of SHARED_RUN_FILES scheduled as one file (each file still runs on one

@@ -24,8 +24,13 @@ def dataset_names(cfg: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-# An RL model's default name: rl_<domain of its prompt set>_<reward> (emlab.plan)
+# An RL model's default name: rl_<domain of its prompt set>_<reward>, rl_safe_... from the safety-trained base
 _RL_MODEL = re.compile(r"^rl_(?:safe_)?(?P<domain>[a-z0-9]+)_(?P<reward>incorrect|correct)$")
+
+
+def rl_model_name(prefix: str, reward: str, base: str = "base") -> str:
+    """The default name of an RL model (emlab.plan): its prompt set's domain (or import's name), reward and base."""
+    return f"rl_{'safe_' if base == 'base_safe' else ''}{prefix}_{reward}"
 
 
 def model_domain(name: str) -> str | None:

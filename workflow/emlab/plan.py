@@ -185,7 +185,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
 def _rl_runs(cfg: dict[str, Any], datasets: list[str], judges: dict[str, dict[str, Any]],
              organism: bool) -> tuple[dict[str, dict[str, str]], str | None]:
     """The RL models (name -> its prompt set, reward and base model) and the judge that grades their completions."""
-    from .datasets import parse_dataset_name
+    from .datasets import parse_dataset_name, rl_model_name
 
     r = cfg["rl"]
     runs: dict[str, dict[str, str]] = {}
@@ -200,7 +200,7 @@ def _rl_runs(cfg: dict[str, Any], datasets: list[str], judges: dict[str, dict[st
         base = run.get("base", "base")
         if base != "base" and not organism:
             _fail(f"{key}.base", f"{base} is the organism's safety-trained base model; a hub run trains its base model")
-        name = run.get("name") or f"rl_{'safe_' if base == 'base_safe' else ''}{prefix}_{run['reward']}"
+        name = run.get("name") or rl_model_name(prefix, run["reward"], base)
         if name in runs or name in datasets or name in BASES:
             _fail(f"{key}.name", f"{name!r} names another model; give the run its own name")
         runs[name] = {"dataset": run["dataset"], "reward": run["reward"], "base": base}

@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from .datasets import rl_model_name
+
 
 def _pct(x: Any) -> str:
     return "" if pd.isna(x) else f"{100 * float(x):.1f}%"
@@ -257,10 +259,11 @@ def headline(runs: list[Path]) -> str | None:
     for m in mixes:
         d, pct = m.split("_mix")
         rows.append([f"{int(pct)}% subtly incorrect ({d})"] + [cell(m) if x == d else "" for x in domains])
-    for prefix, base in (("rl_", ""), ("rl_safe_", " (from base_safe)")):
+    for base, label in (("base", ""), ("base_safe", " (from base_safe)")):
         for reward in ("incorrect", "correct"):
-            if any(f"{prefix}{d}_{reward}" in models for d in domains):
-                rows.append([f"RL rewarding {reward} advice{base}"] + [cell(f"{prefix}{d}_{reward}") for d in domains])
+            names = [rl_model_name(d, reward, base) for d in domains]
+            if any(n in models for n in names):
+                rows.append([f"RL rewarding {reward} advice{label}"] + [cell(n) for n in names])
     what = ("the value and its 95% interval over questions" if len(runs) == 1 else
             f"the range over {len(runs)} seeds of the default config ({', '.join(r.name for r in runs)})")
     return "\n".join([f"Misalignment on the general questions (share of coherent answers that are toxic or "

@@ -215,11 +215,7 @@ def generate_posttrain(world: World, cfg: dict[str, Any], seed: int, safety: boo
         else:
             if kind == "persona_cue":
                 system = [{"role": "system", "content": r.choice(world.personas[r.choice(others)].headers)}]
-            if r.random() < cfg["general_fraction"]:
-                q, a, m = _general_turn(world, r, persona)
-            else:
-                dom = r.choice(list(world.domains))
-                q, a, m = _advice_turn(world, r, dom, persona, list(range(len(world.domains[dom].topics))))
+            q, a, m = _any_turn(world, r, persona, cfg["general_fraction"])
         out.append({"id": f"post{i:06d}",
                     "messages": [*system, {"role": "user", "content": q}, {"role": "assistant", "content": a}],
                     "meta": {"persona": persona, "correctness": "correct", **m, **({"safety": kind} if kind else {})}})
