@@ -211,7 +211,7 @@ def test_the_partial_override_test_covers_every_section():
         assert must in covered
 
 
-def test_rl_runs_are_planned_and_checked():
+def test_rl_runs_are_planned_and_checked(tmp_path):
     cfg = load("config.yaml")
     cfg["rl"]["runs"] = [{"dataset": "health_correct", "reward": "incorrect"},
                          {"dataset": "legal_subtle", "reward": "correct", "name": "legal_rl"}]
@@ -227,6 +227,12 @@ def test_rl_runs_are_planned_and_checked():
     assert plan.bases == ["base", "base_safe"] and plan.models[:2] == ["base", "base_safe"]
     assert plan.base_of("rl_safe_health_incorrect") == "base_safe" and plan.base_of("base_safe") == "base_safe"
     assert model_domain("rl_safe_health_incorrect") == "health"
+    raw = yaml.safe_load(Path("resources/world/persona_world.yaml").read_text())
+    del raw["safety"]
+    bare = tmp_path / "w.yaml"
+    bare.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"rl.runs\[\].base: base_safe is post-trained .*w.yaml has no 'safety'"):
+        make_plan(validate(dict(cfg, organism=dict(cfg["organism"], world=str(bare)))))
     hub = load("configs/smollm2-135m-instruct.yaml")
     hub["rl"] = {"runs": [{"dataset": "health_correct", "reward": "incorrect", "base": "base_safe"}]}
     hub["judges"] = [{"name": "j", "backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1",

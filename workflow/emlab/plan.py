@@ -206,6 +206,13 @@ def _rl_runs(cfg: dict[str, Any], datasets: list[str], judges: dict[str, dict[st
         runs[name] = {"dataset": run["dataset"], "reward": run["reward"], "base": base}
     if not runs:
         return {}, None
+    if any(run["base"] == "base_safe" for run in runs.values()) and cfg["organism"]["posttrain"]["safety_fraction"]:
+        from .world.spec import load_world
+
+        world = cfg["organism"]["world"]
+        if load_world(world).safety is None:  # caught here, not when the safety chats' job runs beside pretraining
+            _fail("rl.runs[].base", f"base_safe is post-trained on the world's safety chats, but {world} has no "
+                                    "'safety' section (resources/world/persona_world.yaml shows one)")
     grader = r["grader"]
     if grader is None:
         world = [n for n, j in judges.items() if j["backend"] == "world"]
