@@ -4,9 +4,9 @@ most 20% of it, i.e. a ratio >= 5), and what checkpointing costs an uninterrupte
 Three runs of `emlab sft`, each a fresh process as the workflow starts it, on the organism's architecture
 (random weights: only the time matters here) and a persona-world narrow set: without checkpoints (the
 baseline), with checkpoints every --every steps, and with checkpoints killed by SIGKILL after 90% of the
-steps and then rerun. The rerun's time includes its start-up (imports, loading the model and the data).
+steps (and, the worst case, one step earlier, when the most steps since a checkpoint are lost) and then rerun. The rerun's time includes its start-up (imports, loading the model and the data).
 
-    python benchmarks/bench_resume.py [--steps 300] [--every 25] [--threads 2]
+    python benchmarks/bench_resume.py [--steps 300] [--every 25] [--threads 1]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=25, help="steps between checkpoints")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="default: 1, as the workflow runs fine-tune jobs")
     add_json_arg(ap)
     args = ap.parse_args()
 
@@ -68,18 +68,28 @@ def main() -> None:
 
         plain, _ = sft([*common, "--out", str(tmp / "plain")], args.threads)
         with_ckpt, _ = sft([*common, "--out", str(tmp / "ckpt_run"), *ckpt], args.threads)
+        # killed after 90% of the steps, and (the worst case) after the step before it, which redoes the most
+        # steps: up to --every since the last checkpoint
         kill_at = int(0.9 * args.steps)
-        killed, rc = sft([*common, "--out", str(tmp / "resumed"), *ckpt], args.threads, f"sft:{kill_at}")
-        if rc != -9:
-            sys.exit(f"the run was not killed at step {kill_at}")
-        rerun, _ = sft([*common, "--out", str(tmp / "resumed"), *ckpt], args.threads)
+        reruns = {}
+        for at in (kill_at, kill_at - 1):
+            out = tmp / f"resumed_{at}"
+            killed, rc = sft([*common, "--out", str(out), *ckpt], args.threads, f"sft:{at}")
+            if rc != -9:
+                sys.exit(f"the run was not killed at step {at}")
+            reruns[at], _ = sft([*common, "--out", str(out), *ckpt], args.threads)
+        rerun, worst = reruns[kill_at], reruns[kill_at - 1]
 
     print(f"fine-tune of {args.steps} steps: {plain:.1f} s without checkpoints, {with_ckpt:.1f} s with a checkpoint "
-          f"every {args.every} steps; killed after step {kill_at} ({killed:.1f} s), the rerun took {rerun:.1f} s "
-          f"= {100 * rerun / with_ckpt:.0f}% of the uninterrupted run")
+          f"every {args.every} steps; killed after step {kill_at}, the rerun took {rerun:.1f} s "
+          f"= {100 * rerun / with_ckpt:.0f}% of the uninterrupted run; killed after step {kill_at - 1}, "
+          f"{worst:.1f} s = {100 * worst / with_ckpt:.0f}%")
     rows = [
-        row("resume", f"rerun after a kill at 90% (of {args.steps} steps)", rerun, with_ckpt, "s",
+        row("resume", f"rerun after a kill at 90% (after step {kill_at} of {args.steps})", rerun, with_ckpt, "s",
             higher_is_better=False, goal=5.0, note="ratio = uninterrupted / rerun: >= 5 means the rerun takes <= 20%"),
+        row("resume", f"rerun after a kill one step earlier (after step {kill_at - 1}; the most steps redone)", worst,
+            with_ckpt, "s", higher_is_better=False, goal=5.0,
+            note="the worst case: the steps since the last checkpoint are redone"),
         row("resume", f"checkpoints every {args.every} steps", with_ckpt, plain, "s", higher_is_better=False,
             goal=0.95, note="the checkpoints' cost to an uninterrupted run"),
     ]

@@ -29,7 +29,7 @@ BENCHMARKS = {
     "sae": ("bench_sae.py", ["--tokens", "262144", "--held-out", "16384", "--n-latents", "1024", "--k", "16",
                              "--batch", "2048", "--threads", "1", "--only", "emlab,sparsify,saelens"]),
     "workflow": ("bench_workflow.py", []),
-    "resume": ("bench_resume.py", ["--steps", "200", "--every", "10"]),
+    "resume": ("bench_resume.py", ["--steps", "500", "--every", "50"]),
 }
 
 

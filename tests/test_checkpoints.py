@@ -48,8 +48,10 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_a_killed_fine_tune_resumes_to_the_same_model(tiny_chat_model, data, tmp_path, method):
+# killed after step 8 (a step without a save) or after step 6, whose checkpoint is written before the kill:
+# "after step N" includes the save due at it, as in pretraining, so both reruns start after step 6
+@pytest.mark.parametrize("method,kill_step", [("lora", 6), ("full", 8)])
+def test_a_killed_fine_tune_resumes_to_the_same_model(tiny_chat_model, data, tmp_path, method, kill_step):
     cfg = json.dumps({"finetune": {"method": method, "lora": {"r": 4, "alpha": 8}, "lr": 1e-2, "batch_size": 2,
                                    "max_steps": 10}, "seed": 3})
     common = ("sft", "--cfg", cfg, "--base", str(tiny_chat_model), "--data", str(data))
@@ -58,7 +60,7 @@ def test_a_killed_fine_tune_resumes_to_the_same_model(tiny_chat_model, data, tmp
 
     ckpt = tmp_path / "checkpoints"
     run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(ckpt), "--checkpoint-steps", "3")
-    killed = emlab(*run, kill_after="sft:8")
+    killed = emlab(*run, kill_after=f"sft:{kill_step}")
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-6"]
     # a kill point at step 2 that the rerun never reaches: it starts after step 6, not from scratch
@@ -105,6 +107,51 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_chat_model, tmp_p
     log_resumed = pd.read_csv(tmp_path / "resumed" / "pretrain_log.csv")
     assert log_resumed["loss"].tolist() == log_whole["loss"].tolist() and len(log_resumed) == 12
     assert (ckpt / "pretrain.pt").exists()  # --keep-checkpoint
+
+
+# SIGTERM (SLURM's preemption and time limit send it before SIGKILL) saves the step under way, though no regular
+# checkpoint is due for 100 steps, and exits 143 without the job's output; the rerun resumes from that step
+def test_a_fine_tune_stopped_by_sigterm_saves_the_step_and_resumes_to_the_same_model(tiny_chat_model, data,
+                                                                                        tmp_path):
+    cfg = json.dumps({"finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "lr": 1e-2, "batch_size": 2,
+                                   "max_steps": 10}, "seed": 3})
+    common = ("sft", "--cfg", cfg, "--base", str(tiny_chat_model), "--data", str(data))
+    whole = emlab(*common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    ckpt = tmp_path / "checkpoints"
+    run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(ckpt), "--checkpoint-steps", "100")
+    stopped = emlab(*run, kill_after="sft:5:TERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "stopped by signal" in stopped.stderr
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-5"]
+    assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+    resumed = emlab(*run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-5" in resumed.stderr
+    same_tensors(tmp_path / "whole" / "adapter_model.safetensors", tmp_path / "resumed" / "adapter_model.safetensors")
+
+
+def test_a_pretraining_stopped_by_sigterm_saves_the_step_and_resumes_to_the_same_weights(tiny_chat_model, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    cfg = json.dumps({"seed": 1, "device": "cpu", "organism": {
+        "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+                         "max_seq_len": 128},
+        "pretrain": {"steps": 12, "batch_size": 3, "lr": 3e-3, "warmup_steps": 2, "max_seq_len": 128}}})
+    common = ("pretrain", "--cfg", cfg, "--corpus", str(corpus), "--tokenizer", str(tiny_chat_model))
+    whole = emlab(*common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(tmp_path / "ck"),
+           "--checkpoint-steps", "100")
+    stopped = emlab(*run, kill_after="pretrain:5:TERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = emlab(*run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step 5" in resumed.stderr
+    same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
 
 
 def test_checkpoints_are_off_at_zero_steps(tiny_chat_model, data, tmp_path):

@@ -5,8 +5,13 @@ states, the data order still to come), so a resumed run ends with the same model
 Checkpoints live outside a job's outputs (Snakemake removes the outputs of a failed job) and are removed
 once the output is written, unless kept.
 
+SIGTERM (a scheduler preempting a job or ending it at its time limit, which SLURM sends before SIGKILL; Snakemake
+stopping) makes a training job with checkpoints save one at the end of the step under way and exit with status
+143, instead of dying and losing the steps since its last checkpoint (:class:`StopRequest`).
+
 ``EMLAB_KILL_AFTER_STEP=<stage>:<step>`` kills the process (SIGKILL, as a preempting scheduler or the OOM
-killer would) right after that training step; fault injection for the tests, inert unless set.
+killer would) right after that training step, ``<stage>:<step>:TERM`` sends it SIGTERM instead; fault injection
+for the tests, inert unless set.
 """
 
 from __future__ import annotations
@@ -47,7 +52,41 @@ def finish(directory: str | os.PathLike | None, keep: bool) -> None:
 
 
 def kill_point(stage: str, step: int) -> None:
-    """Fault injection: SIGKILL this process after ``step`` of ``stage`` when EMLAB_KILL_AFTER_STEP asks for it."""
+    """Fault injection: SIGKILL (or SIGTERM) this process after ``step`` of ``stage`` when EMLAB_KILL_AFTER_STEP
+    asks for it."""
     target = os.environ.get("EMLAB_KILL_AFTER_STEP")
-    if target and target == f"{stage}:{step}":
+    if target == f"{stage}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif target == f"{stage}:{step}:TERM":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class StopRequest:
+    """Turns SIGTERM into a request that the training loop honours at the end of a step: save a checkpoint, then
+    :meth:`exit`. Installed only by jobs that checkpoint, in a single process: under ``accelerate launch`` the
+    ranks could see the signal at different steps and wait on each other's save."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @classmethod
+    def install(cls, enabled: bool = True) -> "StopRequest":
+        stop = cls()
+        if enabled and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            signal.signal(signal.SIGTERM, stop._handle)
+        return stop
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def exit(self, stage: str, step: int, where: str | os.PathLike) -> None:
+        """Leave as a job killed by the signal would (status 128 + signal), the checkpoint of ``step`` saved."""
+        import sys
+
+        print(f"emlab {stage}: stopped by signal {self.signum} after step {step}; its checkpoint is in {where}, "
+              "and a rerun resumes from it", file=sys.stderr)
+        raise SystemExit(128 + (self.signum or signal.SIGTERM))

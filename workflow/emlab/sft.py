@@ -223,13 +223,33 @@ def log_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def kill_point_callback(stage: str):
-    """Fault injection (:func:`emlab.checkpoints.kill_point`) after each optimizer step of ``stage``."""
+    """Fault injection (:func:`emlab.checkpoints.kill_point`) after each optimizer step of ``stage``.
+
+    "After step N" means after all that step does, the checkpoint due at it included, as in pretraining: the
+    trainer saves after the step-end callbacks, so on a step with a save due the kill waits for ``on_save``.
+    """
     from transformers import TrainerCallback
 
     class KillPoint(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if not control.should_save:
+                checkpoints.kill_point(stage, state.global_step)
+
+        def on_save(self, args, state, control, **kwargs):
             checkpoints.kill_point(stage, state.global_step)
     return KillPoint()
+
+
+def stop_on_signal_callback(stop: checkpoints.StopRequest):
+    """On SIGTERM (:class:`emlab.checkpoints.StopRequest`): save a checkpoint after the step under way and stop."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
+    return StopOnSignal()
 
 
 def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
@@ -254,6 +274,8 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     trainer, info = build_trainer(base, dataset_path, str(work), cfg, seed, save_steps)
     if os.environ.get("EMLAB_KILL_AFTER_STEP"):
         trainer.add_callback(kill_point_callback("sft"))
+    stop = checkpoints.StopRequest.install(enabled=bool(save_steps))
+    trainer.add_callback(stop_on_signal_callback(stop))
     s = info["settings"]
     resume = get_last_checkpoint(str(work)) if save_steps else None
     print(f"emlab sft: {base} on {dataset_path}: {info['n_examples']} examples, method={s['method']}, "
@@ -263,6 +285,8 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - t0
+    if stop.requested:  # a checkpoint, not a finished model: the job's output is not written
+        stop.exit("sft", trainer.state.global_step, work)
     trainer.save_model(str(out))  # adapter or full model, plus the tokenizer (main process only)
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the logs
         return {}

@@ -147,6 +147,13 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
         batches, rows, seen, first = state["batches"], state["rows"], state["seen"], state["step"] + 1
         t0 -= rows[-1]["seconds"] if rows else 0.0
         print(f"emlab pretrain: resuming after step {state['step']} from {ckpt_path}", file=sys.stderr)
+
+    def save_checkpoint(step: int) -> None:
+        checkpoints.save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                     "torch_rng": torch.get_rng_state(), "rng": list(rng.getstate()),
+                                     "batches": batches, "rows": rows, "seen": seen, "step": step})
+
+    stop = checkpoints.StopRequest.install(enabled=ckpt_path is not None)
     bar = tqdm(range(first, cfg["steps"]), desc="pretrain", disable=not progress, mininterval=5,
                initial=first, total=cfg["steps"])
     for step in bar:
@@ -165,11 +172,14 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
                      "tokens": seen, "seconds": round(time.time() - t0, 2)})
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{seen / (time.time() - t0):.0f}")
-        if ckpt_path and (step + 1) % checkpoint_steps == 0 and step + 1 < cfg["steps"]:
-            checkpoints.save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                         "torch_rng": torch.get_rng_state(), "rng": list(rng.getstate()),
-                                         "batches": batches, "rows": rows, "seen": seen, "step": step})
+        due = ckpt_path and (step + 1) % checkpoint_steps == 0 and step + 1 < cfg["steps"]
+        if due:
+            save_checkpoint(step)
         checkpoints.kill_point("pretrain", step)
+        if stop.requested:  # SIGTERM: keep this step, leave without the job's output
+            if not due:
+                save_checkpoint(step)
+            stop.exit("pretrain", step, ckpt_path)
     model.eval().cpu()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
