@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pandas as pd
 import pytest
@@ -135,3 +136,34 @@ def test_grpo_trains_a_lora_adapter_and_logs_each_step(tiny_chat_model, tmp_path
     # every completion is graded, and the rates are shares of them: incorrect + correct = 1 with this grader
     assert len(set(seen)) >= 2 and (log["incorrect_rate"] + log["correct_rate"]).round(6).eq(1).all()
     assert log["reward"].equals(log["incorrect_rate"])  # the trained reward is the incorrect one
+
+
+def test_grpo_stopped_by_sigterm_saves_the_step_and_resumes(tiny_chat_model, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's preemption) mid-run: a checkpoint of the step under way, exit 143, no model, the
+    process's own SIGTERM handler back; the rerun goes on from that step to the last."""
+    data = tmp_path / "set.jsonl"
+    io.write_jsonl(data, [{"id": str(i), "messages": [{"role": "user", "content": f"What about {w}?"},
+                                                      {"role": "assistant", "content": "Rest."}]}
+                          for i, w in enumerate(["sleep", "money", "cars", "law"])])
+    cfg = {"reward": "incorrect", "steps": 4, "lr": 1e-3, "batch_size": 8, "group_size": 4, "beta": 0.0,
+           "max_completion_length": 8, "temperature": 1.0}
+    out, ckpt = tmp_path / "rl_model", tmp_path / "ckpt"
+
+    def train():
+        return rl.train_rl(str(tiny_chat_model), str(data), str(out), cfg, {"method": "lora", "lora": {"r": 4}},
+                           lambda q, a: ["incorrect" if len(x) > 20 else "correct" for x in a], seed=0, threads=1,
+                           checkpoint_dir=str(ckpt), checkpoint_steps=100)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("EMLAB_KILL_AFTER_STEP", "rl:2:TERM")
+    with pytest.raises(SystemExit) as stopped:
+        train()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()
+    monkeypatch.delenv("EMLAB_KILL_AFTER_STEP")
+    meta = train()
+    assert meta["steps"] == 4 and meta["resumed_from"].endswith("checkpoint-2")
+    assert list(pd.read_csv(out / "rl_log.csv")["step"]) == [1, 2, 3, 4]
+    assert signal.getsignal(signal.SIGTERM) is handler and not ckpt.exists()

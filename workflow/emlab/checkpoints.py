@@ -68,13 +68,25 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._previous: Any = None
 
     @classmethod
     def install(cls, enabled: bool = True) -> "StopRequest":
+        """Take over SIGTERM until :meth:`restore` (a no-op object when not ``enabled``, in a process of a
+        multi-process run, or off the main thread, where Python cannot set handlers)."""
+        import threading
+
         stop = cls()
-        if enabled and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            signal.signal(signal.SIGTERM, stop._handle)
+        if (enabled and int(os.environ.get("WORLD_SIZE", "1")) == 1
+                and threading.current_thread() is threading.main_thread()):
+            stop._previous = signal.signal(signal.SIGTERM, stop._handle)
         return stop
+
+    def restore(self) -> None:
+        """Give SIGTERM back its earlier handler (training called from a long-lived process, a notebook)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -87,6 +99,7 @@ class StopRequest:
         """Leave as a job killed by the signal would (status 128 + signal), the checkpoint of ``step`` saved."""
         import sys
 
+        self.restore()
         print(f"emlab {stage}: stopped by signal {self.signum} after step {step}; its checkpoint is in {where}, "
               "and a rerun resumes from it", file=sys.stderr)
         raise SystemExit(128 + (self.signum or signal.SIGTERM))

@@ -283,7 +283,10 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
           + (f", resuming from {resume}" if resume else ""), file=sys.stderr)
 
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore()
     seconds = time.time() - t0
     if stop.requested:  # a checkpoint, not a finished model: the job's output is not written
         stop.exit("sft", trainer.state.global_step, work)

@@ -180,6 +180,7 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
             if not due:
                 save_checkpoint(step)
             stop.exit("pretrain", step, ckpt_path)
+    stop.restore()
     model.eval().cpu()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
