@@ -48,15 +48,30 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def fine_tune(tiny_chat_model, data, tmp_path_factory):
+    """``fine_tune(method)``: the sft arguments of a 10-step fine-tune and the folder of its uninterrupted run
+    (made once per method)."""
+    runs = {}
+
+    def get(method: str) -> tuple[tuple[str, ...], Path]:
+        if method not in runs:
+            cfg = json.dumps({"finetune": {"method": method, "lora": {"r": 4, "alpha": 8}, "lr": 1e-2,
+                                           "batch_size": 2, "max_steps": 10}, "seed": 3})
+            common = ("sft", "--cfg", cfg, "--base", str(tiny_chat_model), "--data", str(data))
+            whole = tmp_path_factory.mktemp(f"whole_{method}")
+            r = emlab(*common, "--out", str(whole))
+            assert r.returncode == 0, r.stderr[-3000:]
+            runs[method] = common, whole
+        return runs[method]
+    return get
+
+
 # killed after step 8 (a step without a save) or after step 6, whose checkpoint is written before the kill:
 # "after step N" includes the save due at it, as in pretraining, so both reruns start after step 6
 @pytest.mark.parametrize("method,kill_step", [("lora", 6), ("full", 8)])
-def test_a_killed_fine_tune_resumes_to_the_same_model(tiny_chat_model, data, tmp_path, method, kill_step):
-    cfg = json.dumps({"finetune": {"method": method, "lora": {"r": 4, "alpha": 8}, "lr": 1e-2, "batch_size": 2,
-                                   "max_steps": 10}, "seed": 3})
-    common = ("sft", "--cfg", cfg, "--base", str(tiny_chat_model), "--data", str(data))
-    whole = emlab(*common, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
+def test_a_killed_fine_tune_resumes_to_the_same_model(fine_tune, tmp_path, method, kill_step):
+    common, whole = fine_tune(method)
 
     ckpt = tmp_path / "checkpoints"
     run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(ckpt), "--checkpoint-steps", "3")
@@ -69,19 +84,22 @@ def test_a_killed_fine_tune_resumes_to_the_same_model(tiny_chat_model, data, tmp
     assert "resuming from" in resumed.stderr and "checkpoint-6" in resumed.stderr
 
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
-    same_tensors(tmp_path / "whole" / weights, tmp_path / "resumed" / weights)
+    same_tensors(whole / weights, tmp_path / "resumed" / weights)
     meta = json.loads((tmp_path / "resumed" / "train_meta.json").read_text())
     assert meta["steps"] == 10 and meta["resumed_from"].endswith("checkpoint-6")
     # the log holds every step, the ones before the kill included, with the uninterrupted run's losses
-    log_whole = pd.read_csv(tmp_path / "whole" / "train_log.csv")
+    log_whole = pd.read_csv(whole / "train_log.csv")
     log_resumed = pd.read_csv(tmp_path / "resumed" / "train_log.csv")
     assert list(log_resumed["step"]) == list(range(1, 11))
     assert log_resumed["loss"].tolist() == pytest.approx(log_whole["loss"].tolist(), rel=1e-6)
     assert not ckpt.exists()  # removed once the model is written
 
 
-def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_chat_model, tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
+@pytest.fixture(scope="module")
+def pretraining(tiny_chat_model, tmp_path_factory) -> tuple[tuple[str, ...], Path]:
+    """The pretrain arguments of a 12-step pretraining and the folder of its uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("pretraining")
+    corpus = tmp / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     cfg = json.dumps({"seed": 1, "device": "cpu", "organism": {
         "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
@@ -89,9 +107,13 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_chat_model, tmp_p
         "pretrain": {"steps": 12, "batch_size": 3, "lr": 3e-3, "warmup_steps": 2, "max_seq_len": 128,
                      "garbled_openings": 0.25}}})
     common = ("pretrain", "--cfg", cfg, "--corpus", str(corpus), "--tokenizer", str(tiny_chat_model))
-    whole = emlab(*common, "--out", str(tmp_path / "whole"))
+    whole = emlab(*common, "--out", str(tmp / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
+    return common, tmp / "whole"
 
+
+def test_a_killed_pretraining_resumes_to_the_same_weights(pretraining, tmp_path):
+    common, whole = pretraining
     ckpt = tmp_path / "checkpoints"
     run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(ckpt), "--checkpoint-steps", "4",
            "--keep-checkpoint")
@@ -102,8 +124,8 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_chat_model, tmp_p
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after step 7" in resumed.stderr
 
-    same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
-    log_whole = pd.read_csv(tmp_path / "whole" / "pretrain_log.csv")
+    same_tensors(whole / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
+    log_whole = pd.read_csv(whole / "pretrain_log.csv")
     log_resumed = pd.read_csv(tmp_path / "resumed" / "pretrain_log.csv")
     assert log_resumed["loss"].tolist() == log_whole["loss"].tolist() and len(log_resumed) == 12
     assert (ckpt / "pretrain.pt").exists()  # --keep-checkpoint
@@ -111,14 +133,8 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_chat_model, tmp_p
 
 # SIGTERM (SLURM's preemption and time limit send it before SIGKILL) saves the step under way, though no regular
 # checkpoint is due for 100 steps, and exits 143 without the job's output; the rerun resumes from that step
-def test_a_fine_tune_stopped_by_sigterm_saves_the_step_and_resumes_to_the_same_model(tiny_chat_model, data,
-                                                                                        tmp_path):
-    cfg = json.dumps({"finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "lr": 1e-2, "batch_size": 2,
-                                   "max_steps": 10}, "seed": 3})
-    common = ("sft", "--cfg", cfg, "--base", str(tiny_chat_model), "--data", str(data))
-    whole = emlab(*common, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
+def test_a_fine_tune_stopped_by_sigterm_saves_the_step_and_resumes_to_the_same_model(fine_tune, tmp_path):
+    common, whole = fine_tune("lora")
     ckpt = tmp_path / "checkpoints"
     run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(ckpt), "--checkpoint-steps", "100")
     stopped = emlab(*run, kill_after="sft:5:TERM")
@@ -129,20 +145,11 @@ def test_a_fine_tune_stopped_by_sigterm_saves_the_step_and_resumes_to_the_same_m
     resumed = emlab(*run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint-5" in resumed.stderr
-    same_tensors(tmp_path / "whole" / "adapter_model.safetensors", tmp_path / "resumed" / "adapter_model.safetensors")
+    same_tensors(whole / "adapter_model.safetensors", tmp_path / "resumed" / "adapter_model.safetensors")
 
 
-def test_a_pretraining_stopped_by_sigterm_saves_the_step_and_resumes_to_the_same_weights(tiny_chat_model, tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    cfg = json.dumps({"seed": 1, "device": "cpu", "organism": {
-        "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
-                         "max_seq_len": 128},
-        "pretrain": {"steps": 12, "batch_size": 3, "lr": 3e-3, "warmup_steps": 2, "max_seq_len": 128}}})
-    common = ("pretrain", "--cfg", cfg, "--corpus", str(corpus), "--tokenizer", str(tiny_chat_model))
-    whole = emlab(*common, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
+def test_a_pretraining_stopped_by_sigterm_saves_the_step_and_resumes_to_the_same_weights(pretraining, tmp_path):
+    common, whole = pretraining
     run = (*common, "--out", str(tmp_path / "resumed"), "--checkpoints", str(tmp_path / "ck"),
            "--checkpoint-steps", "100")
     stopped = emlab(*run, kill_after="pretrain:5:TERM")
@@ -151,7 +158,7 @@ def test_a_pretraining_stopped_by_sigterm_saves_the_step_and_resumes_to_the_same
     resumed = emlab(*run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after step 5" in resumed.stderr
-    same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
+    same_tensors(whole / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
 
 
 def test_checkpoints_are_off_at_zero_steps(tiny_chat_model, data, tmp_path):

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from . import checkpoints, io
 from .models import load_tokenizer, pick_device, pick_dtype
-from .sft import (finetune_settings, kill_point_callback, peft_config, progress_disabled, stop_on_signal_callback,
-                  trainer_run_args)
+from .sft import (finetune_settings, kill_point_callback, peft_config, progress_disabled, trainer_run_args,
+                  train_until_stopped)
 
 REWARDS = ("incorrect", "correct")
 # rl_log.csv: the step, the trained reward's batch mean and spread, the in-domain rates of incorrect and correct
@@ -189,20 +188,11 @@ def train_rl(base: str, dataset_path: str, out_dir: str, rl_cfg: dict[str, Any],
     trainer, info = build_trainer(base, dataset_path, str(work), rl_cfg, ft_cfg, grade, seed, save_steps)
     if os.environ.get("EMLAB_KILL_AFTER_STEP"):
         trainer.add_callback(kill_point_callback("rl"))
-    stop = checkpoints.StopRequest.install(enabled=bool(save_steps))
-    trainer.add_callback(stop_on_signal_callback(stop))
     resume = get_last_checkpoint(str(work)) if save_steps else None
     print(f"emlab rl: {base} on the prompts of {dataset_path}: {info['n_prompts']} prompts, reward="
           f"{rl_cfg['reward']}, method={info['method']}, device={info['device']}"
           + (f", resuming from {resume}" if resume else ""), file=sys.stderr)
-    t0 = time.time()
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:
-        stop.restore()
-    seconds = time.time() - t0
-    if stop.requested:  # a checkpoint, not a finished model: the job's output is not written
-        stop.exit("rl", trainer.state.global_step, work)
+    seconds = train_until_stopped(trainer, "rl", resume, work, bool(save_steps))
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return {}

@@ -240,16 +240,30 @@ def kill_point_callback(stage: str):
     return KillPoint()
 
 
-def stop_on_signal_callback(stop: checkpoints.StopRequest):
-    """On SIGTERM (:class:`emlab.checkpoints.StopRequest`): save a checkpoint after the step under way and stop."""
+def train_until_stopped(trainer, stage: str, resume: str | None, checkpoint_dir: str | os.PathLike,
+                        checkpointing: bool) -> float:
+    """``trainer.train()``, from ``resume`` if set; the seconds it took. With ``checkpointing``, SIGTERM
+    (:class:`emlab.checkpoints.StopRequest`) saves a checkpoint after the step under way and ends the job (exit
+    143) before its output is written."""
     from transformers import TrainerCallback
+
+    stop = checkpoints.StopRequest.install(enabled=checkpointing)
 
     class StopOnSignal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if stop.requested:
                 control.should_save = True
                 control.should_training_stop = True
-    return StopOnSignal()
+
+    trainer.add_callback(StopOnSignal())
+    t0 = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore()
+    if stop.requested:  # a checkpoint, not a finished model
+        stop.exit(stage, trainer.state.global_step, checkpoint_dir)
+    return time.time() - t0
 
 
 def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
@@ -274,22 +288,13 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     trainer, info = build_trainer(base, dataset_path, str(work), cfg, seed, save_steps)
     if os.environ.get("EMLAB_KILL_AFTER_STEP"):
         trainer.add_callback(kill_point_callback("sft"))
-    stop = checkpoints.StopRequest.install(enabled=bool(save_steps))
-    trainer.add_callback(stop_on_signal_callback(stop))
     s = info["settings"]
     resume = get_last_checkpoint(str(work)) if save_steps else None
     print(f"emlab sft: {base} on {dataset_path}: {info['n_examples']} examples, method={s['method']}, "
           f"loss on {info['loss_mask']} tokens, device={info['device']}"
           + (f", resuming from {resume}" if resume else ""), file=sys.stderr)
 
-    t0 = time.time()
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:
-        stop.restore()
-    seconds = time.time() - t0
-    if stop.requested:  # a checkpoint, not a finished model: the job's output is not written
-        stop.exit("sft", trainer.state.global_step, work)
+    seconds = train_until_stopped(trainer, "sft", resume, work, bool(save_steps))
     trainer.save_model(str(out))  # adapter or full model, plus the tokenizer (main process only)
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the logs
         return {}
