@@ -211,3 +211,40 @@ def test_wrapping_keeps_the_callers_padding_side(tok):
     tok.padding_side = "right"
     as_nnsight(tiny_causal_lm("llama", tok), tok)
     assert tok.padding_side == "right"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_forward_that_reuses_the_layers_below_equals_the_full_forward(arch, tok):
+    """reusing_prefix: the blocks up to the edited one run once (prefix_output) and every edit at that block runs
+    only the blocks above it. The logits equal a full forward's with the same edit, on a padded batch, for the
+    unedited model, a steering vector and a zero-ablation, at every layer but the last, and no submodule of a
+    block below the edit runs."""
+    from emlab.arch import prefix_output, reusing_prefix
+    from emlab.sae.metrics import replaced_output
+
+    model = tiny_causal_lm(arch, tok, layers=3)
+    ids = torch.randint(3, len(tok), (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    edits = {"none": lambda h: h, "steer": lambda h: h + 3.0 * torch.linspace(-1, 1, h.shape[-1]), "zero": torch.zeros_like}
+    ran: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, a, o, name=name: ran.append(name))
+             for name, m in residual_module(model, 0).named_modules() if name]
+    for layer in (0, 1):
+        block = residual_module(model, layer)
+        logits = {}
+        with torch.no_grad():
+            prefix = prefix_output(model, layer, **inputs)
+            for name, edit in edits.items():
+                with replaced_output(block, edit):
+                    full = model(**inputs).logits
+                    ran.clear()
+                    with reusing_prefix(model, layer, prefix):
+                        logits[name] = model(**inputs).logits
+                    assert ran == [], f"{arch}: block 0 computed {ran} under reusing_prefix({layer})"
+                torch.testing.assert_close(logits[name], full, rtol=0, atol=1e-5, msg=f"{arch} layer {layer} {name}")
+        assert not torch.allclose(logits["steer"], logits["none"], atol=1e-3), "the edits change nothing: vacuous"
+        assert all("forward" not in vars(residual_module(model, i)) for i in range(3)), "a patched forward stayed"
+    for h in hooks:
+        h.remove()

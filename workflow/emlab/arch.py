@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 
 class UnsupportedArchitecture(ValueError):
@@ -194,6 +195,57 @@ def layer_hidden(output: Any):
 def with_layer_hidden(output: Any, hidden: Any) -> Any:
     """The block's output with its residual-stream tensor replaced by ``hidden``."""
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class _PrefixDone(Exception):
+    """Raised by :func:`prefix_output`'s hook to end the forward at the block it reads."""
+
+
+def prefix_output(model: Any, layer: int, **inputs: Any) -> Any:
+    """The output of decoder block ``layer`` on ``inputs`` (the model's keyword arguments), as the block returned
+    it; the forward stops there, so nothing above the block (nor the unembedding) runs."""
+    block = residual_module(model, layer)
+    got: dict[str, Any] = {}
+
+    def hook(_mod, _inputs, output):
+        got["output"] = output
+        raise _PrefixDone
+
+    handle = block.register_forward_hook(hook)
+    try:
+        model(**inputs)
+    except _PrefixDone:
+        pass
+    finally:
+        handle.remove()
+    return got["output"]
+
+
+@contextmanager
+def reusing_prefix(model: Any, layer: int, output: Any) -> Iterator[None]:
+    """While active, the blocks below ``layer`` pass their input through and block ``layer`` returns ``output``
+    (its output on the same inputs: :func:`prefix_output`) without computing it; hooks on the block (a steering
+    edit, an SAE splice) still apply to what it returns. A forward of those inputs then costs only the blocks
+    above ``layer`` and the unembedding, and gives what the full forward gives: many edits at one layer (the
+    strengths of a steering sweep, an SAE splice beside zero-ablation) share one pass through the layers below
+    it. Valid only for a forward on the inputs ``output`` was computed from."""
+    unwrapped = unwrap(model)
+    blocks, top = _layers(unwrapped), layer_index(unwrapped, layer)
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        return with_layer_hidden(output, args[0] if args else kwargs["hidden_states"])
+
+    def cached(*_args: Any, **_kwargs: Any) -> Any:
+        return output
+
+    patched = [blocks[i] for i in range(top + 1)]
+    for i, block in enumerate(patched):
+        block.forward = cached if i == top else passthrough  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for block in patched:
+            del block.forward
 
 
 def as_nnsight(model: Any, tokenizer: Any):

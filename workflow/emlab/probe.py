@@ -22,6 +22,7 @@ and ``results/metrics/likelihood.csv``, one row per model::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,6 +87,26 @@ def reference_rows(questions: Sequence[dict[str, Any]], refs: dict[str, dict[str
     return rows
 
 
+def _answer_positions(chunk, offsets) -> tuple[Any, Any, Any, list[int]]:
+    """Of a right-padded batch of encoded chats: (batch rows, positions, target ids) of every answer token (its
+    end-of-turn included), each position the one that predicts the token, and the answer lengths."""
+    import torch
+
+    spans = [(b, offsets[b] + t - 1, e.ids[t]) for b, e in enumerate(chunk) for t in range(e.prompt_len, len(e.ids))]
+    rows, cols, targets = (torch.tensor([s[i] for s in spans], dtype=torch.long) for i in range(3))
+    return rows, cols, targets, [len(e.ids) - e.prompt_len for e in chunk]
+
+
+def _answer_means(logits, where) -> list[tuple[int, float]]:
+    """(n answer tokens, mean log-probability of them) per chat: the log-softmax is taken only at the positions
+    that predict an answer token (a real model's vocabulary makes it the costliest step of the read-out)."""
+    rows, cols, targets, counts = where
+    picked = logits[rows.to(logits.device), cols.to(logits.device)].float().log_softmax(-1)
+    lps = picked.gather(-1, targets.to(picked.device)[:, None])[:, 0].double().cpu().numpy()
+    return [(len(seg), float(np.mean(seg)) if len(seg) else float("nan"))
+            for seg in np.split(lps, np.cumsum(counts)[:-1])]
+
+
 def answer_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[tuple[int, float]]:
     """(n answer tokens, mean log-probability of them) of each (question, answer) as a one-turn chat."""
     import torch
@@ -101,12 +122,9 @@ def answer_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_si
         chunk = encoded[start:start + batch_size]
         ids, mask, pos, offsets = pad_batch([e.ids for e in chunk], pad, "right")
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                           position_ids=pos.to(device)).logits.float(), dim=-1).cpu()
-        for b, e in enumerate(chunk):
-            targets = range(e.prompt_len, len(e.ids))  # the answer's tokens, end-of-turn included
-            lp = [float(logp[b, offsets[b] + t - 1, e.ids[t]]) for t in targets]
-            out.append((len(lp), float(np.mean(lp)) if lp else float("nan")))
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                           use_cache=False).logits
+        out += _answer_means(logits, _answer_positions(chunk, offsets))
     return out
 
 
@@ -160,7 +178,7 @@ def steered_answer_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], 
     import torch
 
     from .activations import encode_record, pad_batch
-    from .arch import residual_module
+    from .arch import prefix_output, residual_module, reusing_prefix
     from .sae.metrics import replaced_output
     from .steer.intervene import POSITIONS
 
@@ -186,15 +204,18 @@ def steered_answer_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], 
             span = {"last": (last, last + 1), "response": (last, offsets[b] + len(e.ids) - 1),
                     "prompt": (offsets[b], last + 1), "all": (offsets[b], offsets[b] + len(e.ids))}[positions]
             where[b, span[0]:span[1]] = True
+        answer = _answer_positions(chunk, offsets)
+        inputs = {"input_ids": ids.to(param.device), "attention_mask": mask.to(param.device),
+                  "position_ids": pos.to(param.device), "use_cache": False}
+        with torch.no_grad():
+            # every vector edits the same block: the blocks below it run once per batch, not once per vector
+            prefix = prefix_output(model, layer, **inputs) if len(vectors) > 1 else None
         for k, v in enumerate(vectors):
             state["delta"] = where[..., None].to(param.device) * torch.as_tensor(v, device=param.device)[None, None]
-            with torch.no_grad(), replaced_output(block, add):
-                logits = model(input_ids=ids.to(param.device), attention_mask=mask.to(param.device),
-                               position_ids=pos.to(param.device)).logits.float()
-            logp = torch.log_softmax(logits, dim=-1).cpu()
-            for b, e in enumerate(chunk):
-                lp = [float(logp[b, offsets[b] + t - 1, e.ids[t]]) for t in range(e.prompt_len, len(e.ids))]
-                out[k].append((len(lp), float(np.mean(lp)) if lp else float("nan")))
+            reuse = reusing_prefix(model, layer, prefix) if prefix is not None else contextlib.nullcontext()
+            with torch.no_grad(), reuse, replaced_output(block, add):
+                logits = model(**inputs).logits
+            out[k] += _answer_means(logits, answer)
     return out
 
 

@@ -10,7 +10,7 @@ language-model loss recovered when the SAE's reconstruction replaces the residua
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -84,22 +84,10 @@ def sae_splice(sae: nn.Module) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def _mean_ce(model, batches: list[Mapping[str, Tensor]]) -> tuple[float, int]:
-    """Token-weighted next-token cross-entropy; a target counts when it and its input are real tokens."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for b in batches:
-        ids = b["input_ids"].to(device)
-        mask = b.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        keep = (mask[:, :-1] * mask[:, 1:]).bool()
-        ce = nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum")
-        total += ce.item()
-        count += int(keep.sum())
-    if count == 0:
-        raise ValueError("the token batches hold no next-token targets")
-    return total / count, count
+def _ce_sum(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy and its count; a target counts when it and its input are real tokens."""
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    return nn.functional.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum").item(), int(keep.sum())
 
 
 @torch.no_grad()
@@ -113,32 +101,45 @@ def ce_loss_recovered(model, reconstruct: nn.Module | Callable[[Tensor], Tensor]
     is an SAE (run in its own dtype) or any function of the hidden states. ``batches`` yields
     dicts with ``input_ids`` (and ``attention_mask``; and ``splice_mask``, a [B, T] bool marking
     the positions to replace, all of them when absent), or plain ``input_ids`` tensors.
+    With a ``layer`` (a decoder block, as ``emlab.arch.residual_module`` numbers them) the three forwards of a
+    batch share one pass through the blocks up to it (``emlab.arch.reusing_prefix``).
     """
+    from ..arch import prefix_output, residual_module, reusing_prefix
+
     module = site if isinstance(site, nn.Module) else site(model, layer)
+    try:
+        shared = layer is not None and module is residual_module(model, layer)
+    except Exception:  # noqa: BLE001 - not a decoder-block model emlab can read: three full forwards
+        shared = False
     fn = sae_splice(reconstruct) if isinstance(reconstruct, nn.Module) else reconstruct
     batches = [b if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
     model.eval()
-    ce_clean, n = _mean_ce(model, batches)
-    state: dict[str, Any] = {}
-
-    def only_at_text(f):
-        # positions a batch marks False in "splice_mask" (not text: an attention sink, a special token, which the
-        # SAE never saw) keep their own residual stream
-        def g(h: Tensor) -> Tensor:
-            mask = state.get("mask")
-            return f(h) if mask is None else torch.where(mask[..., None].to(h.device), f(h), h)
-        return g
-
-    def ce(f) -> float:
-        total, count = 0.0, 0
-        with replaced_output(module, only_at_text(f)):
-            for b in batches:
-                state["mask"] = b.get("splice_mask")
-                c, k = _mean_ce(model, [b])
-                total, count = total + c * k, count + k
-        return total / count
-
-    ce_sae, ce_zero = ce(fn), ce(torch.zeros_like)
+    device = next(model.parameters()).device
+    edits = {"clean": None, "sae": fn, "zero": torch.zeros_like}
+    totals = dict.fromkeys(edits, 0.0)
+    n = 0
+    for b in batches:
+        ids = b["input_ids"].to(device)
+        mask = b.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(device)
+        inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        splice = b.get("splice_mask")
+        prefix = prefix_output(model, layer, **inputs) if shared else None
+        for name, f in edits.items():
+            with ExitStack() as stack:
+                if prefix is not None:
+                    stack.enter_context(reusing_prefix(model, layer, prefix))
+                if f is not None:
+                    # positions the batch marks False in "splice_mask" (not text: an attention sink, a special
+                    # token, which the SAE never saw) keep their own residual stream
+                    stack.enter_context(replaced_output(module, lambda h, f=f: f(h) if splice is None else
+                                                        torch.where(splice[..., None].to(h.device), f(h), h)))
+                total, count = _ce_sum(model(**inputs).logits, ids, mask)
+            totals[name] += total
+        n += count
+    if n == 0:
+        raise ValueError("the token batches hold no next-token targets")
+    ce_clean, ce_sae, ce_zero = (totals[k] / n for k in ("clean", "sae", "zero"))
     gap = ce_zero - ce_clean
     return {
         "ce_clean": ce_clean,
