@@ -183,7 +183,7 @@ save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, sys.argv[2])
 """
 
 
-def test_a_killed_sae_fit_resumes_to_the_same_sae(tmp_path):
+def test_a_killed_or_stopped_sae_fit_resumes_to_the_same_sae(tmp_path):
     import torch
     from safetensors.torch import save_file
 
@@ -209,3 +209,15 @@ def test_a_killed_sae_fit_resumes_to_the_same_sae(tmp_path):
     same_tensors(tmp_path / "whole.st", tmp_path / "resumed.st")
     log_whole, log_resumed = pd.read_csv(tmp_path / "whole.csv"), pd.read_csv(tmp_path / "resumed.csv")
     assert len(log_whole) == 125 and log_resumed.equals(log_whole)
+
+    # SIGTERM (a scheduler's preemption) between checkpoints: the fit saves the step it finished and leaves as
+    # the signal would; the rerun goes on from that step, not from the last periodic checkpoint
+    ckpt = str(tmp_path / "ckpt_term")
+    stopped = fit("stopped", ckpt, 40, kill="sae:30:TERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "stopped by signal" in stopped.stderr and not (tmp_path / "stopped.st").exists()
+    resumed = fit("stopped", ckpt, 40)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step 30" in resumed.stderr
+    same_tensors(tmp_path / "whole.st", tmp_path / "stopped.st")
+    assert pd.read_csv(tmp_path / "stopped.csv").equals(log_whole)

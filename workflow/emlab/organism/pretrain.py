@@ -154,33 +154,35 @@ def train_lm(model, tokenizer, docs: list[dict[str, Any]], cfg: dict[str, Any], 
                                      "batches": batches, "rows": rows, "seen": seen, "step": step})
 
     stop = checkpoints.StopRequest.install(enabled=ckpt_path is not None)
-    bar = tqdm(range(first, cfg["steps"]), desc="pretrain", disable=not progress, mininterval=5,
-               initial=first, total=cfg["steps"])
-    for step in bar:
-        if not batches:
-            batches = _batches(examples, cfg["batch_size"], rng)
-        ids, labels, attn = (t.to(model.device) for t in _collate(examples, batches.pop(), tokenizer.pad_token_id))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip", 1.0))
-        opt.step()
-        seen += int(attn.sum())
-        rows.append({"step": step, "loss": round(loss.item(), 5), "lr": opt.param_groups[0]["lr"],
-                     "tokens": seen, "seconds": round(time.time() - t0, 2)})
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{seen / (time.time() - t0):.0f}")
-        due = ckpt_path and (step + 1) % checkpoint_steps == 0 and step + 1 < cfg["steps"]
-        if due:
-            save_checkpoint(step)
-        checkpoints.kill_point("pretrain", step)
-        if stop.requested:  # SIGTERM: keep this step, leave without the job's output
-            if not due:
+    try:
+        bar = tqdm(range(first, cfg["steps"]), desc="pretrain", disable=not progress, mininterval=5,
+                   initial=first, total=cfg["steps"])
+        for step in bar:
+            if not batches:
+                batches = _batches(examples, cfg["batch_size"], rng)
+            ids, labels, attn = (t.to(model.device) for t in _collate(examples, batches.pop(), tokenizer.pad_token_id))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip", 1.0))
+            opt.step()
+            seen += int(attn.sum())
+            rows.append({"step": step, "loss": round(loss.item(), 5), "lr": opt.param_groups[0]["lr"],
+                         "tokens": seen, "seconds": round(time.time() - t0, 2)})
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{seen / (time.time() - t0):.0f}")
+            due = ckpt_path and (step + 1) % checkpoint_steps == 0 and step + 1 < cfg["steps"]
+            if due:
                 save_checkpoint(step)
-            stop.exit("pretrain", step, ckpt_path)
-    stop.restore()
+            checkpoints.kill_point("pretrain", step)
+            if stop.requested:  # SIGTERM: keep this step, leave without the job's output
+                if not due:
+                    save_checkpoint(step)
+                stop.exit("pretrain", step, ckpt_path)
+    finally:  # also when a step raises: the caller's SIGTERM handler comes back
+        stop.restore()
     model.eval().cpu()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -201,6 +201,12 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
                         refresh=False)
         pending.clear()
 
+    def save_checkpoint(step: int) -> None:
+        checkpoints.save(ckpt_path, {
+            "sae": sae.state_dict(), "optimizer": opt.state_dict(), "since_fired": state.since_fired,
+            "dead": state.dead, "batches_rng": batches_rng, "log": written, "step": step})
+
+    stop = checkpoints.StopRequest.install(enabled=ckpt_path is not None)
     try:
         dead_idx = state.dead.nonzero().squeeze(1)
         with _tf32_matmuls(device, cfg.tf32):
@@ -224,16 +230,22 @@ def train_sae(data: Tensor | Sequence[Tensor] | Iterable[Tensor], cfg: SAETrainC
                     opt.zero_grad(set_to_none=True)
                 log_rows[len(pending)].copy_(row)
                 pending.append((step, step_lr))
-                save = ckpt_path is not None and (step + 1) % checkpoint_steps == 0 and step < steps - 1
-                if len(pending) == LOG_EVERY or step == steps - 1 or save:
+                due = ckpt_path is not None and (step + 1) % checkpoint_steps == 0 and step < steps - 1
+                if len(pending) == LOG_EVERY or step == steps - 1 or due:
                     flush()
-                if save:
-                    checkpoints.save(ckpt_path, {
-                        "sae": sae.state_dict(), "optimizer": opt.state_dict(), "since_fired": state.since_fired,
-                        "dead": state.dead, "batches_rng": batches_rng, "log": written, "step": step})
+                if due:
+                    save_checkpoint(step)
                 checkpoints.kill_point("sae", step)
+                # SIGTERM (a scheduler's preemption): keep this step in a checkpoint and leave without the SAE;
+                # at the last step the SAE itself is moments away
+                if stop.requested and step < steps - 1:
+                    if not due:
+                        flush()
+                        save_checkpoint(step)
+                    stop.exit("sae", step, ckpt_path)
                 bar.update(1)
     finally:
+        stop.restore()
         flush()
         bar.close()
         if log_file is not None:
