@@ -47,7 +47,7 @@ def default_run(tmp_path_factory):
         (wd / "results").symlink_to(Path(existing).resolve(), target_is_directory=True)
         return wd
     wd = copy_workflow(tmp_path_factory.mktemp("default"))
-    snakemake(wd, timeout=DEFAULT_RUN_TIMEOUT_S)
+    snakemake(wd, timeout=DEFAULT_RUN_TIMEOUT_S, spread=True)
     return wd
 
 

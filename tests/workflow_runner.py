@@ -13,10 +13,15 @@ COPY = ("Snakefile", "config.yaml", "rules", "workflow", "resources", "envs", "t
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 # Under `make test` two xdist workers share the machine: a workflow run takes its worker's share of the cores, so
 # that its jobs' threads never wait at a parallel region for a core the other worker holds (on 2 cores, 2-thread
-# jobs beside a busy worker ran about 3x slower than alone). Runs on every core with one-thread jobs (--max-threads)
-# were tried: the default run, the suite's longest test, then took 1610 s (1340 s at one core in CI), its serial
-# pretraining sharing a core with the other worker's second job.
-CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+# jobs beside a busy worker ran about 3x slower than alone). Both workers' runs on every core with one-thread jobs
+# were tried: the default run then took 1610 s, its serial pretraining sharing a core with the other worker's
+# second job.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CORES = max(1, (os.cpu_count() or 1) // WORKERS)
+# The one run that may take every core (spread=True): the default run, the suite's longest test. Its jobs keep one
+# thread each (--max-threads), so it fills a core the other worker leaves idle (the SLURM test waits ~8 minutes on
+# its scheduler, with ~90 s of jobs) without slowing the other worker's one-thread work at a parallel region.
+ALL_CORES = os.cpu_count() or 1
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -31,8 +36,9 @@ def copy_workflow(dest: Path) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, configfile: str | list[str] | None = None, cores: int = CORES,
-              check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
-    cmd = [SNAKEMAKE, "--profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", str(cores)]
+              check: bool = True, timeout: int = 1800, spread: bool = False) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "--profile", str(ROOT / "workflow" / "profiles" / "default")]
+    cmd += ["--cores", str(ALL_CORES), "--max-threads", str(CORES)] if spread else ["--cores", str(cores)]
     if configfile:
         cmd += ["--configfile", *([configfile] if isinstance(configfile, str) else configfile)]
     cmd += list(args)
