@@ -25,6 +25,7 @@ BENCHMARKS = {
     "world_grader": ("bench_world_grader.py", ["--answers", "200"]),
     "activations": ("bench_activations.py", ["--rounds", "3"]),
     "steering": ("bench_steering.py", ["--rounds", "3"]),
+    "probe": ("bench_probe.py", ["--rounds", "3", "--pairs", "16"]),
     "pretrain": ("bench_pretrain.py", ["--steps", "30", "--rounds", "3"]),
     "sae": ("bench_sae.py", ["--tokens", "262144", "--held-out", "16384", "--n-latents", "1024", "--k", "16",
                              "--batch", "2048", "--threads", "1", "--only", "emlab,sparsify,saelens"]),
