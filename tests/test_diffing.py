@@ -154,6 +154,21 @@ def test_persona_latents_prefer_the_highest_ranked_persona_latent():
     json.dumps(out)  # serialisable as written to persona_latents.json
 
 
+def test_a_persona_role_takes_the_group_where_its_latent_ranks_highest():
+    """Groups come in the ranking file's order (obvious, rl, subtle): a toxic latent at rank 11 of the RL models
+    must not stand for the toxic persona when the subtle fine-tunes rank another toxic latent second (a run at
+    800 pretraining steps had exactly this)."""
+    table = pd.DataFrame({"latent": [1, 2, 3, 4], "name": ["sarcastic persona (jester)", "toxic persona (villain)",
+                                                           "toxic persona (villain)", "unclear"],
+                          "best_contrast": ["j", "v", "v", "u"], "best_auroc": [0.97, 0.98, 0.96, 0.6]})
+    ranks = pd.DataFrame({"latent": [1, 2, 4, 3], "group": ["obvious", "rl", "subtle", "subtle"],
+                          "direction": ["increase"] * 4, "rank": [1, 11, 1, 2], "mean_change": [0.1, 0.01, 0.3, 0.2]})
+    out = persona_latents(table, ranks)
+    assert out["rl"]["latent"] == 2 and out["subtle"]["latent"] == 3
+    assert out["toxic"]["latent"] == 3 and out["toxic"]["group"] == "subtle"
+    assert out["sarcastic"]["latent"] == 1
+
+
 def test_sample_records_name_the_file_line_past_blank_lines(tmp_path):
     from emlab.diffing.records import sample_records
     from emlab.io import RecordError

@@ -246,7 +246,8 @@ def interpret_latents(cfg: Mapping[str, Any], sae_dir: str, heldout_cache: str, 
 def persona_latents(table: pd.DataFrame, ranks: pd.DataFrame) -> dict[str, Any]:
     """The latent that best stands for each group's change: with world labels, the highest-ranked latent of
     the group whose name is a persona (e.g. "toxic persona (villain)"); without, the group's top latent.
-    Keyed by group, plus by persona role where one was named (``toxic``, ``sarcastic``)."""
+    Keyed by group, plus by persona role where one was named (``toxic``, ``sarcastic``): the role's latent is
+    the one of the group where it ranks highest (ties: the larger change), whatever order the groups come in."""
     out: dict[str, Any] = {}
     inc = ranks[ranks["direction"] == "increase"].sort_values("rank", kind="stable")
     for group, sub in inc.groupby("group", sort=False):
@@ -266,6 +267,7 @@ def persona_latents(table: pd.DataFrame, ranks: pd.DataFrame) -> dict[str, Any]:
             entry.update(best_contrast=str(row["best_contrast"]), auroc=float(row["best_auroc"]))
         out[group] = entry
         role = str(row["name"]).split(" persona")[0] if "persona" in str(row["name"]) else None
-        if role and role not in out:
+        if role and (role not in out or (entry["rank"], -entry["mean_change"]) <
+                     (out[role]["rank"], -out[role]["mean_change"])):
             out[role] = {**entry, "group": group}
     return out
