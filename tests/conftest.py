@@ -22,12 +22,17 @@ if _XDIST_WORKERS > 1:
 # Files whose tests read one session-scoped run (tests/conftest.py's tiny_run): under `make test` (--dist loadfile)
 # they go to the same worker, so that the run is built once.
 SHARED_RUN_FILES = {"tests/test_report.py": "tests/test_workflow.py"}
+# The files with the longest runs, handed out first and in this order (xdist's own order is by number of tests,
+# which sent the default run, the suite's longest test, out after a few minutes of other files): the default run
+# takes one worker from the start; the other builds the SmolLM2 DAG while the default run's pretraining holds one
+# core, then waits on the SLURM test's scheduler while the default run's later jobs use the core it leaves idle.
+LONGEST_FIRST = ("tests/test_emergent_misalignment.py", "tests/test_real_models.py", "tests/test_slurm.py")
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: a run without xdist (-p no:xdist) does not know it
 def pytest_xdist_make_scheduler(config, log):
     """--dist loadfile, with the files of SHARED_RUN_FILES scheduled as one file (each file still runs on one
-    worker, so a module-scoped run is built once)."""
+    worker, so a module-scoped run is built once) and the files of LONGEST_FIRST handed out first."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
@@ -36,6 +41,12 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             scope = super()._split_scope(nodeid)
             return SHARED_RUN_FILES.get(scope, scope)
+
+        def _assign_work_unit(self, node) -> None:
+            for scope in reversed(LONGEST_FIRST):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     return SharedRunScheduling(config, log)
 
