@@ -246,5 +246,13 @@ def test_a_forward_that_reuses_the_layers_below_equals_the_full_forward(arch, to
                 torch.testing.assert_close(logits[name], full, rtol=0, atol=1e-5, msg=f"{arch} layer {layer} {name}")
         assert not torch.allclose(logits["steer"], logits["none"], atol=1e-3), "the edits change nothing: vacuous"
         assert all("forward" not in vars(residual_module(model, i)) for i in range(3)), "a patched forward stayed"
+    # a forward the instance already had (as accelerate's hooks set) is given back, not deleted
+    block0 = residual_module(model, 0)
+    own = block0.forward
+    block0.forward = own
+    with reusing_prefix(model, 1, prefix):
+        assert block0.forward is not own
+    assert vars(block0)["forward"] is own
+    del block0.forward
     for h in hooks:
         h.remove()

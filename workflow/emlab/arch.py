@@ -239,13 +239,18 @@ def reusing_prefix(model: Any, layer: int, output: Any) -> Iterator[None]:
         return output
 
     patched = [blocks[i] for i in range(top + 1)]
+    # a forward already set on the instance (accelerate's device hooks set one) comes back afterwards
+    before = [vars(block).get("forward") for block in patched]
     for i, block in enumerate(patched):
         block.forward = cached if i == top else passthrough  # an instance attribute shadows the class's forward
     try:
         yield
     finally:
-        for block in patched:
-            del block.forward
+        for block, forward in zip(patched, before):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def as_nnsight(model: Any, tokenizer: Any):
