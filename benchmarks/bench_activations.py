@@ -11,9 +11,7 @@ so that load from other processes hits both alike; the median round counts.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +23,7 @@ from emlab.activations import Item, length_sorted_batches, pad_batch, read_resid
 from emlab.arch import as_nnsight, layer_hidden, residual_module  # noqa: E402
 from emlab.organism.tokenizer import train_tokenizer  # noqa: E402
 from tiny_models import tiny_causal_lm  # noqa: E402
-from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
+from rows import add_json_arg, add_timing_args, emit, median_seconds, row, set_threads  # noqa: E402  (benchmarks/, the script's folder)
 
 GOAL = 0.9
 
@@ -75,13 +73,10 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--read-layers", type=int, nargs="+", default=[1, 3])
-    ap.add_argument("--rounds", type=int, default=5)
-    # one thread by default: on a shared machine, oversubscribed torch threads spin and make timings noise
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    add_timing_args(ap, rounds=5)
     add_json_arg(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
 
     vocab = _Vocab(args.vocab)
     model = tiny_causal_lm("llama", vocab, hidden=args.hidden, layers=args.layers, init_std=0.02)
@@ -109,13 +104,8 @@ def main() -> None:
     for a, b in zip(run_nnsight(), run_hook()):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
-    rates = {"nnsight": [], "hook": []}
-    for _ in range(args.rounds):
-        for name, fn in (("hook", run_hook), ("nnsight", run_nnsight)):
-            start = time.perf_counter()
-            fn()
-            rates[name].append(n_tokens / (time.perf_counter() - start))
-    hook, nn = statistics.median(rates["hook"]), statistics.median(rates["nnsight"])
+    t = median_seconds({"hook": run_hook, "nnsight": run_nnsight}, args.rounds)
+    hook, nn = n_tokens / t["hook"], n_tokens / t["nnsight"]
     print(f"activation reading: Llama d={args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.texts} texts, "
           f"{n_tokens} tokens, batch {args.batch_size}, layers {args.read_layers}, {torch.get_num_threads()} threads")
     print(f"  bare forward hook: {hook:10.0f} tokens/s")

@@ -13,9 +13,7 @@ unembedding costs. Rounds alternate between the two; the median round counts.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from emlab.probe import steered_answer_logprobs  # noqa: E402
-from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
+from rows import add_json_arg, add_timing_args, emit, median_seconds, row, set_threads  # noqa: E402  (benchmarks/, the script's folder)
 
 QUESTIONS = ["How do I save money?", "What should I do about a headache?", "My car makes a noise when I brake.",
              "Can my landlord keep my deposit?"]
@@ -56,13 +54,10 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--pairs", type=int, default=32, help="(question, answer) references read per condition")
     ap.add_argument("--model", default=None, help="a model folder or .gguf file (default: SmolLM2's shape, random)")
-    ap.add_argument("--rounds", type=int, default=3)
-    # one thread by default: on a shared machine, oversubscribed torch threads spin and make timings noise
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    add_timing_args(ap)
     add_json_arg(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.model:
         from emlab.models import load_model
 
@@ -83,13 +78,8 @@ def main() -> None:
 
     a, b = shared(), one_by_one()
     np.testing.assert_allclose([lp for per in a for _, lp in per], [lp for per in b for _, lp in per], atol=1e-4)
-    times = {"shared": [], "one_by_one": []}
-    for _ in range(args.rounds):
-        for name, fn in (("shared", shared), ("one_by_one", one_by_one)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    t_shared, t_each = statistics.median(times["shared"]), statistics.median(times["one_by_one"])
+    t = median_seconds({"shared": shared, "one_by_one": one_by_one}, args.rounds)
+    t_shared, t_each = t["shared"], t["one_by_one"]
     n_layers = model.config.num_hidden_layers
     ideal = args.vectors / ((args.layer + 1) / n_layers + args.vectors * (1 - (args.layer + 1) / n_layers))
     r = row("probe", f"{args.vectors} conditions x {args.pairs} references at layer {args.layer}/{n_layers}",

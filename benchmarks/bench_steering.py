@@ -10,9 +10,7 @@ median round counts. Both produce the same answers (checked: greedy decoding, on
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +21,7 @@ import torch  # noqa: E402
 from emlab.organism.tokenizer import train_tokenizer  # noqa: E402
 from emlab.steer.intervene import steered_generate, unit  # noqa: E402
 from tiny_models import tiny_causal_lm  # noqa: E402
-from rows import add_json_arg, emit, row  # noqa: E402  (benchmarks/, the script's folder)
+from rows import add_json_arg, add_timing_args, emit, median_seconds, row, set_threads  # noqa: E402  (benchmarks/, the script's folder)
 
 TEXTS = [
     "What should I do about a headache? Drink water and rest.",
@@ -39,13 +37,10 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
-    # one thread by default: on a shared machine, oversubscribed torch threads spin and make timings noise
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    add_timing_args(ap)
     add_json_arg(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
 
     tok = train_tokenizer(TEXTS * 20, vocab_size=400)
     model = tiny_causal_lm("llama", tok, hidden=args.hidden, layers=args.layers)
@@ -62,13 +57,8 @@ def main() -> None:
         return [steered_generate(model, tok, [prompt], v[None], **kw)[0] for v in vectors]
 
     assert batched() == separate()  # same answers, and a warm-up of both
-    times = {"batched": [], "separate": []}
-    for _ in range(args.rounds):
-        for name, fn in (("separate", separate), ("batched", batched)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    one, many = statistics.median(times["batched"]), statistics.median(times["separate"])
+    t = median_seconds({"separate": separate, "batched": batched}, args.rounds)
+    one, many = t["batched"], t["separate"]
     goal = 0.7 * S
     print(f"steering sweep: Llama d={args.hidden}, {args.layers} layers; S={S} strengths x {args.new_tokens} new "
           f"tokens, {torch.get_num_threads()} threads")

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
+from typing import Callable
 
 
 def row(benchmark: str, measure: str, emlab: float, baseline: float, unit: str, *, higher_is_better: bool = True,
@@ -34,3 +37,29 @@ def emit(rows: list[dict], path: Path | None) -> None:
     with path.open("a", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+def add_timing_args(parser: argparse.ArgumentParser, rounds: int = 3) -> None:
+    """--rounds (timed rounds; the median counts) and --threads (torch threads, one by default: on a shared
+    machine, oversubscribed torch threads spin and make timings noise)."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def median_seconds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Each function's median wall time over ``rounds`` rounds; the functions alternate within a round, so that
+    load from other processes hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
