@@ -12,7 +12,7 @@ diffing/steering/monitor levels that test_workflow.py runs locally; each DAG lev
 poll of 10-15 s here), polling with squeue
 (the test cluster has no accounting), with EMLAB_FAIL_ONCE making the `metrics` job fail on its
 first run and EMLAB_HANG_ONCE making the `sae` job hang until the test cancels it (scancel) and one
-misalignment figure job hang until its one-minute time limit ends it. They check what a cluster user relies on: every output is made, GPU jobs share the node
+corpus activation job hang until its two-minute time limit ends it. They check what a cluster user relies on: every output is made, GPU jobs share the node
 at the same time on different devices while CPU jobs get none, each job asks SLURM for the memory,
 time and GPUs that the config (or --set-resources) gives its rule, a failed, a cancelled and a
 timed-out job are each retried by the profile instead of ending the run, and the daemons are stopped by their PIDs afterwards.
@@ -46,14 +46,16 @@ SLURM_OVERLAY = "tests/configs/tiny-slurm.yaml"  # without RL (see the file)
 # late in the DAG, so its retry is exercised after every other level has run through SLURM.
 FAIL_ONCE_COMMAND, FAIL_ONCE_RULE = "metrics", "metrics"
 # Jobs the scheduler kills (EMLAB_HANG_ONCE makes one job of the command hang until killed): the SAE job is
-# cancelled with scancel as soon as it hangs; one misalignment figure job (one per judge) runs into its rule's
-# one-minute time limit, given below. Both lie beside longer branches of the DAG, so the kills add little time.
+# cancelled with scancel as soon as it hangs; one of the two corpus activation jobs (cache-texts) runs into its
+# rule's two-minute time limit, given below (the job itself takes ~15 s). Both lie on the SAE branch, which
+# runs beside the longer fine-tune -> sample -> judge -> metrics -> figure chain, so the kills and their
+# retries add no time to the run. (At the DAG's last level, a figure job's time limit cost the run ~110 s.)
 SCANCEL_COMMAND, SCANCEL_RULE = "sae", "sae"
-TIMEOUT_COMMAND, TIMEOUT_RULE = "plot", "plot_misalignment"
+TIMEOUT_COMMAND, TIMEOUT_RULE = "cache-texts", "activations_corpus"
 # What each injected fault leaves as the SLURM job's state before the profile's retry.
 INJECTED = {FAIL_ONCE_RULE: "FAILED", SCANCEL_RULE: "CANCELLED", TIMEOUT_RULE: "TIMEOUT"}
 # Per-rule overrides on the command line: they must reach sbatch for that rule only.
-SET_RESOURCES = {("plot_misalignment", "mem_mb"): 1500, (TIMEOUT_RULE, "runtime"): 1}
+SET_RESOURCES = {("plot_misalignment", "mem_mb"): 1500, (TIMEOUT_RULE, "runtime"): 2}
 # What the SLURM run makes: both judges' figures (world, pretraining, GPU fine-tunes and sampling,
 # judging, the metrics job that fails once) and the SAE (corpus activations and SAE fitting).
 SLURM_TARGETS = ("results/figures/misalignment_world.png", "results/figures/misalignment_world_strict.png",
