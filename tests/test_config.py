@@ -69,7 +69,7 @@ def test_empty_config_gets_complete_defaults(monkeypatch):
     ({"steer": {"positions": "first"}}, "steer.positions: 'first' is not one of ['all', 'prompt', 'response', 'last']"),
     ({"steer": {"screen": {"subtract_alpha": 0}}},
      "steer.screen.subtract_alpha: 0 is less than or equal to the minimum of 0"),
-    ({"sae": {"train": {"tf32": "no"}}}, "sae.train.tf32 must be of type bool"),
+    ({"sae": {"train": {"tf32": "no"}}}, "sae.train.tf32: 'no' is not of type 'boolean'"),
 ])
 def test_bad_values_name_the_key(monkeypatch, patch, expected):
     monkeypatch.chdir(ROOT)
@@ -154,11 +154,23 @@ def test_monitor_tasks_need_a_question_and_texts(tmp_path):
 
 
 def test_one_sae_training_key_keeps_the_other_defaults():
-    # overriding one key of sae.train must not drop the workflow's other defaults for SAETrainConfig's own
+    # overriding one key of sae.train keeps every other default, and the workflow's defaults are the library's
+    from dataclasses import asdict, fields
+
+    from emlab.sae import SAETrainConfig
+
     default = validate({})["sae"]["train"]
     mine = validate({"sae": {"train": {"k": 16}}})["sae"]["train"]
     assert mine == {**default, "k": 16}
-    assert default["n_latents"] == 512 and default["epochs"] == 3 and default["lr"] == 0.001
+    library = asdict(SAETrainConfig())
+    # every training setting but the two the workflow takes from its top level has its default in the schema
+    assert set(default) == {f.name for f in fields(SAETrainConfig)} - {"seed", "device"}
+    assert default == {k: library[k] for k in default}
+    assert default["k"] == 32 and default["n_latents"] is None and default["epochs"] == 1.0
+    # the organism's config.yaml sets its own small SAE, on top of those defaults
+    organism = load("config.yaml")["sae"]["train"]
+    assert organism == {**default, "k": 8, "n_latents": 512, "epochs": 3, "batch_tokens": 2048, "lr": 0.001,
+                        "dead_tokens_threshold": 200000}
     with pytest.raises(ConfigError, match=r"sae\.train\.k: 0 is less than the minimum of 1"):
         validate({"sae": {"train": {"k": 0}}})
 

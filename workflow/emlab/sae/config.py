@@ -1,5 +1,5 @@
 """The SAE training settings (``sae.train`` in the config): one dataclass, validated, with the sizes
-that follow from the input width (latents, learning rate, AuxK width)."""
+that follow from the input width (latents, learning rate, AuxK width). Its defaults are the schema's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from ..schema import ConfigError
+from ..schema import ConfigError, schema_defaults
 
 LR_REFERENCE_LATENTS = 2 ** 14  # the base lr is the one for 2^14 latents (sparsify's convention)
 
@@ -16,27 +16,33 @@ class SAEConfigError(ConfigError):
     """A bad SAE setting; the message names the config key."""
 
 
+# The schema (workflow/schemas/config.schema.yaml, sae.train) is the one home of these defaults and their meanings:
+# a library caller and the workflow get the same SAE from the same keys.
+_DEFAULTS = schema_defaults("sae", "train")
+
+
 @dataclass
 class SAETrainConfig:
-    k: int = 32                            # active latents per token
-    n_latents: int | None = None           # None: expansion_factor * d_in
-    expansion_factor: int = 32
-    batch_tokens: int = 4096
-    lr: float = 2e-4                       # Adam lr at 2^14 latents; scaled by 1/sqrt(n_latents / 2^14)
-    lr_warmup_frac: float = 0.05           # linear warm-up over this fraction of the steps
-    lr_decay_frac: float = 0.2             # linear decay to 0 over the last fraction of the steps
-    epochs: float = 1.0                    # passes over the activations (ignored if train_tokens is set)
-    train_tokens: int | None = None        # total training tokens; needed for streamed shards of unknown size
-    k_aux: int | None = None               # dead latents in the AuxK loss; None: min(512, d_in // 2)
-    auxk_coef: float = 1 / 32
-    dead_tokens_threshold: int = 10_000_000
-    normalize_activations: bool = True     # scale inputs to mean squared norm d_in (folded into the weights)
-    init_sample_tokens: int = 16384        # sample for the geometric median and the input scale
+    k: int = _DEFAULTS["k"]
+    n_latents: int | None = _DEFAULTS["n_latents"]
+    expansion_factor: int = _DEFAULTS["expansion_factor"]
+    batch_tokens: int = _DEFAULTS["batch_tokens"]
+    lr: float = _DEFAULTS["lr"]
+    lr_warmup_frac: float = _DEFAULTS["lr_warmup_frac"]
+    lr_decay_frac: float = _DEFAULTS["lr_decay_frac"]
+    epochs: float = _DEFAULTS["epochs"]
+    train_tokens: int | None = _DEFAULTS["train_tokens"]
+    k_aux: int | None = _DEFAULTS["k_aux"]
+    auxk_coef: float = _DEFAULTS["auxk_coef"]
+    dead_tokens_threshold: int = _DEFAULTS["dead_tokens_threshold"]
+    normalize_activations: bool = _DEFAULTS["normalize_activations"]
+    init_sample_tokens: int = _DEFAULTS["init_sample_tokens"]
+    cuda_graphs: bool = _DEFAULTS["cuda_graphs"]
+    tf32: bool = _DEFAULTS["tf32"]
+    normalize_grad: bool = _DEFAULTS["normalize_grad"]
+    # Not in the schema's sae.train: the workflow passes its top-level `seed` and `device`.
     seed: int = 0
     device: str = "auto"
-    cuda_graphs: bool = True               # on a GPU, replay each step from a CUDA graph (False: eager steps)
-    tf32: bool = True                      # on a GPU, the encoder matmul in TensorFloat-32 (False: full fp32)
-    normalize_grad: bool = True            # Adam steps on the gradient divided by its global norm
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None, where: str = "sae.train") -> "SAETrainConfig":
