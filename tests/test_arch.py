@@ -256,3 +256,27 @@ def test_a_forward_that_reuses_the_layers_below_equals_the_full_forward(arch, to
     del block0.forward
     for h in hooks:
         h.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_answer_logits_unembed_only_the_answer_positions(arch, tok):
+    """The probe's read-out (emlab.probe._answer_logits): on a right-padded batch its rows are the full forward's
+    logits at the answer-predicting positions, and the unembedding sees those positions and no others."""
+    from emlab.probe import _answer_logits
+
+    model = tiny_causal_lm(arch, tok, layers=2)
+    ids = torch.randint(3, len(tok), (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    rows, cols = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([4, 5, 7, 2, 5])
+    where = (rows, cols, ids[rows, cols + 1], [3, 2])
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda mod, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+    with torch.no_grad():
+        picked = _answer_logits(model, inputs, where)
+        full = model(**inputs).logits
+    hook.remove()
+    torch.testing.assert_close(picked, full[rows, cols], rtol=0, atol=1e-5, msg=arch)
+    assert seen[0] == len(rows), f"{arch}: the unembedding read {seen[0]} positions, not the {len(rows)} answers"

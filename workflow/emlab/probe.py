@@ -97,12 +97,34 @@ def _answer_positions(chunk, offsets) -> tuple[Any, Any, Any, list[int]]:
     return rows, cols, targets, [len(e.ids) - e.prompt_len for e in chunk]
 
 
-def _answer_means(logits, where) -> list[tuple[int, float]]:
-    """(n answer tokens, mean log-probability of them) per chat: the log-softmax is taken only at the positions
-    that predict an answer token (a real model's vocabulary makes it the costliest step of the read-out)."""
-    rows, cols, targets, counts = where
-    picked = logits[rows.to(logits.device), cols.to(logits.device)].float().log_softmax(-1)
-    lps = picked.gather(-1, targets.to(picked.device)[:, None])[:, 0].double().cpu().numpy()
+def _answer_logits(model, inputs: dict[str, Any], where) -> Any:
+    """The logits at the positions that predict an answer token, one row per answer token in ``where``'s order.
+
+    Only those positions go through the unembedding: ``logits_to_keep`` with a (batch, seq) mask, which
+    transformers' causal LMs take (their ``slice_logits_to_keep``). On a real model's vocabulary the unembedding
+    of every position was about a third of each steering condition's cost, and the prompt positions need none.
+    A model whose forward lacks the argument, or slices otherwise, gets the full logits, indexed here."""
+    import inspect
+
+    import torch
+
+    rows, cols, _, _ = where
+    ids = inputs["input_ids"]
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        keep[rows.to(ids.device), cols.to(ids.device)] = True
+        logits = model(**inputs, logits_to_keep=keep).logits
+        if logits.ndim == 2 and logits.shape[0] == len(rows):
+            return logits
+    logits = model(**inputs).logits
+    return logits[rows.to(logits.device), cols.to(logits.device)]
+
+
+def _answer_means(picked, where) -> list[tuple[int, float]]:
+    """(n answer tokens, mean log-probability of them) per chat, from :func:`_answer_logits`: the log-softmax is
+    taken only at the positions that predict an answer token."""
+    _, _, targets, counts = where
+    lps = picked.float().log_softmax(-1).gather(-1, targets.to(picked.device)[:, None])[:, 0].double().cpu().numpy()
     return [(len(seg), float(np.mean(seg)) if len(seg) else float("nan"))
             for seg in np.split(lps, np.cumsum(counts)[:-1])]
 
@@ -121,10 +143,11 @@ def answer_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_si
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         ids, mask, pos, offsets = pad_batch([e.ids for e in chunk], pad, "right")
+        where = _answer_positions(chunk, offsets)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device),
+                  "use_cache": False}
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                           use_cache=False).logits
-        out += _answer_means(logits, _answer_positions(chunk, offsets))
+            out += _answer_means(_answer_logits(model, inputs, where), where)
     return out
 
 
@@ -214,8 +237,7 @@ def steered_answer_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], 
             state["delta"] = where[..., None].to(param.device) * torch.as_tensor(v, device=param.device)[None, None]
             reuse = reusing_prefix(model, layer, prefix) if prefix is not None else contextlib.nullcontext()
             with torch.no_grad(), reuse, replaced_output(block, add):
-                logits = model(**inputs).logits
-            out[k] += _answer_means(logits, answer)
+                out[k] += _answer_means(_answer_logits(model, inputs, answer), answer)
     return out
 
 
