@@ -1,6 +1,8 @@
 """Likelihood-probe steering sweep: V steering vectors at one middle layer read in one call of
 steered_answer_logprobs, which runs the layers below the steered one once per batch
 (emlab.arch.reusing_prefix), against V one-vector calls, each a full forward, in the same run.
+A second row times the read-out: the unembedding of the answer-predicting positions only (logits_to_keep)
+against the unembedding of every position, both with the shared prefix.
 
 The model has a real model's shape by default (SmolLM2-135M: 30 layers, width 576, a 49152-token vocabulary;
 random weights, nothing is downloaded) or is read from --model. The two give the same log-probabilities
@@ -18,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "workflow"), str(ROOT / "tests")]
+
+from unittest import mock  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -76,18 +80,33 @@ def main() -> None:
     def one_by_one():
         return [steered_answer_logprobs(model, tok, pairs, vectors=[v], **kw)[0] for v in vectors]
 
-    a, b = shared(), one_by_one()
-    np.testing.assert_allclose([lp for per in a for _, lp in per], [lp for per in b for _, lp in per], atol=1e-4)
-    t = median_seconds({"shared": shared, "one_by_one": one_by_one}, args.rounds)
+    def every_position():
+        """The read-out before logits_to_keep: every position's logits, then the answer positions picked."""
+        def full(model, inputs, where):
+            logits = model(**inputs).logits
+            return logits[where[0], where[1]]
+
+        with mock.patch("emlab.probe._answer_logits", full):
+            return shared()
+
+    a, b, c = shared(), one_by_one(), every_position()
+    for other in (b, c):
+        np.testing.assert_allclose([lp for per in a for _, lp in per], [lp for per in other for _, lp in per],
+                                   atol=1e-4)
+    t = median_seconds({"shared": shared, "one_by_one": one_by_one, "every_position": every_position}, args.rounds)
     t_shared, t_each = t["shared"], t["one_by_one"]
     n_layers = model.config.num_hidden_layers
     ideal = args.vectors / ((args.layer + 1) / n_layers + args.vectors * (1 - (args.layer + 1) / n_layers))
     r = row("probe", f"{args.vectors} conditions x {args.pairs} references at layer {args.layer}/{n_layers}",
             t_shared, t_each, "s", higher_is_better=False,
             note=f"layers below shared once per batch; ideal (layers only) {ideal:.2f}x")
+    r2 = row("probe", f"read-out of {args.vectors} conditions x {args.pairs} references, vocabulary "
+             f"{model.config.vocab_size}", t_shared, t["every_position"], "s", higher_is_better=False,
+             note="unembedding at answer positions only (logits_to_keep) vs at every position")
     print(f"shared prefix: {t_shared:.2f} s, a full forward per condition: {t_each:.2f} s, "
-          f"speed-up {r['ratio']:.2f}x (layers-only ideal {ideal:.2f}x)")
-    emit([r], args.json)
+          f"speed-up {r['ratio']:.2f}x (layers-only ideal {ideal:.2f}x); every position unembedded: "
+          f"{t['every_position']:.2f} s ({r2['ratio']:.2f}x)")
+    emit([r, r2], args.json)
 
 
 if __name__ == "__main__":
