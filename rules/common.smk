@@ -182,6 +182,8 @@ def final_outputs():
         out.append(f"{RESULTS}/figures/rl_training.png")
     if DIFFING:
         out += [f"{RESULTS}/figures/signature.png", f"{RESULTS}/diffing/latents.html", f"{RESULTS}/sae"]
+    if PLAN.prediction:
+        out += [f"{RESULTS}/figures/prediction.png", f"{RESULTS}/prediction/summary.csv"]
     if STEERING and PLAN.steer_judge:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
     elif STEERING:  # no judge: the sweep is read by the likelihood probe
@@ -254,6 +256,7 @@ WORLD_TEXTS = not config["sae"]["corpus"]  # labelled world texts: latents are n
 HELDOUT_SKIP = 0 if WORLD_TEXTS else config["sae"]["n_texts"]
 DIFFING_TABLES = ["latent_means.parquet", "changes.csv", "ranking.csv", "changes_unsupervised.csv",
                   "ranking_unsupervised.csv"]
+PREDICTION_TABLES = ["shifts.csv", "summary.csv", "early.csv", "early.md"]
 INTERPRET_OUTPUTS = ["latents.csv", "latents.md", "latents.html", "persona_latents.json"] + (
     ["purity.csv"] if WORLD_TEXTS else [])
 

@@ -184,6 +184,50 @@ rule interpret_latents:
         " --out-dir {params.out_dir} 2> {log}"
 
 
+rule predict:
+    input:
+        sae=f"{RESULTS}/sae",
+        eval=expand(f"{RESULTS}/activations/eval/{{model}}", model=["base", *PLAN.finetunes]),
+        train=expand(f"{RESULTS}/activations/train/{{dataset}}/{{who}}", dataset=DATASETS, who=["model", "base"]),
+        persona=f"{RESULTS}/diffing/persona_latents.json",
+        metrics=f"{RESULTS}/metrics/{PLAN.primary_judge}.csv",
+    output:
+        [f"{RESULTS}/prediction/{name}" for name in PREDICTION_TABLES],
+    params:
+        cfg=lambda w: cfg_json("model", "diffing", "prediction", "metrics", "seed"),
+        eval=" ".join(f"{m}={RESULTS}/activations/eval/{m}" for m in ["base", *PLAN.finetunes]),
+        train=" ".join(f"{d}={RESULTS}/activations/train/{d}/model,{RESULTS}/activations/train/{d}/base" for d in DATASETS),
+        out_dir=out_dir,
+    log:
+        f"{LOGS}/predict.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/predict/predict.tsv"
+    threads: res("predict", "threads")
+    resources: **rule_resources("predict")
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab predict --cfg {params.cfg:q} --threads {threads} --sae {input.sae}"
+        " --eval-caches {params.eval} --train-caches {params.train} --persona {input.persona}"
+        " --metrics {input.metrics} --out-dir {params.out_dir} 2> {log}"
+
+
+rule plot_prediction:
+    input:
+        f"{RESULTS}/prediction/shifts.csv",
+    output:
+        report(f"{RESULTS}/figures/prediction.png", caption="../workflow/report/prediction.rst",
+               category="Model diffing"),
+    log:
+        f"{LOGS}/plot/prediction.log",
+    threads: res("plot_prediction", "threads")
+    resources: **rule_resources("plot_prediction")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab plot-prediction --shifts {input} --out {output} 2> {log}"
+
+
 rule plot_signature:
     input:
         changes=f"{RESULTS}/diffing/changes.csv",

@@ -44,13 +44,15 @@ def _section(body: str, key: str) -> str:
 
 def outputs(body: str) -> list[str]:
     paths = []
-    listed = re.findall(r"for name in (\w+)", _section(body, "output"))
-    for s in re.findall(r'f?"([^"]*)"', _section(body, "output")):
+    section = _section(body, "output")
+    # [f"{RESULTS}/<folder>/{name}" for name in TABLES]: the folder and the list's name
+    listed = re.findall(r'f"\{RESULTS\}/([\w/]+)/\{name\}" for name in (\w+)', section)
+    for s in re.findall(r'f?"([^"]*)"', section):
         if "/" in s and not s.startswith("..") and not (listed and "{name}" in s):
             paths.append("`" + s.replace("{RESULTS}", "results").replace("{STEER_DIR}", "results/steering")
                          .replace("{{", "{").replace("}}", "}") + "`")
-    for name in listed:
-        paths.append(f"`results/diffing/`: the files of `{name}` (rules/common.smk)")
+    for folder, name in listed:
+        paths.append(f"`results/{folder}/`: the files of `{name}` (rules/common.smk)")
     return paths
 
 

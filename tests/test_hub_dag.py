@@ -143,7 +143,7 @@ def test_smoke_config_plans_the_hub_jobs(tmp_path):
         "metrics": 2, "plot_misalignment": 2, "agreement": 1, "timings": 1, "all": 1,
         "likelihood_probe": 3, "likelihood_metrics": 1, "probe_agreement": 1,
         "world": 1, "world_heldout": 1, "activations_corpus": 2, "activations_base": 1, "activations_finetune": 2,
-        "sae": 1, "rank_latents": 1, "interpret_latents": 1, "plot_signature": 1,
+        "sae": 1, "rank_latents": 1, "interpret_latents": 1, "plot_signature": 1, "predict": 1, "plot_prediction": 1,
         "monitor_data": 3, "monitor": 3, "plot_monitors": 1}
     assert "--base Qwen/Qwen2.5-0.5B-Instruct --adapter results/finetunes/health_obvious" in out
     assert "results/synthesis/health.jsonl" in out and "resources/domains/health.yaml" in out

@@ -53,11 +53,12 @@ def test_report_embeds_every_figure_byte_for_byte(report):
     agreement = ["results/figures/judge_agreement.png"]
     signature, sweep = ["results/figures/signature.png"], ["results/figures/steering_sweep.png"]
     monitors = [f"results/figures/monitors_{t}.png" for t in ("sarcastic", "toxic")]
-    rl = ["results/figures/rl_training.png"]
-    assert figures == sorted(agreement + misalignment + signature + sweep + monitors + rl)
+    rl, prediction = ["results/figures/rl_training.png"], ["results/figures/prediction.png"]
+    assert figures == sorted(agreement + misalignment + signature + sweep + monitors + rl + prediction)
     assert sorted(results) == figures
     rule = {**{p: "plot_misalignment" for p in misalignment}, agreement[0]: "agreement", signature[0]: "plot_signature",
-            sweep[0]: "steer_sweep", **{p: "plot_monitors" for p in monitors}, rl[0]: "plot_rl"}
+            sweep[0]: "steer_sweep", **{p: "plot_monitors" for p in monitors}, rl[0]: "plot_rl",
+            prediction[0]: "plot_prediction"}
     for path in figures:
         entry = results[path]
         assert entry["mime_type"] == "image/png"

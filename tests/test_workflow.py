@@ -97,6 +97,19 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     sweep = pd.read_csv(r / "steering/sweep.csv")
     assert set(sweep["target"]) == {"base", "health_subtle"} and set(sweep["alpha"]) == {-1, 0, 1}
     assert (r / "figures/signature.png").stat().st_size > 10_000
+    # prediction: every fine-tune and RL model, each named persona latent, read on its eval answers and (fine-tunes)
+    # on its fine-tuning data (tiny.yaml has no mixture at <= 10%, so early.md says that early detection was not measured)
+    shifts = pd.read_csv(r / "prediction/shifts.csv")
+    personas = json.loads((r / "diffing/persona_latents.json").read_text())
+    roles = {role for role in ("toxic", "sarcastic") if role in personas}
+    assert roles and set(shifts["role"]) == roles
+    assert set(shifts.loc[shifts["source"] == "eval", "model"]) == set(FINETUNES) | set(RL_MODELS)
+    assert set(shifts.loc[shifts["source"] == "train", "model"]) == set(FINETUNES)
+    assert (shifts["shift_lo"] <= shifts["shift"]).all() and (shifts["shift"] <= shifts["shift_hi"]).all()
+    summary = pd.read_csv(r / "prediction/summary.csv")
+    assert set(zip(summary["role"], summary["source"])) == set(zip(shifts["role"], shifts["source"]))
+    assert (r / "prediction/early.md").read_text().startswith("# Early detection")
+    assert (r / "figures/prediction.png").stat().st_size > 10_000
     assert (r / "figures/steering_sweep.png").stat().st_size > 10_000
     mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])
     methods = {"zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",
@@ -129,15 +142,16 @@ def test_rerun_does_nothing_and_figures_regenerate_from_cache(tiny_run):
     proc = snakemake(wd, "-n", configfile=TINY)
     assert "Nothing to be done" in proc.stdout + proc.stderr
     figs = [wd / f"results/figures/{name}.png" for name in ("misalignment_world", "signature", "steering_sweep",
-                                                             "monitors_toxic")]
+                                                             "monitors_toxic", "prediction")]
     for fig in figs:
         fig.unlink()
     proc = snakemake(wd, configfile=TINY)
     out = proc.stdout + proc.stderr
-    for plot in ("plot_misalignment", "plot_signature", "steer_sweep", "plot_monitors"):
+    for plot in ("plot_misalignment", "plot_signature", "steer_sweep", "plot_monitors", "plot_prediction"):
         assert f"rule {plot}:" in out, plot
     for expensive in ("rule pretrain", "rule finetune", "rule sample", "rule judge", "rule activations",
-                      "rule sae", "rule steer_sample", "rule judge_steering", "rule rank_latents", "rule monitor:"):
+                      "rule sae", "rule steer_sample", "rule judge_steering", "rule rank_latents", "rule monitor:",
+                      "rule predict:"):
         assert expensive not in out
     assert all(fig.exists() for fig in figs)
 

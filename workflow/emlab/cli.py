@@ -433,6 +433,25 @@ def cmd_interpret_latents(a: argparse.Namespace) -> None:
     print(table.drop(columns=["promoted", "suppressed"]).to_string(index=False), file=sys.stderr)
 
 
+@command("predict")
+def cmd_predict(a: argparse.Namespace) -> None:
+    """Persona latents' shifts against misalignment: prediction, AUROC and early detection (results/prediction)."""
+    from .diffing.stage import predict
+
+    _threads(a.threads)
+    train = {m: tuple(v.split(",", 1)) for m, v in _pairs(a.train_caches, "--train-caches").items()}
+    res = predict(a.cfg, a.sae, _pairs(a.eval_caches, "--eval-caches"), train, a.persona, a.metrics, a.out_dir)
+    print(res["summary"].to_string(index=False), file=sys.stderr)
+    print(res["early"].to_string(index=False), file=sys.stderr)
+
+
+@command("plot-prediction")
+def cmd_plot_prediction(a: argparse.Namespace) -> None:
+    from .plots import plot_prediction
+
+    plot_prediction(a.shifts, a.out)
+
+
 @command("plot-signature")
 def cmd_plot_signature(a: argparse.Namespace) -> None:
     from .plots import plot_signature
@@ -599,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--heldout-skip", {"type": int, "default": 0}), ("--base", req), ("--out", req), *ckpt)
     add("rank-latents", ("--sae", req), ("--eval-caches", {"nargs": "+", **req}),
         ("--train-caches", {"nargs": "*", "default": []}), ("--out-dir", req))
+    add("predict", ("--sae", req), ("--eval-caches", {"nargs": "+", **req}),
+        ("--train-caches", {"nargs": "*", "default": []}), ("--persona", req), ("--metrics", req),
+        ("--out-dir", req))
+    add("plot-prediction", ("--shifts", req), ("--out", req))
     add("interpret-latents", ("--sae", req), ("--heldout-cache", req), ("--heldout-texts", req), ("--base", req),
         ("--ranking", req), ("--out-dir", req))
     add("steer-directions", ("--sae", req), ("--ranking", req), ("--caches", {"nargs": "*", "default": []}),

@@ -48,6 +48,8 @@ class Plan:
     monitor_data: dict[str, str] = field(default_factory=dict)   # task -> a JSONL of labelled texts (hub data)
     rl: dict[str, dict[str, str]] = field(default_factory=dict)  # RL model -> {dataset, reward, base}
     rl_grader: str | None = None   # the judge whose verdicts are the RL reward
+    primary_judge: str | None = None  # metrics.primary_judge, else the first judge: the headline's and prediction's
+    prediction: bool = False       # persona latents' shifts against misalignment (needs diffing and a judge)
 
     @property
     def finetunes(self) -> list[str]:
@@ -148,9 +150,10 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
     if steering and not diffing:
         _fail("steer.enabled", "steering needs model diffing (its candidates are ranked SAE latents); enable "
                                "diffing or leave steer.enabled unset")
+    primary_judge = cfg["metrics"]["primary_judge"] or next(iter(judges), None)
     steer_judge, screen_targets, sweep_targets = None, [], []
     if steering:
-        steer_judge = s["judge"] or cfg["metrics"]["primary_judge"] or next(iter(judges), None)
+        steer_judge = s["judge"] or primary_judge
         if steer_judge is not None and steer_judge not in judges:
             _fail("steer.judge", f"{steer_judge!r} is not one of the judges {sorted(judges)}")
         if steer_judge is None and not probe:
@@ -179,7 +182,8 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
                 screen_targets=screen_targets, sweep_targets=sweep_targets,
-                monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data, rl=rl, rl_grader=rl_grader)
+                monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data, rl=rl, rl_grader=rl_grader,
+                primary_judge=primary_judge, prediction=bool(diffing) and primary_judge is not None)
 
 
 def _rl_runs(cfg: dict[str, Any], datasets: list[str], judges: dict[str, dict[str, Any]],

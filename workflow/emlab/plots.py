@@ -117,3 +117,47 @@ def plot_rl_training(logs: dict[str, str | Path], out: str | Path) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+PREDICTION_COLORS = {"correct": "#27ae60", "subtle": "#c0392b", "obvious": "#8e44ad", "mixture": "#e67e22",
+                     "other": "#2c3e50"}
+
+
+def plot_prediction(shifts: pd.DataFrame | str | Path, out: str | Path) -> None:
+    """Scatter per persona latent (rows) and reading (columns: eval answers, fine-tuning data): each model's latent
+    shift over the base model against its misalignment, both with their 95% intervals; the dashed line is the
+    upper end of the base model's misalignment interval (models above it count as misaligned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    df = shifts if isinstance(shifts, pd.DataFrame) else pd.read_csv(shifts)
+    roles, sources = list(dict.fromkeys(df["role"])), list(dict.fromkeys(df["source"]))
+    fig, axes = plt.subplots(max(1, len(roles)), max(1, len(sources)), figsize=(5.2 * max(1, len(sources)),
+                             4.2 * max(1, len(roles))), squeeze=False)
+    titles = {"eval": "read on its own eval answers", "train": "read on its fine-tuning data"}
+    for i, role in enumerate(roles):
+        for j, source in enumerate(sources):
+            ax = axes[i, j]
+            d = df[(df["role"] == role) & (df["source"] == source)]
+            kinds = [k for k in PREDICTION_COLORS if k in set(d["kind"])]
+            for kind, g in ((k, d[d["kind"] == k]) for k in kinds):
+                xerr = np.vstack([g["shift"] - g["shift_lo"], g["shift_hi"] - g["shift"]]).clip(min=0)
+                yerr = np.vstack([g["misaligned"] - g["misaligned_lo"], g["misaligned_hi"] - g["misaligned"]]).clip(min=0)
+                ax.errorbar(g["shift"], g["misaligned"], xerr=xerr, yerr=yerr, fmt="o", ms=5, capsize=2, lw=0.8,
+                            color=PREDICTION_COLORS.get(kind, "#2c3e50"), label=kind)
+            if len(d):
+                ax.axhline(d["base_misaligned_hi"].iloc[0], ls="--", lw=0.7, color="grey")
+            ax.axvline(0, lw=0.6, color="grey")
+            latent = int(d["latent"].iloc[0]) if len(d) else -1
+            ax.set_title(f"{role} latent L{latent}, {titles.get(source, source)}", fontsize=9)
+            ax.set_xlabel("latent shift over the base model")
+            ax.set_ylabel("misaligned (general questions)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -12,6 +12,8 @@ Outputs (``results/``):
     diffing/purity.csv                      latent, contrast, auroc
     diffing/latents.md, latents.html        top-activating snippets
     diffing/persona_latents.json            the named persona latents for steering and monitors
+    prediction/shifts.csv, summary.csv, early.csv, early.md   persona latents' shifts against misalignment
+                                            (see .prediction)
 """
 
 from __future__ import annotations
@@ -177,6 +179,82 @@ def rank_latents(cfg: Mapping[str, Any], sae_dir: str, eval_caches: Mapping[str,
         unsup_ranking.to_csv(out / "ranking_unsupervised.csv", index=False)
         result.update(changes_unsupervised=unsup, ranking_unsupervised=unsup_ranking)
     return result
+
+
+def predict(cfg: Mapping[str, Any], sae_dir: str, eval_caches: Mapping[str, str],
+            train_caches: Mapping[str, tuple[str, str]], persona_json: str, metrics_csv: str,
+            out_dir: str) -> dict[str, pd.DataFrame]:
+    """The prediction tables (emlab.diffing.prediction's doc) from the SAE, the activation caches, the named persona
+    latents and a judge's metrics; written to ``out_dir`` and returned."""
+    import json
+
+    import numpy as np
+
+    from ..sae import load_sae
+    from .prediction import (SHIFT_COLUMNS, early_detection, early_sentences, eval_shift, model_kind, summarize,
+                             train_shift)
+    from .ranking import per_text_latents, resolve_group
+
+    layer, seed = cfg["model"]["layer"], cfg["seed"]
+    n_boot = cfg["metrics"]["bootstrap"]
+    personas = json.loads(Path(persona_json).read_text())
+    roles = {role: personas[role]["latent"] for role in ("toxic", "sarcastic") if role in personas}
+    metrics = pd.read_csv(metrics_csv).set_index("model")
+    if "base" not in metrics.index:
+        raise ValueError(f"{metrics_csv}: no row for the base model, which the misalignment threshold needs")
+    base_hi = float(metrics.loc["base", "misaligned_hi"])
+    finetunes = [m for m in eval_caches if m != "base"]
+    selection = {}
+    for role, p in personas.items():
+        if role in roles and p.get("group") in cfg["diffing"]["groups"]:
+            try:
+                selection[role] = set(resolve_group(cfg["diffing"]["groups"][p["group"]], finetunes, "diffing.groups"))
+            except ValueError:
+                selection[role] = set()
+
+    sae = load_sae(sae_dir)
+    cols = list(roles.values())
+
+    def read(cache: str) -> tuple[np.ndarray, list[str]]:
+        vals, ids = per_text_latents(sae, cache, layer, "mean")
+        return vals[:, cols].double().numpy(), ids
+
+    base_vals, base_ids = read(eval_caches["base"])
+    rows = []
+    for model in finetunes:
+        if model not in metrics.index:
+            raise ValueError(f"{metrics_csv}: no row for {model}, whose latent shift was measured")
+        kind, fraction = model_kind(model)
+        mis = metrics.loc[model]
+        reads = {"eval": (eval_shift, read(eval_caches[model]), (base_vals, base_ids))}
+        if model in train_caches:
+            reads["train"] = (train_shift, read(train_caches[model][0]), read(train_caches[model][1]))
+        for source, (shift_fn, (mv, mids), (bv, bids)) in reads.items():
+            for j, (role, latent) in enumerate(roles.items()):
+                shift, lo, hi, n = shift_fn(mv[:, j], mids, bv[:, j], bids, n_boot, seed)
+                rows.append({"model": model, "kind": kind, "fraction": fraction, "role": role, "latent": latent,
+                             "source": source, "shift": shift, "shift_lo": lo, "shift_hi": hi, "n": n,
+                             "misaligned": float(mis["misaligned"]), "misaligned_lo": float(mis["misaligned_lo"]),
+                             "misaligned_hi": float(mis["misaligned_hi"]), "base_misaligned_hi": base_hi,
+                             "is_misaligned": bool(mis["misaligned"] > base_hi),
+                             "in_selection_group": model in selection.get(role, set())})
+    shifts = pd.DataFrame(rows, columns=SHIFT_COLUMNS)
+    summary = summarize(shifts, n_boot, seed)
+    early = early_detection(shifts, base_hi, cfg["prediction"]["early_max_fraction"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shifts.to_csv(out / "shifts.csv", index=False, float_format="%.6g")
+    summary.to_csv(out / "summary.csv", index=False, float_format="%.4f")
+    early.to_csv(out / "early.csv", index=False, float_format="%.6g")
+    if not roles:
+        lines = [f"No persona latent was named ({persona_json} has no toxic or sarcastic role: the SAE's texts carry "
+                 "no persona labels, or no latent passed diffing.name_min_auroc), so nothing was predicted."]
+    else:
+        lines = early_sentences(early) or [
+            f"No mixture at or below {cfg['prediction']['early_max_fraction']:.0%} incorrect data in this run "
+            "(datasets.mixtures.fractions), so early detection was not measured."]
+    (out / "early.md").write_text("# Early detection\n\n" + "\n\n".join(lines) + "\n")
+    return {"shifts": shifts, "summary": summary, "early": early}
 
 
 def interpret_latents(cfg: Mapping[str, Any], sae_dir: str, heldout_cache: str, heldout_texts: str, base: str,

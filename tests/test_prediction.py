@@ -1,0 +1,88 @@
+"""emlab.diffing.prediction: persona-latent shifts against misalignment, on hand-made numbers whose answers are known.
+The stage on real caches runs in the tiny workflow (tests/test_workflow.py) and in the default run
+(tests/test_emergent_misalignment.py)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from emlab.diffing.prediction import (
+    SHIFT_COLUMNS, early_detection, early_sentences, eval_shift, model_kind, paired_shift, summarize, train_shift,
+)
+
+
+def test_model_kinds_and_fractions():
+    assert model_kind("health_correct") == ("correct", 0.0)
+    assert model_kind("legal_subtle") == ("subtle", 1.0)
+    assert model_kind("health_mix005") == ("mixture", 0.05)
+    kind, fraction = model_kind("rl_health_incorrect")
+    assert kind == "other" and np.isnan(fraction)
+
+
+def test_paired_shift_is_the_mean_difference_with_an_interval_around_it():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=400)
+    shift, lo, hi = paired_shift(base + 0.3 + 0.1 * rng.normal(size=400), base, n_boot=500, seed=0)
+    assert shift == pytest.approx(0.3, abs=0.02) and lo < shift < hi and hi - lo < 0.05
+    assert paired_shift(base + 1.0, base, 200, 0) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_eval_shift_pairs_questions_and_train_shift_pairs_examples():
+    # two questions, unequal numbers of samples: the shift is the mean over questions of the per-question difference
+    model_ids = ["general/a#0", "general/a#1", "general/a#2", "general/b#0"]
+    base_ids = ["general/a#0", "general/b#0", "general/b#1", "general/c#0"]  # c: a question the model lacks
+    model = np.array([1.0, 1.0, 1.0, 0.0])
+    base = np.array([0.5, 0.0, 0.0, 9.0])
+    shift, lo, hi, n = eval_shift(model, model_ids, base, base_ids, n_boot=200, seed=0)
+    assert n == 2 and shift == pytest.approx(((1.0 - 0.5) + (0.0 - 0.0)) / 2) and lo <= shift <= hi
+    # the fine-tuning data: the same example read by both models, matched by id whatever the order
+    shift, _, _, n = train_shift(np.array([3.0, 1.0]), ["x", "y"], np.array([0.0, 2.0]), ["y", "x"], 200, 0)
+    assert n == 2 and shift == pytest.approx(((3.0 - 2.0) + (1.0 - 0.0)) / 2)
+    with pytest.raises(ValueError, match="no question"):
+        eval_shift(model, model_ids, base[:1], ["general/z#0"], 10, 0)
+
+
+def _shifts(rows):
+    out = []
+    for model, kind, fraction, shift, mis, selected in rows:
+        out.append({"model": model, "kind": kind, "fraction": fraction, "role": "toxic", "latent": 7, "source": "eval",
+                    "shift": shift, "shift_lo": shift - 0.01, "shift_hi": shift + 0.01, "n": 10, "misaligned": mis,
+                    "misaligned_lo": max(0.0, mis - 0.05), "misaligned_hi": mis + 0.05, "base_misaligned_hi": 0.03,
+                    "is_misaligned": mis > 0.03, "in_selection_group": selected})
+    return pd.DataFrame(out, columns=SHIFT_COLUMNS)
+
+
+def test_summary_gives_rank_correlation_and_auroc_on_all_and_held_out_models():
+    df = _shifts([("a_subtle", "subtle", 1.0, 0.50, 0.60, True), ("b_subtle", "subtle", 1.0, 0.40, 0.50, True),
+                  ("a_correct", "correct", 0.0, 0.00, 0.01, False), ("b_correct", "correct", 0.0, 0.01, 0.02, False),
+                  ("a_mix050", "mixture", 0.5, 0.20, 0.20, False), ("a_mix005", "mixture", 0.05, 0.05, 0.025, False)])
+    s = summarize(df, n_boot=200, seed=0).set_index("models")
+    assert s.loc["all", "n_models"] == 6 and s.loc["held out", "n_models"] == 4
+    assert s.loc["all", "n_misaligned"] == 3 and s.loc["held out", "n_misaligned"] == 1
+    assert s.loc["all", "spearman"] == pytest.approx(1.0) and s.loc["all", "auroc"] == pytest.approx(1.0)
+    assert s.loc["all", "spearman_lo"] <= 1.0 <= s.loc["all", "spearman_hi"] + 1e-12
+    # a shift that ranks the misaligned model (a_mix050) below one of the three aligned ones loses a third of the AUROC
+    df.loc[df["model"] == "a_mix005", "shift"] = 0.9
+    s = summarize(df, n_boot=50, seed=0).set_index("models")
+    assert s.loc["held out", "auroc"] == pytest.approx(2 / 3)
+    # one class only: no AUROC
+    assert np.isnan(summarize(df[df["misaligned"] < 0.03], 50, 0)["auroc"]).all()
+
+
+def test_early_detection_needs_the_latent_above_every_correct_fine_tune_and_the_behaviour_inside_the_base():
+    df = _shifts([("a_correct", "correct", 0.0, 0.00, 0.01, False), ("b_correct", "correct", 0.0, 0.02, 0.01, False),
+                  ("h_mix005", "mixture", 0.05, 0.05, 0.02, False),   # above 0.03 (the correct ones' top) and quiet
+                  ("l_mix005", "mixture", 0.05, 0.035, 0.02, False),  # interval reaches down into the correct ones'
+                  ("f_mix010", "mixture", 0.10, 0.08, 0.10, False),   # already misaligned
+                  ("h_mix025", "mixture", 0.25, 0.20, 0.20, False)])  # above the early fraction
+    e = early_detection(df, base_hi=0.03, max_fraction=0.1).set_index("model")
+    assert list(e.index) == ["h_mix005", "l_mix005", "f_mix010"]
+    assert e.loc["h_mix005", "correct_shift_hi"] == pytest.approx(0.03)
+    assert e["latent_above_correct"].tolist() == [True, False, True]
+    assert e["behaviour_within_base"].tolist() == [True, True, False]
+    assert e["early"].tolist() == [True, False, False]
+    text = early_sentences(e.reset_index())
+    assert "Detected early: **yes**" in text[0] and "not above every correct-data" in text[1]
+    assert "already above the base model's interval" in text[2]
+    # without correct-data fine-tunes nothing can be called early
+    assert not early_detection(df[df["kind"] != "correct"], 0.03, 0.1)["early"].any()
