@@ -3,7 +3,8 @@
 Fast tests check the profiles on the toy workflow (tests/slurm_toy): the SLURM profile's
 partition/account templating (dry run) and the default profile's retry of a failed job.
 
-The SLURM tests (markers slow, slurm): scripts/slurm/start-local-cluster.sh starts slurmctld,
+Under xdist (`make test`) tests/conftest.py starts that run in the background as the session starts, since it
+mostly waits on its scheduler, and hands this file out last; the tests then read the finished run. The SLURM tests (markers slow, slurm): scripts/slurm/start-local-cluster.sh starts slurmctld,
 slurmd and munged (installing them with apt when missing) in a private state dir on free ports,
 with two fake GPUs; the reduced organism DAG (tests/configs/tiny.yaml, which gives the finetune
 and sample rules one GPU each) then runs through workflow/profiles/slurm up to the misalignment
@@ -22,6 +23,8 @@ under CI (env var CI set), where a machine that cannot host the cluster is an er
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -30,13 +33,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from workflow_runner import copy_workflow
+from workflow_runner import SLURM_RUN_DIR_ENV, copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_DIR = ROOT / "tests" / "slurm_toy"
@@ -166,13 +170,17 @@ def _is_running(pid: int, name: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def slurm_env(tmp_path_factory) -> dict[str, str]:
-    """Starts a private cluster; yields the environment that points SLURM's clients at it."""
+@contextlib.contextmanager
+def _local_cluster(state: Path, outcome: dict):
+    """Starts a private cluster in ``state``; yields the environment that points SLURM's clients at it, or None when
+    this machine cannot host one (``outcome["skip"]`` says why). Afterwards the daemons are stopped by their PIDs, and
+    ``outcome["stop"]`` records how that went (a test checks it)."""
     reason = _cannot_host_cluster()
     if reason:
-        _skip_or_fail(reason)
-    state = tmp_path_factory.mktemp("slurm_state")
+        outcome["skip"] = reason
+        yield None
+        return
+    state.mkdir(parents=True, exist_ok=True)
     # Free ports, so a cluster someone already runs here (on the script's defaults) is untouched.
     env = dict(os.environ, EMLAB_SLURMCTLD_PORT=str(_free_port()), EMLAB_SLURMD_PORT=str(_free_port()))
     start = subprocess.run(
@@ -181,7 +189,9 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
     pids = _daemon_pids(state)
     try:
         if start.returncode == UNSUPPORTED_EXIT:
-            _skip_or_fail(start.stderr.strip())
+            outcome["skip"] = start.stderr.strip()
+            yield None
+            return
         assert start.returncode == 0, f"start-local-cluster.sh failed:\n{start.stderr}"
         assert set(pids) == set(DAEMONS), f"daemon PIDs recorded: {pids}"
         # The cluster's env.sh says how to reach it (SLURM_CONF, an srun wrapper on PATH).
@@ -194,9 +204,8 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
         stop = subprocess.run(
             ["bash", str(STOP_SCRIPT), str(state)], capture_output=True, text=True, timeout=120
         )
-        assert stop.returncode == 0, f"stop-local-cluster.sh failed:\n{stop.stderr}"
         alive = {name: pid for name, pid in pids.items() if _is_running(pid, name)}
-        assert not alive, f"daemons still running after stop-local-cluster.sh: {alive}"
+        outcome["stop"] = {"returncode": stop.returncode, "stderr": stop.stderr, "alive": alive}
 
 
 def _snakemake_args(workdir: Path, *targets: str) -> list[str]:
@@ -340,16 +349,16 @@ def _cancel_when_hung(marker: Path, workdir: Path, env: dict[str, str], rule: st
         time.sleep(1)
 
 
-@pytest.fixture(scope="session")
-def slurm_run(slurm_env, tmp_path_factory):
-    """Runs the DAG once through the SLURM profile; the tests below inspect the result."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("slurm_run") / "workflow")
+def _run_dag(slurm_env: dict[str, str], base: Path) -> dict:
+    """Runs the DAG once through the SLURM profile, with the injected faults; returns what the tests inspect, as
+    JSON-able values (the run may happen in another process: see run_in_background)."""
+    workdir = copy_workflow(base / "workflow")
     env = dict(slurm_env, HF_HUB_OFFLINE="1", EMLAB_NO_PROGRESS="1")
     # With --export=ALL a GPU variable of the submitting shell would leak into CPU jobs.
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    marker = workdir.parent / "fail_once.marker"
+    marker = base / "fail_once.marker"
     env["EMLAB_FAIL_ONCE"] = f"{FAIL_ONCE_COMMAND}:{marker}"
-    hang = {SCANCEL_RULE: workdir.parent / "scancel.marker", TIMEOUT_RULE: workdir.parent / "timeout.marker"}
+    hang = {SCANCEL_RULE: base / "scancel.marker", TIMEOUT_RULE: base / "timeout.marker"}
     env["EMLAB_HANG_ONCE"] = (f"{SCANCEL_COMMAND}:{hang[SCANCEL_RULE]},"
                               f"{TIMEOUT_COMMAND}:{hang[TIMEOUT_RULE]}")
     done, cancelled = threading.Event(), []
@@ -372,16 +381,98 @@ def slurm_run(slurm_env, tmp_path_factory):
     finally:
         done.set()
         watcher.join(timeout=60)
+    plan = _plan(workdir, env)  # after the run: the summary names only log files that exist
     return {
-        "workdir": workdir,
-        "plan": _plan(workdir, env),  # after the run: the summary names only log files that exist
-        "marker": marker,
-        "hang_markers": hang,
+        "workdir": str(workdir),
+        "plan": {"outputs": plan.outputs, "logs": plan.logs},
+        "marker": str(marker),
+        "hang_markers": {rule: str(path) for rule, path in hang.items()},
         "cancelled": cancelled,
-        "run": run,
-        "slurm_jobs": _slurm_jobs(workdir, env),
+        "run": {"returncode": run.returncode, "stderr": run.stderr},
+        "slurm_jobs": [dataclasses.asdict(j) for j in _slurm_jobs(workdir, env)],
         "config": _run_config(workdir),
     }
+
+
+def run_on_local_cluster(base: Path) -> dict:
+    """The cluster started, the DAG run on it, the cluster stopped: everything the SLURM tests read, as JSON-able
+    values; ``skip`` (this machine cannot host a cluster) or ``error`` instead when it could not run."""
+    outcome: dict = {}
+    try:
+        with _local_cluster(base / "slurm_state", outcome) as env:
+            if env is not None:
+                outcome.update(_run_dag(env, base / "slurm_run"))
+    except Exception:  # noqa: BLE001 - reported to the tests, which fail with it
+        import traceback
+
+        outcome["error"] = traceback.format_exc()
+    return outcome
+
+
+# The SLURM run mostly waits on its scheduler (~8 minutes for ~2 minutes of jobs). Under xdist, tests/conftest.py
+# starts it in the background when the session starts (run_in_background: this file run as a script), beside the
+# other tests, and names its folder in SLURM_RUN_DIR_ENV; the fixture below then only waits for its result file.
+RESULT_FILE = "result.json"
+
+
+def run_in_background(base: Path) -> None:
+    """The script side of SLURM_RUN_DIR_ENV: run everything, then write the result file (atomically, last)."""
+    import json
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(143)  # a SIGTERM (the session ending early) unwinds the finally blocks: daemons stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    outcome = run_on_local_cluster(base)
+    tmp = base / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(outcome, default=str))
+    tmp.replace(base / RESULT_FILE)
+
+
+def _wait_for_result(base: Path, timeout_s: float) -> dict:
+    import json
+
+    path, pid = base / RESULT_FILE, int((base / "background.pid").read_text())
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        log = base / "background.log"
+        assert time.monotonic() < deadline, f"the background SLURM run wrote no {path} in {timeout_s:.0f} s ({log})"
+        # it writes the result file last, so a process that is gone without it has failed
+        assert Path(f"/proc/{pid}").exists() or path.exists(), \
+            f"the background SLURM run ended without {path}:\n{log.read_text()[-4000:]}"
+        time.sleep(2)
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def slurm_run(tmp_path_factory):
+    """The DAG run once through the SLURM profile on the local cluster (in the background when conftest started it,
+    else here); the tests below inspect the result."""
+    background = os.environ.get(SLURM_RUN_DIR_ENV)
+    if background:
+        outcome = _wait_for_result(Path(background), timeout_s=600 + RUN_TIMEOUT_S + 600)
+    else:
+        outcome = run_on_local_cluster(tmp_path_factory.mktemp("slurm"))
+    if "skip" in outcome:
+        _skip_or_fail(outcome["skip"])
+    assert "error" not in outcome, outcome["error"]
+    return {
+        **outcome,
+        "workdir": Path(outcome["workdir"]),
+        "plan": Plan(**outcome["plan"]),
+        "marker": Path(outcome["marker"]),
+        "hang_markers": {rule: Path(p) for rule, p in outcome["hang_markers"].items()},
+        "run": types.SimpleNamespace(**outcome["run"]),
+        "slurm_jobs": [SlurmJob(**j) for j in outcome["slurm_jobs"]],
+    }
+
+
+@slurm_test
+def test_the_daemons_are_stopped_by_their_pids_afterwards(slurm_run):
+    stop = slurm_run["stop"]
+    assert stop["returncode"] == 0, f"stop-local-cluster.sh failed:\n{stop['stderr']}"
+    assert not stop["alive"], f"daemons still running after stop-local-cluster.sh: {stop['alive']}"
 
 
 @slurm_test
@@ -464,3 +555,8 @@ def test_failed_and_killed_jobs_are_retried_and_the_run_completes(slurm_run):
     completed = [j for j in jobs if j.rule == FAIL_ONCE_RULE and j.state == "COMPLETED"]
     assert statuses == ["ok"] * len(completed) and len(completed) >= 1, statuses
     assert slurm_run["run"].returncode == 0, slurm_run["run"].stderr[-6000:]
+
+
+if __name__ == "__main__":  # run_in_background: `python tests/test_slurm.py <folder>`
+    sys.path.insert(0, str(ROOT / "workflow"))  # emlab, as tests/conftest.py puts it for pytest
+    run_in_background(Path(sys.argv[1]))
