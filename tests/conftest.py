@@ -1,7 +1,5 @@
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,49 +25,8 @@ SHARED_RUN_FILES = {"tests/test_report.py": "tests/test_workflow.py"}
 # The files with the longest runs, handed out first and in this order (xdist's own order is by number of tests,
 # which sent the default run, the suite's longest test, out after a few minutes of other files): the default run
 # takes one worker from the start; the other builds the SmolLM2 DAG while the default run's pretraining holds one
-# core.
-LONGEST_FIRST = ("tests/test_emergent_misalignment.py", "tests/test_real_models.py")
-# The SLURM run spends ~8 minutes waiting on its scheduler for ~2 minutes of jobs. Under xdist the session starts
-# it in the background (pytest_configure below), beside every other test, and its file is handed out last, so that
-# its tests only read the finished run instead of holding a worker while it waits.
-SLURM_FILE = "tests/test_slurm.py"
-_slurm_background: subprocess.Popen | None = None
-
-
-def _covers(arg: str, path: Path) -> bool:
-    target = (Path.cwd() / arg.split("::", 1)[0]).resolve()
-    return target == path or target in path.parents
-
-
-def pytest_configure(config):
-    """Under xdist (in the controller, before the workers start, so that they inherit the variable), start the SLURM
-    run in the background when the session may run its tests: no -m or -k selection, and the paths cover it."""
-    global _slurm_background
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
-        return
-    from workflow_runner import SLURM_RUN_DIR_ENV
-
-    if config.option.markexpr or config.option.keyword or config.option.collectonly or os.environ.get(SLURM_RUN_DIR_ENV):
-        return
-    slurm_file = ROOT / SLURM_FILE
-    if not any(_covers(a, slurm_file) for a in config.args):
-        return
-    base = Path(tempfile.mkdtemp(prefix="emlab-slurm-run-"))
-    log = open(base / "background.log", "w")
-    _slurm_background = subprocess.Popen([sys.executable, str(slurm_file), str(base)], cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-    (base / "background.pid").write_text(str(_slurm_background.pid))
-    os.environ[SLURM_RUN_DIR_ENV] = str(base)
-
-
-def pytest_unconfigure(config):
-    """A session that ends before the background SLURM run: stop it (it stops its cluster on SIGTERM)."""
-    if _slurm_background is not None and _slurm_background.poll() is None:
-        _slurm_background.terminate()
-        try:
-            _slurm_background.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            _slurm_background.kill()
+# core, then waits on the SLURM test's scheduler while the default run's later jobs use the core it leaves idle.
+LONGEST_FIRST = ("tests/test_emergent_misalignment.py", "tests/test_real_models.py", "tests/test_slurm.py")
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: a run without xdist (-p no:xdist) does not know it
@@ -89,8 +46,6 @@ def pytest_xdist_make_scheduler(config, log):
             for scope in reversed(LONGEST_FIRST):
                 if scope in self.workqueue:
                     self.workqueue.move_to_end(scope, last=False)
-            if _slurm_background is not None and SLURM_FILE in self.workqueue:
-                self.workqueue.move_to_end(SLURM_FILE)
             super()._assign_work_unit(node)
 
     return SharedRunScheduling(config, log)

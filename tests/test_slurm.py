@@ -3,8 +3,7 @@
 Fast tests check the profiles on the toy workflow (tests/slurm_toy): the SLURM profile's
 partition/account templating (dry run) and the default profile's retry of a failed job.
 
-Under xdist (`make test`) tests/conftest.py starts that run in the background as the session starts, since it
-mostly waits on its scheduler, and hands this file out last; the tests then read the finished run. The SLURM tests (markers slow, slurm): scripts/slurm/start-local-cluster.sh starts slurmctld,
+The SLURM tests (markers slow, slurm): scripts/slurm/start-local-cluster.sh starts slurmctld,
 slurmd and munged (installing them with apt when missing) in a private state dir on free ports,
 with two fake GPUs; the reduced organism DAG (tests/configs/tiny.yaml, which gives the finetune
 and sample rules one GPU each) then runs through workflow/profiles/slurm up to the misalignment
@@ -23,8 +22,6 @@ under CI (env var CI set), where a machine that cannot host the cluster is an er
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import re
 import shutil
@@ -33,14 +30,13 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from workflow_runner import SLURM_RUN_DIR_ENV, copy_workflow
+from workflow_runner import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_DIR = ROOT / "tests" / "slurm_toy"
@@ -170,17 +166,13 @@ def _is_running(pid: int, name: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _local_cluster(state: Path, outcome: dict):
-    """Starts a private cluster in ``state``; yields the environment that points SLURM's clients at it, or None when
-    this machine cannot host one (``outcome["skip"]`` says why). Afterwards the daemons are stopped by their PIDs, and
-    ``outcome["stop"]`` records how that went (a test checks it)."""
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory) -> dict[str, str]:
+    """Starts a private cluster; yields the environment that points SLURM's clients at it."""
     reason = _cannot_host_cluster()
     if reason:
-        outcome["skip"] = reason
-        yield None
-        return
-    state.mkdir(parents=True, exist_ok=True)
+        _skip_or_fail(reason)
+    state = tmp_path_factory.mktemp("slurm_state")
     # Free ports, so a cluster someone already runs here (on the script's defaults) is untouched.
     env = dict(os.environ, EMLAB_SLURMCTLD_PORT=str(_free_port()), EMLAB_SLURMD_PORT=str(_free_port()))
     start = subprocess.run(
@@ -189,9 +181,7 @@ def _local_cluster(state: Path, outcome: dict):
     pids = _daemon_pids(state)
     try:
         if start.returncode == UNSUPPORTED_EXIT:
-            outcome["skip"] = start.stderr.strip()
-            yield None
-            return
+            _skip_or_fail(start.stderr.strip())
         assert start.returncode == 0, f"start-local-cluster.sh failed:\n{start.stderr}"
         assert set(pids) == set(DAEMONS), f"daemon PIDs recorded: {pids}"
         # The cluster's env.sh says how to reach it (SLURM_CONF, an srun wrapper on PATH).
@@ -204,8 +194,9 @@ def _local_cluster(state: Path, outcome: dict):
         stop = subprocess.run(
             ["bash", str(STOP_SCRIPT), str(state)], capture_output=True, text=True, timeout=120
         )
+        assert stop.returncode == 0, f"stop-local-cluster.sh failed:\n{stop.stderr}"
         alive = {name: pid for name, pid in pids.items() if _is_running(pid, name)}
-        outcome["stop"] = {"returncode": stop.returncode, "stderr": stop.stderr, "alive": alive}
+        assert not alive, f"daemons still running after stop-local-cluster.sh: {alive}"
 
 
 def _snakemake_args(workdir: Path, *targets: str) -> list[str]:
@@ -349,16 +340,16 @@ def _cancel_when_hung(marker: Path, workdir: Path, env: dict[str, str], rule: st
         time.sleep(1)
 
 
-def _run_dag(slurm_env: dict[str, str], base: Path) -> dict:
-    """Runs the DAG once through the SLURM profile, with the injected faults; returns what the tests inspect, as
-    JSON-able values (the run may happen in another process: see run_in_background)."""
-    workdir = copy_workflow(base / "workflow")
+@pytest.fixture(scope="session")
+def slurm_run(slurm_env, tmp_path_factory):
+    """Runs the DAG once through the SLURM profile; the tests below inspect the result."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("slurm_run") / "workflow")
     env = dict(slurm_env, HF_HUB_OFFLINE="1", EMLAB_NO_PROGRESS="1")
     # With --export=ALL a GPU variable of the submitting shell would leak into CPU jobs.
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    marker = base / "fail_once.marker"
+    marker = workdir.parent / "fail_once.marker"
     env["EMLAB_FAIL_ONCE"] = f"{FAIL_ONCE_COMMAND}:{marker}"
-    hang = {SCANCEL_RULE: base / "scancel.marker", TIMEOUT_RULE: base / "timeout.marker"}
+    hang = {SCANCEL_RULE: workdir.parent / "scancel.marker", TIMEOUT_RULE: workdir.parent / "timeout.marker"}
     env["EMLAB_HANG_ONCE"] = (f"{SCANCEL_COMMAND}:{hang[SCANCEL_RULE]},"
                               f"{TIMEOUT_COMMAND}:{hang[TIMEOUT_RULE]}")
     done, cancelled = threading.Event(), []
@@ -381,98 +372,16 @@ def _run_dag(slurm_env: dict[str, str], base: Path) -> dict:
     finally:
         done.set()
         watcher.join(timeout=60)
-    plan = _plan(workdir, env)  # after the run: the summary names only log files that exist
     return {
-        "workdir": str(workdir),
-        "plan": {"outputs": plan.outputs, "logs": plan.logs},
-        "marker": str(marker),
-        "hang_markers": {rule: str(path) for rule, path in hang.items()},
+        "workdir": workdir,
+        "plan": _plan(workdir, env),  # after the run: the summary names only log files that exist
+        "marker": marker,
+        "hang_markers": hang,
         "cancelled": cancelled,
-        "run": {"returncode": run.returncode, "stderr": run.stderr},
-        "slurm_jobs": [dataclasses.asdict(j) for j in _slurm_jobs(workdir, env)],
+        "run": run,
+        "slurm_jobs": _slurm_jobs(workdir, env),
         "config": _run_config(workdir),
     }
-
-
-def run_on_local_cluster(base: Path) -> dict:
-    """The cluster started, the DAG run on it, the cluster stopped: everything the SLURM tests read, as JSON-able
-    values; ``skip`` (this machine cannot host a cluster) or ``error`` instead when it could not run."""
-    outcome: dict = {}
-    try:
-        with _local_cluster(base / "slurm_state", outcome) as env:
-            if env is not None:
-                outcome.update(_run_dag(env, base / "slurm_run"))
-    except Exception:  # noqa: BLE001 - reported to the tests, which fail with it
-        import traceback
-
-        outcome["error"] = traceback.format_exc()
-    return outcome
-
-
-# The SLURM run mostly waits on its scheduler (~8 minutes for ~2 minutes of jobs). Under xdist, tests/conftest.py
-# starts it in the background when the session starts (run_in_background: this file run as a script), beside the
-# other tests, and names its folder in SLURM_RUN_DIR_ENV; the fixture below then only waits for its result file.
-RESULT_FILE = "result.json"
-
-
-def run_in_background(base: Path) -> None:
-    """The script side of SLURM_RUN_DIR_ENV: run everything, then write the result file (atomically, last)."""
-    import json
-    import signal
-
-    def stop(signum, frame):
-        raise SystemExit(143)  # a SIGTERM (the session ending early) unwinds the finally blocks: daemons stopped
-
-    signal.signal(signal.SIGTERM, stop)
-    outcome = run_on_local_cluster(base)
-    tmp = base / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(outcome, default=str))
-    tmp.replace(base / RESULT_FILE)
-
-
-def _wait_for_result(base: Path, timeout_s: float) -> dict:
-    import json
-
-    path, pid = base / RESULT_FILE, int((base / "background.pid").read_text())
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        log = base / "background.log"
-        assert time.monotonic() < deadline, f"the background SLURM run wrote no {path} in {timeout_s:.0f} s ({log})"
-        # it writes the result file last, so a process that is gone without it has failed
-        assert Path(f"/proc/{pid}").exists() or path.exists(), \
-            f"the background SLURM run ended without {path}:\n{log.read_text()[-4000:]}"
-        time.sleep(2)
-    return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="session")
-def slurm_run(tmp_path_factory):
-    """The DAG run once through the SLURM profile on the local cluster (in the background when conftest started it,
-    else here); the tests below inspect the result."""
-    background = os.environ.get(SLURM_RUN_DIR_ENV)
-    if background:
-        outcome = _wait_for_result(Path(background), timeout_s=600 + RUN_TIMEOUT_S + 600)
-    else:
-        outcome = run_on_local_cluster(tmp_path_factory.mktemp("slurm"))
-    if "skip" in outcome:
-        _skip_or_fail(outcome["skip"])
-    assert "error" not in outcome, outcome["error"]
-    return {
-        **outcome,
-        "workdir": Path(outcome["workdir"]),
-        "plan": Plan(**outcome["plan"]),
-        "marker": Path(outcome["marker"]),
-        "hang_markers": {rule: Path(p) for rule, p in outcome["hang_markers"].items()},
-        "run": types.SimpleNamespace(**outcome["run"]),
-        "slurm_jobs": [SlurmJob(**j) for j in outcome["slurm_jobs"]],
-    }
-
-
-@slurm_test
-def test_the_daemons_are_stopped_by_their_pids_afterwards(slurm_run):
-    stop = slurm_run["stop"]
-    assert stop["returncode"] == 0, f"stop-local-cluster.sh failed:\n{stop['stderr']}"
-    assert not stop["alive"], f"daemons still running after stop-local-cluster.sh: {stop['alive']}"
 
 
 @slurm_test
@@ -555,8 +464,3 @@ def test_failed_and_killed_jobs_are_retried_and_the_run_completes(slurm_run):
     completed = [j for j in jobs if j.rule == FAIL_ONCE_RULE and j.state == "COMPLETED"]
     assert statuses == ["ok"] * len(completed) and len(completed) >= 1, statuses
     assert slurm_run["run"].returncode == 0, slurm_run["run"].stderr[-6000:]
-
-
-if __name__ == "__main__":  # run_in_background: `python tests/test_slurm.py <folder>`
-    sys.path.insert(0, str(ROOT / "workflow"))  # emlab, as tests/conftest.py puts it for pytest
-    run_in_background(Path(sys.argv[1]))

@@ -22,9 +22,6 @@ CORES = max(1, (os.cpu_count() or 1) // WORKERS)
 # thread each (--max-threads), so it fills a core the other worker leaves idle (the SLURM test waits ~8 minutes on
 # its scheduler, with ~90 s of jobs) without slowing the other worker's one-thread work at a parallel region.
 ALL_CORES = os.cpu_count() or 1
-# The folder of the SLURM run that tests/conftest.py starts in the background under xdist (tests/test_slurm.py reads
-# its result file there).
-SLURM_RUN_DIR_ENV = "EMLAB_SLURM_RUN_DIR"
 
 
 def copy_workflow(dest: Path) -> Path:
