@@ -67,7 +67,8 @@ def test_report_embeds_every_figure_byte_for_byte(report):
         assert header.startswith("data:image/png")
         assert base64.b64decode(data) == (wd / path).read_bytes()
     assert {cat: sorted(f for files in sub.values() for f in files) for cat, sub in categories.items()} == {
-        "Emergent misalignment": misalignment, "Judges": agreement, "Model diffing": signature, "Steering": sweep,
+        "Emergent misalignment": misalignment, "Judges": agreement, "Model diffing": sorted(prediction + signature),
+        "Steering": sweep,
         "Monitors": monitors, "RL": rl,
     }
     assert "layer 1" in _text(results[signature[0]]["caption"])  # rendered from the run's config

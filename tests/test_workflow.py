@@ -97,18 +97,23 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     sweep = pd.read_csv(r / "steering/sweep.csv")
     assert set(sweep["target"]) == {"base", "health_subtle"} and set(sweep["alpha"]) == {-1, 0, 1}
     assert (r / "figures/signature.png").stat().st_size > 10_000
-    # prediction: every fine-tune and RL model, each named persona latent, read on its eval answers and (fine-tunes)
-    # on its fine-tuning data (tiny.yaml has no mixture at <= 10%, so early.md says that early detection was not measured)
+    # prediction: for each named persona latent (toxic, sarcastic), every fine-tune and RL model read on its eval
+    # answers and every fine-tune on its fine-tuning data. The tiny SAE may name none: then the tables are empty and
+    # early.md says why (the numbers are checked in tests/test_prediction.py and the default run's tests).
     shifts = pd.read_csv(r / "prediction/shifts.csv")
     personas = json.loads((r / "diffing/persona_latents.json").read_text())
     roles = {role for role in ("toxic", "sarcastic") if role in personas}
-    assert roles and set(shifts["role"]) == roles
-    assert set(shifts.loc[shifts["source"] == "eval", "model"]) == set(FINETUNES) | set(RL_MODELS)
-    assert set(shifts.loc[shifts["source"] == "train", "model"]) == set(FINETUNES)
-    assert (shifts["shift_lo"] <= shifts["shift"]).all() and (shifts["shift"] <= shifts["shift_hi"]).all()
+    assert set(shifts["role"]) == roles
+    early = (r / "prediction/early.md").read_text()
+    if roles:
+        assert set(shifts.loc[shifts["source"] == "eval", "model"]) == set(FINETUNES) | set(RL_MODELS)
+        assert set(shifts.loc[shifts["source"] == "train", "model"]) == set(FINETUNES)
+        assert (shifts["shift_lo"] <= shifts["shift"]).all() and (shifts["shift"] <= shifts["shift_hi"]).all()
+        assert "No mixture at or below 10%" in early  # tiny.yaml's one mixture has 50%
+    else:
+        assert shifts.empty and "No persona latent was named" in early
     summary = pd.read_csv(r / "prediction/summary.csv")
     assert set(zip(summary["role"], summary["source"])) == set(zip(shifts["role"], shifts["source"]))
-    assert (r / "prediction/early.md").read_text().startswith("# Early detection")
     assert (r / "figures/prediction.png").stat().st_size > 10_000
     assert (r / "figures/steering_sweep.png").stat().st_size > 10_000
     mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])

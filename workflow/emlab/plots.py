@@ -138,6 +138,10 @@ def plot_prediction(shifts: pd.DataFrame | str | Path, out: str | Path) -> None:
     fig, axes = plt.subplots(max(1, len(roles)), max(1, len(sources)), figsize=(5.2 * max(1, len(sources)),
                              4.2 * max(1, len(roles))), squeeze=False)
     titles = {"eval": "read on its own eval answers", "train": "read on its fine-tuning data"}
+    if df.empty:
+        axes[0, 0].text(0.5, 0.5, "no persona latent was named (results/prediction/early.md):\nnothing to predict with",
+                        ha="center", va="center", transform=axes[0, 0].transAxes)
+        axes[0, 0].set_axis_off()
     for i, role in enumerate(roles):
         for j, source in enumerate(sources):
             ax = axes[i, j]
