@@ -256,6 +256,11 @@ WORLD_TEXTS = not config["sae"]["corpus"]  # labelled world texts: latents are n
 HELDOUT_SKIP = 0 if WORLD_TEXTS else config["sae"]["n_texts"]
 DIFFING_TABLES = ["latent_means.parquet", "changes.csv", "ranking.csv", "changes_unsupervised.csv",
                   "ranking_unsupervised.csv"]
+# The SAE's corpus activations and the SAE need only the base model, yet every later analysis (ranking, steering,
+# monitors) waits for the SAE: started as soon as the base model exists, not whenever a core is free among the
+# fine-tunes' jobs (in one default run they were picked last, and the SAE ended 47 s after the last model's
+# activations, which the ranking also needs).
+SAE_PRIORITY = 5
 PREDICTION_TABLES = ["shifts.csv", "summary.csv", "early.csv", "early.md"]
 INTERPRET_OUTPUTS = ["latents.csv", "latents.md", "latents.html", "persona_latents.json"] + (
     ["purity.csv"] if WORLD_TEXTS else [])

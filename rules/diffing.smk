@@ -21,6 +21,7 @@ rule activations_corpus:
         f"{LOGS}/activations/corpus_{{split}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/activations/corpus_{{split}}.tsv"
+    priority: SAE_PRIORITY
     threads: res("activations_corpus", "threads")
     resources: **rule_resources("activations_corpus")
     conda:
@@ -48,6 +49,7 @@ rule sae:
         f"{LOGS}/sae.log",
     benchmark:
         f"{RESULTS}/benchmarks/sae/sae.tsv"
+    priority: SAE_PRIORITY
     threads: res("sae", "threads")
     resources: **rule_resources("sae")
     conda:
