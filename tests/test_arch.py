@@ -280,3 +280,28 @@ def test_answer_logits_unembed_only_the_answer_positions(arch, tok):
     hook.remove()
     torch.testing.assert_close(picked, full[rows, cols], rtol=0, atol=1e-5, msg=arch)
     assert seen[0] == len(rows), f"{arch}: the unembedding read {seen[0]} positions, not the {len(rows)} answers"
+
+
+def test_answer_logits_of_a_model_that_ignores_the_mask_take_one_forward(tok):
+    """A forward that takes logits_to_keep but returns every position's logits (a model that slices otherwise) is
+    indexed here, without a second forward."""
+    from emlab.probe import _answer_logits
+
+    model = tiny_causal_lm("llama", tok, layers=1)
+    plain = model.forward
+    calls = []
+
+    def ignoring(*args, logits_to_keep=0, **kw):
+        calls.append(1)
+        return plain(*args, **kw)
+
+    model.forward = ignoring
+    ids = torch.randint(3, len(tok), (2, 6))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([2, 3, 4])
+    with torch.no_grad():
+        picked = _answer_logits(model, inputs, (rows, cols, ids[rows, cols + 1], [1, 2]))
+        del model.forward
+        full = model(**inputs).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(picked, full[rows, cols], rtol=0, atol=1e-6)

@@ -103,7 +103,8 @@ def _answer_logits(model, inputs: dict[str, Any], where) -> Any:
     Only those positions go through the unembedding: ``logits_to_keep`` with a (batch, seq) mask, which
     transformers' causal LMs take (their ``slice_logits_to_keep``). On a real model's vocabulary the unembedding
     of every position was about a third of each steering condition's cost, and the prompt positions need none.
-    A model whose forward lacks the argument, or slices otherwise, gets the full logits, indexed here."""
+    A model whose forward lacks the argument, or ignores the mask, gives every position's logits, indexed here
+    (one forward either way)."""
     import inspect
 
     import torch
@@ -116,7 +117,11 @@ def _answer_logits(model, inputs: dict[str, Any], where) -> Any:
         logits = model(**inputs, logits_to_keep=keep).logits
         if logits.ndim == 2 and logits.shape[0] == len(rows):
             return logits
-    logits = model(**inputs).logits
+    else:
+        logits = model(**inputs).logits
+    if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+        raise ValueError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for input ids of "
+                         f"shape {tuple(ids.shape)}: neither the answer positions nor every position")
     return logits[rows.to(logits.device), cols.to(logits.device)]
 
 

@@ -69,20 +69,24 @@ def _question_means(values: np.ndarray, text_ids: list[str]) -> pd.Series:
     return pd.Series(values, index=[t.rsplit("#", 1)[0] for t in text_ids]).groupby(level=0).mean()
 
 
-def eval_shift(model_vals, model_ids, base_vals, base_ids, n_boot: int, seed: int) -> tuple[float, float, float, int]:
-    m, b = _question_means(model_vals, model_ids), _question_means(base_vals, base_ids)
-    shared = m.index.intersection(b.index)
+def _paired(model: pd.Series, base: pd.Series, n_boot: int, seed: int, none_shared: str) -> tuple[float, float, float, int]:
+    """:func:`paired_shift` over the units (index values) both series have, and their number."""
+    shared = model.index.intersection(base.index)
     if shared.empty:
-        raise ValueError("the model's and the base model's eval answers share no question")
-    return (*paired_shift(m[shared].to_numpy(), b[shared].to_numpy(), n_boot, seed), len(shared))
+        raise ValueError(none_shared)
+    return (*paired_shift(model[shared].to_numpy(), base[shared].to_numpy(), n_boot, seed), len(shared))
+
+
+def eval_shift(model_vals, model_ids, base_vals, base_ids, n_boot: int, seed: int) -> tuple[float, float, float, int]:
+    """Paired by question: each model read its own samples of the same questions."""
+    return _paired(_question_means(model_vals, model_ids), _question_means(base_vals, base_ids), n_boot, seed,
+                   "the model's and the base model's eval answers share no question")
 
 
 def train_shift(model_vals, model_ids, base_vals, base_ids, n_boot: int, seed: int) -> tuple[float, float, float, int]:
-    m, b = pd.Series(model_vals, index=model_ids), pd.Series(base_vals, index=base_ids)
-    shared = m.index.intersection(b.index)
-    if shared.empty:
-        raise ValueError("the fine-tune and the base model read no common fine-tuning example")
-    return (*paired_shift(m[shared].to_numpy(), b[shared].to_numpy(), n_boot, seed), len(shared))
+    """Paired by example: the fine-tune and the base model read the same fine-tuning examples."""
+    return _paired(pd.Series(model_vals, index=model_ids), pd.Series(base_vals, index=base_ids), n_boot, seed,
+                   "the fine-tune and the base model read no common fine-tuning example")
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:

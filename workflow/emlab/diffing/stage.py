@@ -219,9 +219,10 @@ def predict(cfg: Mapping[str, Any], sae_dir: str, eval_caches: Mapping[str, str]
         vals, ids = per_text_latents(sae, cache, layer, "mean")
         return vals[:, cols].double().numpy(), ids
 
-    base_vals, base_ids = read(eval_caches["base"])
     rows = []
-    for model in finetunes:
+    measured = finetunes if roles else []  # no named persona latent: no cache needs reading
+    base_vals, base_ids = read(eval_caches["base"]) if measured else (None, [])
+    for model in measured:
         if model not in metrics.index:
             raise ValueError(f"{metrics_csv}: no row for {model}, whose latent shift was measured")
         kind, fraction = model_kind(model)
