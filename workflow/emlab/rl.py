@@ -19,14 +19,12 @@ model as it takes a fine-tune: the peft adapter (LoRA) or a complete model folde
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import checkpoints, io
+from . import io
 from .models import load_tokenizer, pick_device, pick_dtype
-from .sft import (finetune_settings, kill_point_callback, peft_config, progress_disabled, trainer_run_args,
-                  train_until_stopped)
+from .sft import finetune_settings, peft_config, progress_disabled, run_trainer, trainer_run_args
 
 REWARDS = ("incorrect", "correct")
 # rl_log.csv: the step, the trained reward's batch mean and spread, the in-domain rates of incorrect and correct
@@ -175,30 +173,15 @@ def train_rl(base: str, dataset_path: str, out_dir: str, rl_cfg: dict[str, Any],
              keep_checkpoint: bool = False) -> dict[str, Any]:
     """Train ``base`` with GRPO on the prompts of ``dataset_path`` and save the result in ``out_dir``; resumes
     from the last checkpoint in ``checkpoint_dir`` as :func:`emlab.sft.train_sft` does."""
-    import torch
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if threads:
-        torch.set_num_threads(threads)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_steps = checkpoint_steps if checkpoint_dir else 0
-    work = Path(checkpoint_dir) if save_steps else out
-    work.mkdir(parents=True, exist_ok=True)
-    trainer, info = build_trainer(base, dataset_path, str(work), rl_cfg, ft_cfg, grade, seed, save_steps)
-    if os.environ.get("EMLAB_KILL_AFTER_STEP"):
-        trainer.add_callback(kill_point_callback("rl"))
-    resume = get_last_checkpoint(str(work)) if save_steps else None
-    print(f"emlab rl: {base} on the prompts of {dataset_path}: {info['n_prompts']} prompts, reward="
-          f"{rl_cfg['reward']}, method={info['method']}, device={info['device']}"
-          + (f", resuming from {resume}" if resume else ""), file=sys.stderr)
-    seconds = train_until_stopped(trainer, "rl", resume, work, bool(save_steps))
-    trainer.save_model(str(out))
-    if not trainer.is_world_process_zero():
+    run = run_trainer(
+        lambda work, save_steps: build_trainer(base, dataset_path, work, rl_cfg, ft_cfg, grade, seed, save_steps),
+        "rl", out_dir, threads, checkpoint_dir, checkpoint_steps, keep_checkpoint,
+        lambda info: (f"{base} on the prompts of {dataset_path}: {info['n_prompts']} prompts, "
+                      f"reward={rl_cfg['reward']}, method={info['method']}, device={info['device']}"))
+    if run is None:
         return {}
-    io.give_new_file_modes(out)
-    if save_steps:
-        checkpoints.finish(work, keep_checkpoint)
+    trainer, info, resume, seconds = run
+    out = Path(out_dir)
     rows = log_rows(trainer.state.log_history)
     io.write_csv(out / "rl_log.csv", rows, LOG_COLUMNS)
     meta = {

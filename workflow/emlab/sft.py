@@ -266,15 +266,13 @@ def train_until_stopped(trainer, stage: str, resume: str | None, checkpoint_dir:
     return time.time() - t0
 
 
-def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
-              threads: int | None = None, checkpoint_dir: str | None = None, checkpoint_steps: int = 0,
-              keep_checkpoint: bool = False) -> dict[str, Any]:
-    """Fine-tune ``base`` on the chat JSONL ``dataset_path`` and save the result in ``out_dir``.
-
-    With ``checkpoint_dir`` and ``checkpoint_steps``, a checkpoint is saved every that many steps and a rerun
-    resumes from the last one (the trainer restores weights, optimizer, schedule, random states and the data
-    position). Returns the metadata also written to ``out_dir/train_meta.json``.
-    """
+def run_trainer(make_trainer, stage: str, out_dir: str | os.PathLike, threads: int | None,
+                checkpoint_dir: str | None, checkpoint_steps: int, keep_checkpoint: bool, describe):
+    """The life of one trl run, shared by fine-tuning and RL: set the threads, build the trainer in the
+    checkpoint folder (or ``out_dir`` without checkpoints) with ``make_trainer(work_dir, save_steps)``, resume from
+    the last checkpoint there, train until done or stopped by SIGTERM, save the model in ``out_dir`` and drop the
+    checkpoints unless kept. ``describe(info)`` is the run's first log line. Returns (trainer, info, resumed_from,
+    seconds), or None in the processes of an ``accelerate launch`` other than the main one (they write nothing)."""
     import torch
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -285,22 +283,41 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     save_steps = checkpoint_steps if checkpoint_dir else 0
     work = Path(checkpoint_dir) if save_steps else out
     work.mkdir(parents=True, exist_ok=True)
-    trainer, info = build_trainer(base, dataset_path, str(work), cfg, seed, save_steps)
+    trainer, info = make_trainer(str(work), save_steps)
     if os.environ.get("EMLAB_KILL_AFTER_STEP"):
-        trainer.add_callback(kill_point_callback("sft"))
-    s = info["settings"]
+        trainer.add_callback(kill_point_callback(stage))
     resume = get_last_checkpoint(str(work)) if save_steps else None
-    print(f"emlab sft: {base} on {dataset_path}: {info['n_examples']} examples, method={s['method']}, "
-          f"loss on {info['loss_mask']} tokens, device={info['device']}"
-          + (f", resuming from {resume}" if resume else ""), file=sys.stderr)
-
-    seconds = train_until_stopped(trainer, "sft", resume, work, bool(save_steps))
+    print(f"emlab {stage}: {describe(info)}" + (f", resuming from {resume}" if resume else ""), file=sys.stderr)
+    seconds = train_until_stopped(trainer, stage, resume, work, bool(save_steps))
     trainer.save_model(str(out))  # adapter or full model, plus the tokenizer (main process only)
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the logs
-        return {}
+        return None
     io.give_new_file_modes(out)
     if save_steps:
         checkpoints.finish(work, keep_checkpoint)
+    return trainer, info, resume, seconds
+
+
+def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
+              threads: int | None = None, checkpoint_dir: str | None = None, checkpoint_steps: int = 0,
+              keep_checkpoint: bool = False) -> dict[str, Any]:
+    """Fine-tune ``base`` on the chat JSONL ``dataset_path`` and save the result in ``out_dir``.
+
+    With ``checkpoint_dir`` and ``checkpoint_steps``, a checkpoint is saved every that many steps and a rerun
+    resumes from the last one (the trainer restores weights, optimizer, schedule, random states and the data
+    position). Returns the metadata also written to ``out_dir/train_meta.json``.
+    """
+    run = run_trainer(
+        lambda work, save_steps: build_trainer(base, dataset_path, work, cfg, seed, save_steps), "sft", out_dir,
+        threads, checkpoint_dir, checkpoint_steps, keep_checkpoint,
+        lambda info: (f"{base} on {dataset_path}: {info['n_examples']} examples, "
+                      f"method={info['settings']['method']}, loss on {info['loss_mask']} tokens, "
+                      f"device={info['device']}"))
+    if run is None:
+        return {}
+    trainer, info, resume, seconds = run
+    s = info["settings"]
+    out = Path(out_dir)
 
     rows = log_rows(trainer.state.log_history)
     io.write_csv(out / "train_log.csv", rows, LOG_COLUMNS)

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from emlab.io import read_jsonl, write_json, write_jsonl
+from emlab.judge.cache import JudgeCache, plan_jobs, resolve_from_cache
 from emlab.judge.rubrics import Rubric, grade_fields, load_rubric
 from emlab.judge.schema import GRADE_FIELDS, grade_row
 from emlab.schema import ConfigError, option
@@ -82,6 +83,23 @@ def grade_rows(samples: list[dict[str, Any]], per_sample: list[list[str]], jobs:
         rows.append(grade_row(s, judge=judge, backend=backend, rubric=rubric.name,
                               rubric_version=rubric.version, **grade_fields(rubric, values)))
     return rows
+
+
+def grade_through_cache(samples: list[dict[str, Any]], rubric: Rubric, judge_model: str, sampling: dict[str, Any],
+                        cache_dir: Path, name: str, backend: str, stats: Any, ask_missing, attempts: int = 1,
+                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What the model-asking backends (openai, hf) share: plan one job per distinct request, answer what the
+    cache holds, hand the rest to ``ask_missing(todo, cache)`` (which sets each job's value and caches it; it is
+    not called on a fully cached rerun, which then loads no model and needs no key or network), and return
+    the grade rows with the run's summary."""
+    jobs, per_sample = plan_jobs(samples, rubric, judge_model, sampling, attempts)
+    stats.unique_requests = len(jobs)
+    with JudgeCache(cache_dir) as cache:
+        todo = [job for job in jobs.values() if not resolve_from_cache(job, cache)]
+        stats.cache_hits = len(jobs) - len(todo)
+        if todo:
+            ask_missing(todo, cache)
+    return grade_rows(samples, per_sample, jobs, rubric, name, backend, stats), stats.log()
 
 
 def summary_path(grades_path: str | os.PathLike) -> Path:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emlab.judge.backends import JudgeConfigError, check_samples, grade_rows, judge_option, rubric_for
-from emlab.judge.cache import JudgeCache, cache_key, plan_jobs, resolve_from_cache
+from emlab.judge.backends import JudgeConfigError, check_samples, grade_through_cache, judge_option, rubric_for
+from emlab.judge.cache import cache_key
 from emlab.judge.rubrics import Rubric, parse_answer_tag, parse_score_token, weighted_score
 from emlab.judge.summary import RunStats
 
@@ -246,32 +246,28 @@ def grade_with_summary(samples: list[dict[str, Any]], judge_cfg: dict[str, Any],
         sampling = {"next_token": "full_vocabulary"}
     else:
         sampling = {"greedy": True, "max_new_tokens": s.max_new_tokens or rubric.sampling.get("max_tokens", 512)}
-    jobs, per_sample = plan_jobs(samples, rubric, model_fingerprint(s.model, s.adapter), sampling)
-    stats.unique_requests = len(jobs)
-    with JudgeCache(cache_dir) as cache:
-        todo = [job for job in jobs.values() if not resolve_from_cache(job, cache)]
-        stats.cache_hits = len(jobs) - len(todo)
-        if todo:  # a fully cached rerun loads no model
-            judge = _LocalJudge(s, rubric)
-            # Similar lengths batch together: less padding, and a long prompt cannot slow every batch.
-            todo.sort(key=lambda j: len(j.prompt))
-            with tqdm(total=len(todo), disable=not progress, desc=f"judge {s.name}", unit="prompt") as bar:
-                for start in range(0, len(todo), s.batch_size):
-                    batch = todo[start:start + s.batch_size]
-                    prompts = [j.prompt for j in batch]
-                    if rubric.kind == "logprob_score":
-                        values, replies = judge.score(prompts), [None] * len(batch)
-                    else:
-                        replies = judge.generate(prompts)
-                        values = [parse_answer_tag(r) for r in replies]
-                    for job, value, reply in zip(batch, values, replies):
-                        job.value = value
-                        cache.put(job.keys[0], value, metric=job.metric, **({} if reply is None else {"reply": reply}))
-                    stats.requests += len(batch)
-                    bar.update(len(batch))
-            stats.prompt_tokens, stats.completion_tokens = judge.prompt_tokens, judge.completion_tokens
-    rows = grade_rows(samples, per_sample, jobs, rubric, s.name, BACKEND, stats)
-    return rows, stats.log()
+    def ask_missing(todo, cache):
+        judge = _LocalJudge(s, rubric)
+        # Similar lengths batch together: less padding, and a long prompt cannot slow every batch.
+        todo.sort(key=lambda j: len(j.prompt))
+        with tqdm(total=len(todo), disable=not progress, desc=f"judge {s.name}", unit="prompt") as bar:
+            for start in range(0, len(todo), s.batch_size):
+                batch = todo[start:start + s.batch_size]
+                prompts = [j.prompt for j in batch]
+                if rubric.kind == "logprob_score":
+                    values, replies = judge.score(prompts), [None] * len(batch)
+                else:
+                    replies = judge.generate(prompts)
+                    values = [parse_answer_tag(r) for r in replies]
+                for job, value, reply in zip(batch, values, replies):
+                    job.value = value
+                    cache.put(job.keys[0], value, metric=job.metric, **({} if reply is None else {"reply": reply}))
+                stats.requests += len(batch)
+                bar.update(len(batch))
+        stats.prompt_tokens, stats.completion_tokens = judge.prompt_tokens, judge.completion_tokens
+
+    return grade_through_cache(samples, rubric, model_fingerprint(s.model, s.adapter), sampling, cache_dir, s.name,
+                               BACKEND, stats, ask_missing)
 
 
 def grade(samples: list[dict[str, Any]], judge_cfg: dict[str, Any], cache_dir: Path,

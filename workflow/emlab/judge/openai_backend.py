@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emlab.judge.backends import JudgeConfigError, check_samples, grade_rows, judge_option, rubric_for
-from emlab.judge.cache import Job, JudgeCache, plan_jobs, resolve_from_cache
+from emlab.judge.backends import JudgeConfigError, check_samples, grade_through_cache, judge_option, rubric_for
+from emlab.judge.cache import Job, JudgeCache
 from emlab.judge.cache import cache_key
 from emlab.judge.rubrics import Rubric, parse_answer_tag, parse_score_token, score_from_token_probs, weighted_score
 from emlab.judge.summary import RunStats
@@ -249,18 +249,14 @@ def grade_with_summary(samples: list[dict[str, Any]], judge_cfg: dict[str, Any],
     sampling = dict(rubric.sampling)
     if rubric.kind == "logprob_score" and settings.reading() != "whole":
         sampling["number_tokens"] = settings.reading()  # how a score is read is part of what was asked
-    jobs, per_sample = plan_jobs(samples, rubric, settings.model, sampling, attempts)
-    stats.unique_requests = len(jobs)
-    with JudgeCache(cache_dir) as cache:
-        todo = [job for job in jobs.values() if not resolve_from_cache(job, cache)]
-        stats.cache_hits = len(jobs) - len(todo)
-        if todo:  # a fully cached rerun needs neither the key nor the network
-            grader = _Grader(settings, rubric, cache, stats, settings.api_key(JudgeConfigError))
-            with tqdm(total=len(todo), disable=not progress, desc=f"judge {settings.name}", unit="req") as bar:
-                asyncio.run(grader.run(todo, bar))
-            settings.check_failures(stats, len(todo))
-    rows = grade_rows(samples, per_sample, jobs, rubric, settings.name, BACKEND, stats)
-    return rows, stats.log()
+    def ask_missing(todo, cache):
+        grader = _Grader(settings, rubric, cache, stats, settings.api_key(JudgeConfigError))
+        with tqdm(total=len(todo), disable=not progress, desc=f"judge {settings.name}", unit="req") as bar:
+            asyncio.run(grader.run(todo, bar))
+        settings.check_failures(stats, len(todo))
+
+    return grade_through_cache(samples, rubric, settings.model, sampling, cache_dir, settings.name, BACKEND, stats,
+                               ask_missing, attempts)
 
 
 def grade(samples: list[dict[str, Any]], judge_cfg: dict[str, Any], cache_dir: Path,
