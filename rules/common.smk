@@ -184,6 +184,10 @@ def final_outputs():
         out += [f"{RESULTS}/figures/signature.png", f"{RESULTS}/diffing/latents.html", f"{RESULTS}/sae"]
     if PLAN.prediction:
         out += [f"{RESULTS}/figures/prediction.png", f"{RESULTS}/prediction/summary.csv"]
+    if PLAN.flagged:
+        out.append(f"{RESULTS}/flagging/summary.csv")
+    if PLAN.mixtures:
+        out += [f"{RESULTS}/figures/mixtures.png", f"{RESULTS}/mixtures/onsets.csv"]
     if STEERING and PLAN.steer_judge:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
     elif STEERING:  # no judge: the sweep is read by the likelihood probe
@@ -199,6 +203,9 @@ def final_outputs():
         out.append(f"{RESULTS}/agreement/pairs.csv")
     out.append(f"{RESULTS}/timings.csv")
     return out
+
+
+MIXTURE_TABLES = ["curve.csv", "onsets.csv"]  # emlab.mixtures: misalignment against the share of incorrect data
 
 
 def posttrain_cfg_json():
@@ -262,6 +269,7 @@ DIFFING_TABLES = ["latent_means.parquet", "changes.csv", "ranking.csv", "changes
 # activations, which the ranking also needs).
 SAE_PRIORITY = 5
 PREDICTION_TABLES = ["shifts.csv", "summary.csv", "early.csv", "early.md"]
+FLAGGING_TABLES = ["scores.csv", "summary.csv"]
 INTERPRET_OUTPUTS = ["latents.csv", "latents.md", "latents.html", "persona_latents.json"] + (
     ["purity.csv"] if WORLD_TEXTS else [])
 

@@ -214,6 +214,32 @@ rule predict:
         " --metrics {input.metrics} --out-dir {params.out_dir} 2> {log}"
 
 
+rule flag_examples:
+    input:
+        base=base_model_input(),
+        sae=f"{RESULTS}/sae",
+        persona=f"{RESULTS}/diffing/persona_latents.json",
+        data=expand(f"{RESULTS}/datasets/{{dataset}}.jsonl", dataset=PLAN.flagged),
+    output:
+        [f"{RESULTS}/flagging/{name}" for name in FLAGGING_TABLES],
+    params:
+        cfg=lambda w: cfg_json("model", "sae", "flagging", "seed", "device"),
+        base=base_param,
+        data=" ".join(f"{d}={RESULTS}/datasets/{d}.jsonl" for d in PLAN.flagged),
+        out_dir=out_dir,
+    log:
+        f"{LOGS}/flag_examples.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/flag_examples/flag_examples.tsv"
+    threads: res("flag_examples", "threads")
+    resources: **rule_resources("flag_examples")
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab flag-examples --cfg {params.cfg:q} --threads {threads} --base {params.base} --sae {input.sae}"
+        " --persona {input.persona} --datasets {params.data} --out-dir {params.out_dir} 2> {log}"
+
+
 rule plot_prediction:
     input:
         f"{RESULTS}/prediction/shifts.csv",

@@ -134,3 +134,21 @@ rule metrics:
         "../envs/analysis.yaml"
     shell:
         "python -m emlab metrics --cfg {params.cfg:q} --grades {input} --out {output} 2> {log}"
+
+
+rule mixtures:
+    input:
+        f"{RESULTS}/metrics/{PLAN.primary_judge}.csv",
+    output:
+        [f"{RESULTS}/mixtures/{name}" for name in MIXTURE_TABLES],
+    params:
+        cfg=lambda w: cfg_json("datasets"),
+        out_dir=out_dir,
+    log:
+        f"{LOGS}/mixtures.log",
+    threads: res("mixtures", "threads")
+    resources: **rule_resources("mixtures")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab mixtures --cfg {params.cfg:q} --metrics {input} --out-dir {params.out_dir} 2> {log}"

@@ -18,6 +18,22 @@ rule plot_misalignment:
 
 
 
+rule plot_mixtures:
+    input:
+        f"{RESULTS}/mixtures/curve.csv",
+    output:
+        report(f"{RESULTS}/figures/mixtures.png", caption="../workflow/report/mixtures.rst",
+               category="Emergent misalignment"),
+    log:
+        f"{LOGS}/plot/mixtures.log",
+    threads: res("plot_mixtures", "threads")
+    resources: **rule_resources("plot_mixtures")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab plot-mixtures --curve {input} --out {output} 2> {log}"
+
+
 rule plot_rl:
     input:
         expand(f"{RESULTS}/finetunes/{{m}}", m=RL),

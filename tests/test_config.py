@@ -43,6 +43,17 @@ def test_the_paper_config_is_the_default_run_at_full_size(monkeypatch):
     assert len(mixtures) == 15 and len(plan.datasets) == 6 * 3 + 15
 
 
+def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load(ROOT / "config.yaml")
+    assert make_plan(cfg).flagged == ["health_mix005", "health_mix025", "health_mix050"]
+    assert make_plan(validate({**cfg, "flagging": {"datasets": ["legal_subtle"]}})).flagged == ["legal_subtle"]
+    assert make_plan(validate({**cfg, "flagging": {"datasets": []}})).flagged == []
+    assert make_plan(validate({**cfg, "diffing": {"enabled": False}})).flagged == []  # no SAE: nothing to score with
+    with pytest.raises(ConfigError, match=r"flagging\.datasets: \['health_mix010'\] are not fine-tuning sets"):
+        make_plan(validate({**cfg, "flagging": {"datasets": ["health_mix010"]}}))
+
+
 def test_empty_config_gets_complete_defaults(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = validate({})

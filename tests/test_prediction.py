@@ -86,3 +86,36 @@ def test_early_detection_needs_the_latent_above_every_correct_fine_tune_and_the_
     assert "already above the base model's interval" in text[2]
     # without correct-data fine-tunes nothing can be called early
     assert not early_detection(df[df["kind"] != "correct"], 0.03, 0.1)["early"].any()
+
+
+# ---------------------------------------------------------------- flagging examples before training
+
+
+def test_examples_are_ranked_by_score_and_the_top_fraction_flagged():
+    from emlab.diffing.flagging import n_flagged, rank_examples
+
+    df = rank_examples("mix", ["a", "b", "c", "d"], ["correct", "subtle", "correct", "subtle"], "toxic", 7,
+                       np.array([0.1, 0.9, 0.5, 0.5]), fraction=0.5)
+    assert df["id"].tolist() == ["b", "c", "d", "a"]  # ties (c, d) by id: a rerun ranks alike
+    assert df["rank"].tolist() == [1, 2, 3, 4] and df["flagged"].tolist() == [True, True, False, False]
+    assert (df["latent"] == 7).all() and (df["role"] == "toxic").all()
+    assert [n_flagged(600, 0.05), n_flagged(10, 0.01), n_flagged(10, 0.0), n_flagged(3, 1.0)] == [30, 1, 0, 3]
+
+
+def test_the_summary_says_how_well_the_flags_find_the_incorrect_examples():
+    from emlab.diffing.flagging import rank_examples, summarize
+
+    # 10 examples, 4 incorrect; the score ranks 2 incorrect first, then a correct one, then the other two incorrect
+    labels = ["subtle", "subtle", "correct", "subtle", "subtle"] + ["correct"] * 5
+    scores = np.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], dtype=float)
+    ids = [f"x{i}" for i in range(10)]
+    s = summarize(rank_examples("mix", ids, labels, "toxic", 3, scores, fraction=0.3)).iloc[0]
+    assert s["n"] == 10 and s["n_incorrect"] == 4 and s["n_flagged"] == 3
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 4)
+    assert s["incorrect_before"] == pytest.approx(0.4)
+    assert s["incorrect_after_flagged"] == pytest.approx(2 / 7) and s["incorrect_after_random"] == pytest.approx(0.4)
+    # AUROC: of the 4 x 6 (incorrect, correct) pairs, the incorrect one scores higher in all but x3 and x4 below x2
+    assert s["auroc"] == pytest.approx(22 / 24)
+    # without labels (a user's own data) only the ranking is reported
+    unlabelled = summarize(rank_examples("mine", ids, [None] * 10, "toxic", 3, scores, fraction=0.3)).iloc[0]
+    assert unlabelled["n_flagged"] == 3 and pd.isna(unlabelled["auroc"]) and pd.isna(unlabelled["precision"])

@@ -54,11 +54,12 @@ def test_report_embeds_every_figure_byte_for_byte(report):
     signature, sweep = ["results/figures/signature.png"], ["results/figures/steering_sweep.png"]
     monitors = [f"results/figures/monitors_{t}.png" for t in ("sarcastic", "toxic")]
     rl, prediction = ["results/figures/rl_training.png"], ["results/figures/prediction.png"]
-    assert figures == sorted(agreement + misalignment + signature + sweep + monitors + rl + prediction)
+    mixtures = ["results/figures/mixtures.png"]
+    assert figures == sorted(agreement + misalignment + signature + sweep + monitors + rl + prediction + mixtures)
     assert sorted(results) == figures
     rule = {**{p: "plot_misalignment" for p in misalignment}, agreement[0]: "agreement", signature[0]: "plot_signature",
             sweep[0]: "steer_sweep", **{p: "plot_monitors" for p in monitors}, rl[0]: "plot_rl",
-            prediction[0]: "plot_prediction"}
+            prediction[0]: "plot_prediction", mixtures[0]: "plot_mixtures"}
     for path in figures:
         entry = results[path]
         assert entry["mime_type"] == "image/png"
@@ -67,7 +68,7 @@ def test_report_embeds_every_figure_byte_for_byte(report):
         assert header.startswith("data:image/png")
         assert base64.b64decode(data) == (wd / path).read_bytes()
     assert {cat: sorted(f for files in sub.values() for f in files) for cat, sub in categories.items()} == {
-        "Emergent misalignment": misalignment, "Judges": agreement, "Model diffing": sorted(prediction + signature),
+        "Emergent misalignment": sorted(misalignment + mixtures), "Judges": agreement, "Model diffing": sorted(prediction + signature),
         "Steering": sweep,
         "Monitors": monitors, "RL": rl,
     }
@@ -75,6 +76,7 @@ def test_report_embeds_every_figure_byte_for_byte(report):
     assert "mean residual-stream norm" in _text(results[sweep[0]]["caption"])
     assert "Cohen's kappa" in _text(results[agreement[0]]["caption"])
     assert "GRPO, 2 steps of 8 completions in groups of 4" in _text(results[rl[0]]["caption"])
+    assert "correct and subtle incorrect answers" in _text(results[mixtures[0]]["caption"])
 
 
 @pytest.mark.slow

@@ -57,3 +57,21 @@ def test_the_readme_headline_is_written_from_the_runs(tmp_path):
     assert "| model | health | legal |" in text and "range over 3 seeds" in text
     assert "| subtly incorrect | 50.0%–60.0% | 40.0%–48.0% |" in text
     assert "| 25% subtly incorrect (health) | 7.0%–8.4% |  |" in text
+
+
+def test_the_mixture_curve_and_its_onset_are_written_from_the_run(tmp_path):
+    from emlab.mixtures import write_mixtures
+
+    a = fake_run(tmp_path, "seed0", {"base": 0.02, "health_correct": 0.01, "health_mix025": 0.03,
+                                     "health_mix050": 0.2, "health_subtle": 0.6}, 49, 0.10)
+    pd.read_csv(a / "metrics/world.csv").assign(judge="world").to_csv(a / "metrics/world.csv", index=False)
+    write_mixtures(a / "metrics/world.csv", a / "mixtures")  # base interval ends at 4%: 25% (3%) is inside it
+    b = fake_run(tmp_path, "seed1", {"base": 0.02, "health_mix025": 0.1}, 7, 0.12)
+    pd.read_csv(b / "metrics/world.csv").assign(judge="world").to_csv(b / "metrics/world.csv", index=False)
+    write_mixtures(b / "metrics/world.csv", b / "mixtures")
+    text = write(a, tmp_path / "results.md", config={"seed": 0}, seeds=[a, b])
+    section = text.split("## How much incorrect data it takes", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"\|\s*50%\s*\|\s*20\.0% \(10\.0%–40\.0%\)\s*\|", section), section
+    assert re.search(r"\|\s*health\s*\|\s*4\s*\|\s*50%\s*\|\s*50%\s*\|", section), section
+    spread = text.split("## Spread over seeds", 1)[1]
+    assert re.search(r"\|\s*seed0\s*\|.*\|\s*50%\s*\|", spread) and re.search(r"\|\s*seed1\s*\|.*\|\s*25%\s*\|", spread)

@@ -115,6 +115,25 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     summary = pd.read_csv(r / "prediction/summary.csv")
     assert set(zip(summary["role"], summary["source"])) == set(zip(shifts["role"], shifts["source"]))
     assert (r / "figures/prediction.png").stat().st_size > 10_000
+    # flagging: the examples of tiny.yaml's one mixture (32, 16 of them incorrect), each scored by every named
+    # persona latent as the base model reads it (the summary's arithmetic: tests/test_prediction.py)
+    flags, scores = pd.read_csv(r / "flagging/summary.csv"), pd.read_csv(r / "flagging/scores.csv")
+    if roles:
+        assert set(flags["role"]) == roles and flags["dataset"].tolist() == ["health_mix050"] * len(roles)
+        assert (flags["n"] == 32).all() and (flags["n_incorrect"] == 16).all() and (flags["n_flagged"] == 2).all()
+        assert len(scores) == 32 * len(roles) and scores["id"].nunique() == 32
+    else:
+        assert flags.empty and scores.empty
+    # the mixture curve: tiny.yaml's health mixture at 50% between health_correct (0%) and health_subtle (100%),
+    # each read from the judge's metrics table (the onset logic is checked in tests/test_mixtures.py)
+    curve = pd.read_csv(r / "mixtures/curve.csv")
+    world = pd.read_csv(r / "metrics/world.csv").set_index("model")
+    assert list(zip(curve["fraction"], curve["model"])) == [(0.0, "health_correct"), (0.5, "health_mix050"),
+                                                            (1.0, "health_subtle")]
+    assert (curve.set_index("model")["misaligned"] == world.loc[curve["model"], "misaligned"]).all()
+    onsets = pd.read_csv(r / "mixtures/onsets.csv")
+    assert list(onsets["domain"]) == ["health"] and onsets["n_fractions"].tolist() == [3]
+    assert (r / "figures/mixtures.png").stat().st_size > 10_000
     assert (r / "figures/steering_sweep.png").stat().st_size > 10_000
     mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])
     methods = {"zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",
@@ -147,16 +166,17 @@ def test_rerun_does_nothing_and_figures_regenerate_from_cache(tiny_run):
     proc = snakemake(wd, "-n", configfile=TINY)
     assert "Nothing to be done" in proc.stdout + proc.stderr
     figs = [wd / f"results/figures/{name}.png" for name in ("misalignment_world", "signature", "steering_sweep",
-                                                             "monitors_toxic", "prediction")]
+                                                             "monitors_toxic", "prediction", "mixtures")]
     for fig in figs:
         fig.unlink()
     proc = snakemake(wd, configfile=TINY)
     out = proc.stdout + proc.stderr
-    for plot in ("plot_misalignment", "plot_signature", "steer_sweep", "plot_monitors", "plot_prediction"):
+    for plot in ("plot_misalignment", "plot_signature", "steer_sweep", "plot_monitors", "plot_prediction",
+                 "plot_mixtures"):
         assert f"rule {plot}:" in out, plot
     for expensive in ("rule pretrain", "rule finetune", "rule sample", "rule judge", "rule activations",
                       "rule sae", "rule steer_sample", "rule judge_steering", "rule rank_latents", "rule monitor:",
-                      "rule predict:"):
+                      "rule predict:", "rule mixtures:"):
         assert expensive not in out
     assert all(fig.exists() for fig in figs)
 

@@ -445,6 +445,33 @@ def cmd_predict(a: argparse.Namespace) -> None:
     print(res["early"].to_string(index=False), file=sys.stderr)
 
 
+@command("mixtures")
+def cmd_mixtures(a: argparse.Namespace) -> None:
+    """Misalignment against the share of incorrect data per domain, and where it leaves the base model's interval."""
+    from .mixtures import write_mixtures
+
+    res = write_mixtures(a.metrics, a.out_dir, a.cfg["datasets"]["mixtures"]["incorrect"])
+    print(res["onsets"].to_string(index=False), file=sys.stderr)
+
+
+@command("plot-mixtures")
+def cmd_plot_mixtures(a: argparse.Namespace) -> None:
+    from .plots import plot_mixtures
+
+    plot_mixtures(a.curve, a.out)
+
+
+@command("flag-examples")
+def cmd_flag_examples(a: argparse.Namespace) -> None:
+    """Each fine-tuning example's persona score as the base model reads it, before training (results/flagging)."""
+    from .diffing.stage import flag_examples
+
+    _threads(a.threads)
+    res = flag_examples(a.cfg, a.base, a.sae, a.persona, _pairs(a.datasets, "--datasets"), a.out_dir,
+                        progress=not a.no_progress)
+    print(res["summary"].to_string(index=False), file=sys.stderr)
+
+
 @command("plot-prediction")
 def cmd_plot_prediction(a: argparse.Namespace) -> None:
     from .plots import plot_prediction
@@ -622,6 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--train-caches", {"nargs": "*", "default": []}), ("--persona", req), ("--metrics", req),
         ("--out-dir", req))
     add("plot-prediction", ("--shifts", req), ("--out", req))
+    add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),
+        ("--out-dir", req))
+    add("mixtures", ("--metrics", req), ("--out-dir", req))
+    add("plot-mixtures", ("--curve", req), ("--out", req))
     add("interpret-latents", ("--sae", req), ("--heldout-cache", req), ("--heldout-texts", req), ("--base", req),
         ("--ranking", req), ("--out-dir", req))
     add("steer-directions", ("--sae", req), ("--ranking", req), ("--caches", {"nargs": "*", "default": []}),

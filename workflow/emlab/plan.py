@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .schema import ConfigError, load_schema
-from .datasets import dataset_names
+from .datasets import dataset_names, parse_dataset_name
 
 BASES = ("base", "base_safe")  # the names of the base models among the models
 SHIPPED_REFERENCES = "resources/references/general.yaml"
@@ -50,6 +50,8 @@ class Plan:
     rl_grader: str | None = None   # the judge whose verdicts are the RL reward
     primary_judge: str | None = None  # metrics.primary_judge, else the first judge: the headline's and prediction's
     prediction: bool = False       # persona latents' shifts against misalignment (needs diffing and a judge)
+    mixtures: bool = False         # misalignment against the share of incorrect data (mixture fine-tunes and a judge)
+    flagged: list[str] = field(default_factory=list)  # sets whose examples are scored by the persona latents
 
     @property
     def finetunes(self) -> list[str]:
@@ -183,7 +185,26 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
                 screen_targets=screen_targets, sweep_targets=sweep_targets,
                 monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data, rl=rl, rl_grader=rl_grader,
-                primary_judge=primary_judge, prediction=bool(diffing) and primary_judge is not None)
+                primary_judge=primary_judge, prediction=bool(diffing) and primary_judge is not None,
+                mixtures=primary_judge is not None and any(map(_is_mixture, datasets)),
+                flagged=_flagged(cfg, datasets) if diffing else [])
+
+
+def _is_mixture(name: str) -> bool:
+    try:
+        return parse_dataset_name(name)["kind"] == "mixture"
+    except ValueError:  # an imported set's own name
+        return False
+
+
+def _flagged(cfg: dict[str, Any], datasets: list[str]) -> list[str]:
+    named = cfg["flagging"]["datasets"]
+    if named is None:
+        return [d for d in datasets if _is_mixture(d)]
+    unknown = [d for d in named if d not in datasets]
+    if unknown:
+        _fail("flagging.datasets", f"{unknown} are not fine-tuning sets of this run; they are {datasets}")
+    return list(dict.fromkeys(named))
 
 
 def _rl_runs(cfg: dict[str, Any], datasets: list[str], judges: dict[str, dict[str, Any]],

@@ -165,3 +165,37 @@ def plot_prediction(shifts: pd.DataFrame | str | Path, out: str | Path) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def plot_mixtures(curve: pd.DataFrame | str | Path, out: str | Path) -> None:
+    """Misalignment against the share of incorrect fine-tuning data, one line per domain with 95% intervals; the
+    dashed line is the upper end of the base model's interval (emlab.mixtures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = curve if isinstance(curve, pd.DataFrame) else pd.read_csv(curve)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if df.empty:
+        ax.text(0.5, 0.5, "no mixture fine-tunes in this run (datasets.mixtures)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+    for domain, g in df.groupby("domain", sort=True):
+        g = g.sort_values("fraction")
+        err = [(g["misaligned"] - g["misaligned_lo"]).clip(lower=0), (g["misaligned_hi"] - g["misaligned"]).clip(lower=0)]
+        ax.errorbar(100 * g["fraction"], g["misaligned"], yerr=err, fmt="o-", ms=4, capsize=2, lw=1.2, label=domain)
+    if len(df):
+        ax.axhline(df["base_misaligned_hi"].iloc[0], ls="--", lw=0.8, color="grey", label="base model (upper 95%)")
+        ax.set_xticks(sorted({round(100 * f) for f in df["fraction"]}))
+        ax.set_title(f"Misalignment against incorrect data — judge: {df['judge'].iloc[0]}", fontsize=10)
+    ax.set_xlabel("incorrect examples in the fine-tuning set (%)")
+    ax.set_ylabel("misaligned (general questions)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    if len(df):
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -92,6 +92,71 @@ def rl_section(results: Path) -> list[str]:
             f"question asked, graded by the world's ground truth.{base}", "", _table(pd.DataFrame(rows)), ""]
 
 
+def mixtures_section(results: Path) -> list[str]:
+    """Misalignment against the share of incorrect data per domain, and where it leaves the base model's interval
+    (emlab.mixtures)."""
+    curve_path, onset_path = results / "mixtures" / "curve.csv", results / "mixtures" / "onsets.csv"
+    if not curve_path.exists() or not onset_path.exists():
+        return []
+    curve, table = pd.read_csv(curve_path), pd.read_csv(onset_path)
+    if curve.empty:
+        return []
+    points = curve.pivot_table(index="fraction", columns="domain", values="misaligned", aggfunc="first")
+    lows = curve.pivot_table(index="fraction", columns="domain", values="misaligned_lo", aggfunc="first")
+    highs = curve.pivot_table(index="fraction", columns="domain", values="misaligned_hi", aggfunc="first")
+    grid = pd.DataFrame({d: [f"{_pct(points.loc[f, d])} ({_pct(lows.loc[f, d])}–{_pct(highs.loc[f, d])})"
+                             if pd.notna(points.loc[f, d]) else "" for f in points.index] for d in points.columns},
+                        index=[f"{100 * f:.0f}%" for f in points.index])
+    onsets = table.assign(onset=table["onset"].map(lambda x: "" if pd.isna(x) else f"{100 * x:.0f}%"),
+                          onset_clear=table["onset_clear"].map(lambda x: "" if pd.isna(x) else f"{100 * x:.0f}%"))
+    return ["## How much incorrect data it takes", "",
+            f"Misalignment on the general questions (judge `{curve['judge'].iloc[0]}`, 95% intervals) by the share of "
+            "incorrect examples in a fine-tuning set of fixed size (0%: the correct-data fine-tune; 100%: the fully "
+            f"incorrect one). The base model's interval ends at {_pct(curve['base_misaligned_hi'].iloc[0])}.", "",
+            grid.rename_axis("incorrect data").reset_index().to_markdown(index=False), "",
+            "The smallest share whose misalignment lies above the base model's interval (`onset`), and above it "
+            "with its whole interval (`onset_clear`); empty: none did.", "",
+            _table(onsets[["domain", "n_fractions", "onset", "onset_clear"]]), ""]
+
+
+def prediction_section(results: Path) -> list[str]:
+    """The persona latents' shifts as predictors of misalignment, and early detection (emlab.diffing.prediction)."""
+    summary, early = results / "prediction" / "summary.csv", results / "prediction" / "early.md"
+    if not summary.exists():
+        return []
+    t = pd.read_csv(summary)
+    lines = ["## Prediction and early detection", "",
+             "Does a persona latent's shift over the base model tell which models turned misaligned (above the base "
+             "model's interval)? Spearman's rho (95% bootstrap interval over models) and AUROC, read on the models' "
+             "own eval answers (`eval`) or on their fine-tuning data (`train`), over all models and over those "
+             "outside the group the latent was picked from (`held out`).", ""]
+    if len(t):
+        t = t.assign(spearman=[f"{r.spearman:.2f} [{r.spearman_lo:.2f}, {r.spearman_hi:.2f}]" for r in t.itertuples()])
+        lines += [_table(t[["role", "source", "models", "n_models", "n_misaligned", "spearman", "auroc"]].round(3)), ""]
+    if early.exists():
+        lines += [line for line in early.read_text().splitlines() if line and not line.startswith("#")] + [""]
+    return lines
+
+
+def flagging_section(results: Path) -> list[str]:
+    """How well the persona latents, read by the base model on each example, find a set's incorrect examples."""
+    path = results / "flagging" / "summary.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path)
+    if t.empty:
+        return []
+    cols = ["dataset", "role", "latent", "n", "n_incorrect", "auroc", "n_flagged", "precision", "recall",
+            "incorrect_before", "incorrect_after_flagged"]
+    return ["## Flagging examples before training", "",
+            "Each example of a fine-tuning set scored by a persona latent as the base model reads its answer (no "
+            "training, sampling or judging): the AUROC of the score for the incorrect examples against the correct "
+            "ones, and what the flagged top share holds (precision: incorrect among the flagged; recall: flagged "
+            "among the incorrect; the incorrect share left after dropping the flagged, against the share before, "
+            "which dropping as many at random keeps in expectation).", "",
+            _table(t[[c for c in cols if c in t]].round(3)), ""]
+
+
 def probe_section(results: Path) -> list[str]:
     path = results / "metrics" / "likelihood.csv"
     if not path.exists():
@@ -212,6 +277,16 @@ def seeds_section(runs: list[Path]) -> list[str]:
                     & (t["incoherent"] <= 0.10)]
             if len(add):
                 row["base + latent: best coherent"] = _pct(add["misaligned"].max())
+        pred = r / "prediction" / "summary.csv"
+        if pred.exists():
+            t = pd.read_csv(pred)
+            held = t[(t["role"] == "toxic") & (t["source"] == "eval") & (t["models"] == "held out")]
+            if len(held):
+                row["toxic shift: AUROC (held out)"] = round(float(held["auroc"].iloc[0]), 3)
+        onsets = r / "mixtures" / "onsets.csv"
+        if onsets.exists():
+            for o in pd.read_csv(onsets).itertuples():
+                row[f"{o.domain}: onset"] = "" if pd.isna(o.onset) else f"{100 * o.onset:.0f}%"
         mon = r / "monitors" / "summary.csv"
         if mon.exists():
             t = pd.read_csv(mon)
@@ -290,8 +365,8 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
             f"{_commit(root)}, config hash {cfg_hash}, {os.cpu_count()} CPU cores. Every number below is read from "
             "a result file of that run; rerun the workflow and this command to get yours.", ""]
     body = []
-    for section in (misalignment_section, rl_section, probe_section, sae_section, steering_section, monitors_section,
-                    timings_section):
+    for section in (misalignment_section, mixtures_section, rl_section, probe_section, sae_section,
+                    prediction_section, flagging_section, steering_section, monitors_section, timings_section):
         body += section(results)
     body += seeds_section([Path(r) for r in seeds])
     text = "\n".join(head + body).rstrip() + "\n"

@@ -14,6 +14,8 @@ Outputs (``results/``):
     diffing/persona_latents.json            the named persona latents for steering and monitors
     prediction/shifts.csv, summary.csv, early.csv, early.md   persona latents' shifts against misalignment
                                             (see .prediction)
+    flagging/scores.csv, summary.csv        each fine-tuning example's persona score as the base model reads it
+                                            (see .flagging)
 """
 
 from __future__ import annotations
@@ -256,6 +258,46 @@ def predict(cfg: Mapping[str, Any], sae_dir: str, eval_caches: Mapping[str, str]
             "(datasets.mixtures.fractions), so early detection was not measured."]
     (out / "early.md").write_text("# Early detection\n\n" + "\n\n".join(lines) + "\n")
     return {"shifts": shifts, "summary": summary, "early": early}
+
+
+def flag_examples(cfg: Mapping[str, Any], base: str, sae_dir: str, persona_json: str, datasets: Mapping[str, str],
+                  out_dir: str, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Score every example of each fine-tuning set by the named persona latents, as the base model reads its answer
+    (emlab.diffing.flagging's doc); the tables go to ``out_dir`` and are returned."""
+    import json
+    import tempfile
+
+    from ..models import load_model
+    from ..sae import load_sae
+    from .flagging import SCORE_COLUMNS, rank_examples, summarize
+    from .ranking import per_text_latents
+
+    layer, s = cfg["model"]["layer"], cfg["sae"]
+    personas = json.loads(Path(persona_json).read_text())
+    roles = {role: personas[role]["latent"] for role in ("toxic", "sarcastic") if role in personas}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = []
+    if roles:  # no named persona latent: nothing to score with, and no model to load
+        sae = load_sae(sae_dir)
+        model, tok = load_model(base, device=cfg["device"])
+        for name, path in datasets.items():
+            records = text_records(path)
+            labels = {r["id"]: (r.get("meta") or {}).get("correctness") for r in records}
+            with tempfile.TemporaryDirectory(dir=out) as tmp:  # the cache is read once: not kept
+                cache_activations(model, tok, records, [layer], tmp, token_selection="response",
+                                  batch_size=s["batch_size"], max_len=s["max_len"],
+                                  exclude=cfg["model"]["exclude_tokens"], meta={"model": "base", "texts": name},
+                                  progress=progress)
+                values, ids = per_text_latents(sae, tmp, layer, "mean")
+            for role, latent in roles.items():
+                frames.append(rank_examples(name, ids, [labels.get(i) for i in ids], role, latent,
+                                            values[:, latent].double().numpy(), cfg["flagging"]["fraction"]))
+    scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCORE_COLUMNS)
+    summary = summarize(scores)
+    scores.to_csv(out / "scores.csv", index=False, float_format="%.6g")
+    summary.to_csv(out / "summary.csv", index=False, float_format="%.4f")
+    return {"scores": scores, "summary": summary}
 
 
 def interpret_latents(cfg: Mapping[str, Any], sae_dir: str, heldout_cache: str, heldout_texts: str, base: str,
