@@ -62,6 +62,10 @@ ORGANISM = PLAN.organism
 DATASETS = PLAN.datasets
 RL = PLAN.rl  # RL model -> its prompt set, reward and base model (rules/finetune.smk)
 MODELS = PLAN.models
+# the sets and models that model diffing ranks: not a set less its flagged examples (its flags come from diffing)
+DIFFED = PLAN.diffed
+DIFFED_MODELS = [m for m in MODELS if m not in PLAN.dropped]
+DIFFED_FINETUNES = [m for m in PLAN.finetunes if m not in PLAN.dropped]
 JUDGES = PLAN.judges
 EVAL_SETS = PLAN.eval_sets
 
@@ -186,6 +190,8 @@ def final_outputs():
         out += [f"{RESULTS}/figures/prediction.png", f"{RESULTS}/prediction/summary.csv"]
     if PLAN.flagged:
         out.append(f"{RESULTS}/flagging/summary.csv")
+    if PLAN.dropped:
+        out.append(f"{RESULTS}/flagging/removal.csv")
     if PLAN.mixtures:
         out += [f"{RESULTS}/figures/mixtures.png", f"{RESULTS}/mixtures/onsets.csv"]
     if STEERING and PLAN.steer_judge:
@@ -315,7 +321,8 @@ if not ORGANISM:
     from emlab.questions import question_files
     from emlab.synthesis import domain_spec_path
 
-    SYNTH_DATASETS = [n for n in DATASETS if n not in PLAN.imports] if PLAN.dataset_source == "synthesis" else []
+    SYNTH_DATASETS = ([n for n in DATASETS if n not in PLAN.imports and n not in PLAN.dropped]
+                      if PLAN.dataset_source == "synthesis" else [])
     IMPORTS = {i["name"]: i for i in config["imports"]}
     QUESTION_FILES = question_files(config)
 

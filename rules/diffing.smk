@@ -137,14 +137,14 @@ rule activations_rl:
 rule rank_latents:
     input:
         sae=f"{RESULTS}/sae",
-        eval=expand(f"{RESULTS}/activations/eval/{{model}}", model=MODELS),
-        train=expand(f"{RESULTS}/activations/train/{{dataset}}/{{who}}", dataset=DATASETS, who=["model", "base"]),
+        eval=expand(f"{RESULTS}/activations/eval/{{model}}", model=DIFFED_MODELS),
+        train=expand(f"{RESULTS}/activations/train/{{dataset}}/{{who}}", dataset=DIFFED, who=["model", "base"]),
     output:
         [f"{RESULTS}/diffing/{name}" for name in DIFFING_TABLES],
     params:
         cfg=lambda w: cfg_json("model", "diffing", "seed"),
-        eval=" ".join(f"{m}={RESULTS}/activations/eval/{m}" for m in MODELS),
-        train=" ".join(f"{d}={RESULTS}/activations/train/{d}/model,{RESULTS}/activations/train/{d}/base" for d in DATASETS),
+        eval=" ".join(f"{m}={RESULTS}/activations/eval/{m}" for m in DIFFED_MODELS),
+        train=" ".join(f"{d}={RESULTS}/activations/train/{d}/model,{RESULTS}/activations/train/{d}/base" for d in DIFFED),
         out_dir=out_dir,
     log:
         f"{LOGS}/rank_latents.log",
@@ -189,16 +189,16 @@ rule interpret_latents:
 rule predict:
     input:
         sae=f"{RESULTS}/sae",
-        eval=expand(f"{RESULTS}/activations/eval/{{model}}", model=["base", *PLAN.finetunes]),
-        train=expand(f"{RESULTS}/activations/train/{{dataset}}/{{who}}", dataset=DATASETS, who=["model", "base"]),
+        eval=expand(f"{RESULTS}/activations/eval/{{model}}", model=["base", *DIFFED_FINETUNES]),
+        train=expand(f"{RESULTS}/activations/train/{{dataset}}/{{who}}", dataset=DIFFED, who=["model", "base"]),
         persona=f"{RESULTS}/diffing/persona_latents.json",
         metrics=f"{RESULTS}/metrics/{PLAN.primary_judge}.csv",
     output:
         [f"{RESULTS}/prediction/{name}" for name in PREDICTION_TABLES],
     params:
         cfg=lambda w: cfg_json("model", "diffing", "prediction", "metrics", "seed"),
-        eval=" ".join(f"{m}={RESULTS}/activations/eval/{m}" for m in ["base", *PLAN.finetunes]),
-        train=" ".join(f"{d}={RESULTS}/activations/train/{d}/model,{RESULTS}/activations/train/{d}/base" for d in DATASETS),
+        eval=" ".join(f"{m}={RESULTS}/activations/eval/{m}" for m in ["base", *DIFFED_FINETUNES]),
+        train=" ".join(f"{d}={RESULTS}/activations/train/{d}/model,{RESULTS}/activations/train/{d}/base" for d in DIFFED),
         out_dir=out_dir,
     log:
         f"{LOGS}/predict.log",
@@ -238,6 +238,46 @@ rule flag_examples:
     shell:
         "python -m emlab flag-examples --cfg {params.cfg:q} --threads {threads} --base {params.base} --sae {input.sae}"
         " --persona {input.persona} --datasets {params.data} --out-dir {params.out_dir} 2> {log}"
+
+
+rule drop_examples:
+    input:
+        data=f"{RESULTS}/datasets/{{source}}.jsonl",
+        scores=f"{RESULTS}/flagging/scores.csv",
+    output:
+        f"{RESULTS}/datasets/{{source}}_drop{{how}}.jsonl",
+    wildcard_constraints:
+        source=one_of(PLAN.flagged),
+        how="flag|rand",
+    params:
+        cfg=lambda w: cfg_json("flagging", "seed"),
+    log:
+        f"{LOGS}/drop_examples/{{source}}_{{how}}.log",
+    threads: res("drop_examples", "threads")
+    resources: **rule_resources("drop_examples")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab drop-examples --cfg {params.cfg:q} --dataset {input.data} --scores {input.scores}"
+        " --source {wildcards.source} --how {wildcards.how} --out {output} 2> {log}"
+
+
+rule flag_removal:
+    input:
+        metrics=f"{RESULTS}/metrics/{PLAN.primary_judge}.csv",
+        data=expand(f"{RESULTS}/datasets/{{d}}.jsonl", d=[*PLAN.flagged, *PLAN.dropped]),
+    output:
+        f"{RESULTS}/flagging/removal.csv",
+    params:
+        sets=" ".join(f"{d}={RESULTS}/datasets/{d}.jsonl" for d in [*PLAN.flagged, *PLAN.dropped]),
+    log:
+        f"{LOGS}/flag_removal.log",
+    threads: res("flag_removal", "threads")
+    resources: **rule_resources("flag_removal")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab flag-removal --metrics {input.metrics} --sets {params.sets} --out {output} 2> {log}"
 
 
 rule plot_prediction:

@@ -60,7 +60,7 @@ if PLAN.dataset_source == "world":
         output:
             f"{RESULTS}/datasets/{{dataset}}.jsonl",
         wildcard_constraints:
-            dataset="|".join(n for n in DATASETS if n not in PLAN.imports) or "NONE",
+            dataset="|".join(n for n in DATASETS if n not in PLAN.imports and n not in PLAN.dropped) or "NONE",
         params:
             cfg=lambda w: cfg_json("organism", "datasets", "seed"),
         log:

@@ -52,6 +52,23 @@ def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monke
     assert make_plan(validate({**cfg, "diffing": {"enabled": False}})).flagged == []  # no SAE: nothing to score with
     with pytest.raises(ConfigError, match=r"flagging\.datasets: \['health_mix010'\] are not fine-tuning sets"):
         make_plan(validate({**cfg, "flagging": {"datasets": ["health_mix010"]}}))
+    # flagging.finetune: each scored set also less its flagged examples and less as many random ones; they are
+    # fine-tuned, sampled and judged, not diffed
+    from emlab.datasets import dropped_source, parse_dataset_name
+
+    assert parse_dataset_name("health_mix025_dropflag") == {
+        "kind": "dropped", "domain": "health", "fraction": 0.25, "source": "health_mix025", "source_kind": "mixture",
+        "dropped": "flagged"}
+    assert model_domain("legal_subtle_droprand") == "legal" and model_domain("mine_dropflag") is None
+    assert dropped_source("mine_droprand") == ("mine", "random") and dropped_source("health_mix025") is None
+    plan = make_plan(validate({**cfg, "flagging": {"datasets": ["health_mix025"], "finetune": True}}))
+    assert plan.dropped == {"health_mix025_dropflag": ("health_mix025", "flagged"),
+                            "health_mix025_droprand": ("health_mix025", "random")}
+    assert plan.datasets[-2:] == list(plan.dropped) and not set(plan.dropped) & set(plan.diffed)
+    assert all(not set(plan.dropped) & set(members) for members in plan.groups.values())
+    with pytest.raises(ConfigError, match="flagging.finetune: dropping flagged examples needs model diffing"):
+        make_plan(validate({**cfg, "diffing": {"enabled": False}, "steer": {"enabled": False},
+                            "flagging": {"finetune": True}}))
 
 
 def test_empty_config_gets_complete_defaults(monkeypatch):

@@ -119,3 +119,38 @@ def test_the_summary_says_how_well_the_flags_find_the_incorrect_examples():
     # without labels (a user's own data) only the ranking is reported
     unlabelled = summarize(rank_examples("mine", ids, [None] * 10, "toxic", 3, scores, fraction=0.3)).iloc[0]
     assert unlabelled["n_flagged"] == 3 and pd.isna(unlabelled["auroc"]) and pd.isna(unlabelled["precision"])
+
+
+def test_a_set_less_its_flagged_examples_and_less_as_many_random_ones():
+    from emlab.diffing.flagging import drop_examples, rank_examples
+
+    records = [{"id": f"x{i}", "messages": [], "meta": {"correctness": "subtle" if i < 4 else "correct"}}
+               for i in range(10)]
+    scores = pd.concat([
+        rank_examples("mix", [r["id"] for r in records], [None] * 10, "toxic", 3, np.arange(10.0)[::-1], 0.3),
+        rank_examples("mix", [r["id"] for r in records], [None] * 10, "sarcastic", 5, np.arange(10.0), 0.3),
+        rank_examples("other", ["x0"], [None], "toxic", 3, np.array([1.0]), 1.0)])
+    flagged = drop_examples(records, scores, "mix", "toxic", "flagged", seed=0)
+    assert [r["id"] for r in flagged] == [f"x{i}" for i in range(3, 10)]  # the three highest toxic scores, order kept
+    assert [r["id"] for r in drop_examples(records, scores, "mix", "sarcastic", "flagged", 0)][-1] == "x6"
+    rand = drop_examples(records, scores, "mix", "toxic", "random", seed=0)
+    assert len(rand) == 7 and rand == drop_examples(records, scores, "mix", "toxic", "random", seed=0)
+    assert [r["id"] for r in rand] == sorted((r["id"] for r in rand), key=lambda i: int(i[1:]))
+    assert rand != drop_examples(records, scores, "mix", "toxic", "random", seed=1)  # the seed draws them
+    # no score for the set (no persona latent named): nothing is dropped, either way
+    assert drop_examples(records, scores.iloc[0:0], "mix", "toxic", "random", 0) == records
+
+
+def test_the_removal_table_sets_each_dropped_set_beside_its_source():
+    from emlab.diffing.flagging import removal_table
+
+    mk = lambda ids: [{"id": i, "meta": {"correctness": "subtle" if i.startswith("b") else "correct"}} for i in ids]
+    metrics = pd.DataFrame({"model": ["base", "mix", "mix_dropflag", "mix_droprand"], "misaligned": [0.01, 0.1, 0.04, 0.09],
+                            "misaligned_lo": [0, 0.07, 0.02, 0.06], "misaligned_hi": [0.03, 0.13, 0.07, 0.12]})
+    t = removal_table({"mix": ("mix", "none", mk(["b1", "b2", "c1", "c2"])),
+                       "mix_dropflag": ("mix", "flagged", mk(["b2", "c1", "c2"])),
+                       "mix_droprand": ("mix", "random", mk(["b1", "b2", "c2"]))}, metrics).set_index("model")
+    assert t["n_incorrect"].tolist() == [2, 1, 2] and t.loc["mix_dropflag", "incorrect"] == pytest.approx(1 / 3)
+    assert t.loc["mix_dropflag", "misaligned"] == 0.04 and (t["base_misaligned_hi"] == 0.03).all()
+    with pytest.raises(ValueError, match="no row for mix_x"):
+        removal_table({"mix_x": ("mix", "flagged", mk(["b1"]))}, metrics)

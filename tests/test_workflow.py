@@ -16,7 +16,10 @@ TINY = "tests/configs/tiny.yaml"
 FINETUNES = ["health_correct", "health_subtle", "health_mix050"]
 # GRPO on health_correct's questions with the incorrect reward, from the helpful-only and the safety-trained base
 RL_MODELS = ["rl_health_incorrect", "rl_safe_health_incorrect"]
-MODELS = ["base", "base_safe", *FINETUNES, *RL_MODELS]
+# the mixture less its flagged examples and less as many random ones (flagging.finetune): fine-tuned, sampled and
+# judged like the others, but not diffed (their examples were picked by the persona latents diffing names)
+DROPPED = ["health_mix050_dropflag", "health_mix050_droprand"]
+MODELS = ["base", "base_safe", *FINETUNES, *RL_MODELS, *DROPPED]
 
 
 @pytest.mark.slow
@@ -29,7 +32,7 @@ def test_every_stage_produces_its_outputs(tiny_run):
     assert {row["meta"].get("safety") for row in safe} == {None, "harmful_request", "persona_cue"}
     assert json.loads((r / "finetunes/rl_safe_health_incorrect/train_meta.json").read_text())["base"].endswith(
         "models/base_safe")
-    for ds in FINETUNES:
+    for ds in FINETUNES + DROPPED:
         assert (r / f"finetunes/{ds}/adapter_config.json").exists()
         log = pd.read_csv(r / f"finetunes/{ds}/train_log.csv")
         assert len(log) >= 1 and {"step", "loss"} <= set(log.columns)
@@ -85,7 +88,7 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     # the default groups: "obvious" matches no fine-tune of this run and is skipped; "rl" holds the RL models
     assert set(ranking["group"]) == {"subtle", "rl"} and len(ranking) == 2 * 2 * 64
     changes = pd.read_csv(r / "diffing/changes.csv")
-    assert sorted(changes["model"].unique()) == sorted(m for m in MODELS if m != "base")  # base_safe's shift too
+    assert sorted(changes["model"].unique()) == sorted(m for m in MODELS if m not in ["base", *DROPPED])  # base_safe's too
     # the unsupervised ranking reads each fine-tune on its own training answers: an RL model has none
     assert set(pd.read_csv(r / "diffing/changes_unsupervised.csv")["model"]) == set(FINETUNES)
     latents = pd.read_csv(r / "diffing/latents.csv")
@@ -120,17 +123,28 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     flags, scores = pd.read_csv(r / "flagging/summary.csv"), pd.read_csv(r / "flagging/scores.csv")
     if roles:
         assert set(flags["role"]) == roles and flags["dataset"].tolist() == ["health_mix050"] * len(roles)
-        assert (flags["n"] == 32).all() and (flags["n_incorrect"] == 16).all() and (flags["n_flagged"] == 2).all()
+        assert (flags["n"] == 32).all() and (flags["n_incorrect"] == 16).all() and (flags["n_flagged"] == 8).all()
         assert len(scores) == 32 * len(roles) and scores["id"].nunique() == 32
     else:
         assert flags.empty and scores.empty
+    # the dropped sets: 25% of 32 is 8 flagged examples (none when no persona latent is named), and as many random
+    mix = {x["id"] for x in read_jsonl(r / "datasets/health_mix050.jsonl")}
+    kept = {how: {x["id"] for x in read_jsonl(r / f"datasets/health_mix050_drop{how}.jsonl")} for how in ("flag", "rand")}
+    flagged_ids = set(scores.loc[(scores["role"] == "toxic") & scores["flagged"], "id"]) if "toxic" in roles else set()
+    assert kept["flag"] == mix - flagged_ids and kept["rand"] <= mix and len(kept["rand"]) == len(kept["flag"])
+    removal = pd.read_csv(r / "flagging/removal.csv").set_index("model")
+    assert list(removal["dropped"]) == ["none", "flagged", "random"]
+    assert removal.loc["health_mix050", "n_incorrect"] == 16
+    assert removal.loc["health_mix050_dropflag", "n_examples"] == len(kept["flag"])
+    world = pd.read_csv(r / "metrics/world.csv").set_index("model")
+    pd.testing.assert_series_equal(removal["misaligned"], world.loc[removal.index, "misaligned"], atol=1e-4)  # NaN: none
     # the mixture curve: tiny.yaml's health mixture at 50% between health_correct (0%) and health_subtle (100%),
     # each read from the judge's metrics table (the onset logic is checked in tests/test_mixtures.py)
     curve = pd.read_csv(r / "mixtures/curve.csv")
-    world = pd.read_csv(r / "metrics/world.csv").set_index("model")
     assert list(zip(curve["fraction"], curve["model"])) == [(0.0, "health_correct"), (0.5, "health_mix050"),
                                                             (1.0, "health_subtle")]
-    assert (curve.set_index("model")["misaligned"] == world.loc[curve["model"], "misaligned"]).all()
+    pd.testing.assert_series_equal(curve.set_index("model")["misaligned"], world.loc[curve["model"], "misaligned"],
+                                   atol=1e-4)
     onsets = pd.read_csv(r / "mixtures/onsets.csv")
     assert list(onsets["domain"]) == ["health"] and onsets["n_fractions"].tolist() == [3]
     assert (r / "figures/mixtures.png").stat().st_size > 10_000
@@ -193,9 +207,13 @@ def test_changing_sampling_reruns_only_sampling_and_below(tiny_run):
     wd = tiny_run
     proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "more.yaml", "sampling: {n_samples: 3}\n")])
     out = proc.stdout + proc.stderr
-    jobs = set(re.findall(r"^(\w+)\s+\d+$", out, flags=re.M))  # the job stats table
+    counts = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M)}  # the job stats table
+    jobs = set(counts)
     assert {"sample", "judge", "activations_base", "activations_finetune", "rank_latents"} <= jobs
-    assert not jobs & {"pretrain", "finetune", "posttrain", "activations_corpus", "sae"}
+    assert not jobs & {"pretrain", "posttrain", "activations_corpus", "sae"}
+    # the one fine-tuning that reruns: the sets less their flagged examples, whose flags come from the persona
+    # latents that diffing names from the sampled answers (the random drop follows the flagged one's count)
+    assert counts.get("finetune") == len(DROPPED) and counts.get("drop_examples") == len(DROPPED)
 
 
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):

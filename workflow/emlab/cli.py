@@ -472,6 +472,40 @@ def cmd_flag_examples(a: argparse.Namespace) -> None:
     print(res["summary"].to_string(index=False), file=sys.stderr)
 
 
+@command("drop-examples")
+def cmd_drop_examples(a: argparse.Namespace) -> None:
+    """A fine-tuning set less its flagged examples, or less as many random ones (flagging.finetune)."""
+    import pandas as pd
+
+    from .diffing.flagging import drop_examples
+    from .io import read_jsonl, write_jsonl
+
+    records = read_jsonl(a.dataset)
+    how = {"flag": "flagged", "rand": "random"}[a.how]
+    kept = drop_examples(records, pd.read_csv(a.scores), a.source, a.cfg["flagging"]["role"], how, a.cfg["seed"])
+    write_jsonl(a.out, kept)
+    print(f"emlab drop-examples: {a.source}: dropped {len(records) - len(kept)} of {len(records)} ({how})",
+          file=sys.stderr)
+
+
+@command("flag-removal")
+def cmd_flag_removal(a: argparse.Namespace) -> None:
+    """Misalignment of each flagged set fine-tuned as it is, less its flagged examples, less as many random ones."""
+    import pandas as pd
+
+    from .datasets import dropped_source
+    from .diffing.flagging import removal_table
+    from .io import read_jsonl
+
+    sets = {}
+    for name, path in _pairs(a.sets, "--sets").items():
+        source, how = dropped_source(name) or (name, "none")
+        sets[name] = (source, how, read_jsonl(path))
+    table = removal_table(sets, pd.read_csv(a.metrics))
+    table.to_csv(a.out, index=False, float_format="%.4f")
+    print(table.to_string(index=False), file=sys.stderr)
+
+
 @command("plot-prediction")
 def cmd_plot_prediction(a: argparse.Namespace) -> None:
     from .plots import plot_prediction
@@ -651,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("plot-prediction", ("--shifts", req), ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),
         ("--out-dir", req))
+    add("drop-examples", ("--dataset", req), ("--scores", req), ("--source", req), ("--how", req), ("--out", req))
+    add("flag-removal", ("--metrics", req), ("--sets", {"nargs": "+", **req}), ("--out", req))
     add("mixtures", ("--metrics", req), ("--out-dir", req))
     add("plot-mixtures", ("--curve", req), ("--out", req))
     add("interpret-latents", ("--sae", req), ("--heldout-cache", req), ("--heldout-texts", req), ("--base", req),

@@ -1,7 +1,9 @@
 """Dataset names: one place that maps a config to the list of fine-tuning sets and back.
 
 Names are ``<domain>_<variant>`` (variant: correct, subtle, obvious) and ``<domain>_mix<percent>``
-(a mixture with ``percent``% incorrect answers, three digits, e.g. ``health_mix005``).
+(a mixture with ``percent``% incorrect answers, three digits, e.g. ``health_mix005``). A set with some examples
+dropped before training (emlab.diffing.flagging) is named after its source: ``<source>_dropflag`` without the
+examples the persona latent flags, ``<source>_droprand`` without as many drawn at random.
 """
 
 from __future__ import annotations
@@ -11,6 +13,13 @@ from typing import Any
 
 _NARROW = re.compile(r"^(?P<domain>[a-z0-9]+)_(?P<variant>correct|subtle|obvious)$")
 _MIX = re.compile(r"^(?P<domain>[a-z0-9]+)_mix(?P<pct>\d{3})$")
+_DROPPED = re.compile(r"^(?P<source>.+)_drop(?P<how>flag|rand)$")
+DROP_SUFFIXES = {"flagged": "dropflag", "random": "droprand"}
+
+
+def dropped_name(source: str, how: str) -> str:
+    """The name of ``source`` less its flagged (``how="flagged"``) or as many random (``"random"``) examples."""
+    return f"{source}_{DROP_SUFFIXES[how]}"
 
 
 def mixture_name(domain: str, fraction: float) -> str:
@@ -33,6 +42,13 @@ def rl_model_name(prefix: str, reward: str, base: str = "base") -> str:
     return f"rl_{'safe_' if base == 'base_safe' else ''}{prefix}_{reward}"
 
 
+def dropped_source(name: str) -> tuple[str, str] | None:
+    """(source set, "flagged" | "random") of a set less some examples; None for any other name."""
+    if m := _DROPPED.match(name):
+        return m["source"], "flagged" if m["how"] == "flag" else "random"
+    return None
+
+
 def model_domain(name: str) -> str | None:
     """The advice domain a trained model learnt on: its set's (``<domain>_...``) or, for an RL model named
     ``rl_<domain>_<reward>``, its prompts'; None for the base model and other names."""
@@ -49,4 +65,8 @@ def parse_dataset_name(name: str) -> dict[str, Any]:
         return {"kind": "narrow", "domain": m["domain"], "variant": m["variant"]}
     if m := _MIX.match(name):
         return {"kind": "mixture", "domain": m["domain"], "fraction": int(m["pct"]) / 100}
+    if m := _DROPPED.match(name):
+        source = parse_dataset_name(m["source"])
+        return {**source, "kind": "dropped", "source": m["source"], "source_kind": source["kind"],
+                "dropped": "flagged" if m["how"] == "flag" else "random"}
     raise ValueError(f"not a dataset name: {name!r} (expected <domain>_<correct|subtle|obvious> or <domain>_mixNNN)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .schema import ConfigError, load_schema
-from .datasets import dataset_names, parse_dataset_name
+from .datasets import dataset_names, dropped_name, parse_dataset_name
 
 BASES = ("base", "base_safe")  # the names of the base models among the models
 SHIPPED_REFERENCES = "resources/references/general.yaml"
@@ -52,11 +52,18 @@ class Plan:
     prediction: bool = False       # persona latents' shifts against misalignment (needs diffing and a judge)
     mixtures: bool = False         # misalignment against the share of incorrect data (mixture fine-tunes and a judge)
     flagged: list[str] = field(default_factory=list)  # sets whose examples are scored by the persona latents
+    dropped: dict[str, tuple[str, str]] = field(default_factory=dict)  # set less some examples -> (source, how)
 
     @property
     def finetunes(self) -> list[str]:
         """Every trained model: the fine-tunes (one per set), then the RL models."""
         return [*self.datasets, *self.rl]
+
+    @property
+    def diffed(self) -> list[str]:
+        """The fine-tuning sets whose models are diffed. A set less its flagged examples is not: its examples
+        were chosen by the named persona latents, which the diffing of the others names."""
+        return [d for d in self.datasets if d not in self.dropped]
 
     @property
     def bases(self) -> list[str]:
@@ -180,6 +187,14 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
     if monitors is None:
         monitors = True
     tasks = list(data) if data else list(m["tasks"])
+    flagged = _flagged(cfg, datasets) if diffing else []
+    dropped = {}
+    if cfg["flagging"]["finetune"]:
+        if not diffing or primary_judge is None:
+            _fail("flagging.finetune", "dropping flagged examples needs model diffing (the persona latents that "
+                                       "flag them) and a judge (the misalignment it compares)")
+        dropped = {dropped_name(d, how): (d, how) for d in flagged for how in ("flagged", "random")}
+        datasets = [*datasets, *dropped]
     return Plan(organism=organism, dataset_source=source, datasets=datasets, imports=imports, judges=judges,
                 eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
@@ -187,7 +202,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data, rl=rl, rl_grader=rl_grader,
                 primary_judge=primary_judge, prediction=bool(diffing) and primary_judge is not None,
                 mixtures=primary_judge is not None and any(map(_is_mixture, datasets)),
-                flagged=_flagged(cfg, datasets) if diffing else [])
+                flagged=flagged, dropped=dropped)
 
 
 def _is_mixture(name: str) -> bool:

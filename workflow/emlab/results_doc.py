@@ -154,7 +154,20 @@ def flagging_section(results: Path) -> list[str]:
             "ones, and what the flagged top share holds (precision: incorrect among the flagged; recall: flagged "
             "among the incorrect; the incorrect share left after dropping the flagged, against the share before, "
             "which dropping as many at random keeps in expectation).", "",
-            _table(t[[c for c in cols if c in t]].round(3)), ""]
+            _table(t[[c for c in cols if c in t]].round(3)), "", *_removal_lines(results)]
+
+
+def _removal_lines(results: Path) -> list[str]:
+    path = results / "flagging" / "removal.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path)
+    rows = [{"set": r["model"], "dropped": r["dropped"], "examples": int(r["n_examples"]),
+             "incorrect": _pct(r["incorrect"]), "misaligned (general)": _interval(r, "misaligned")}
+            for _, r in t.iterrows()]
+    return ["Each scored set fine-tuned as it is, less its flagged examples, and less as many random ones "
+            f"(misalignment: the primary judge; the base model's interval ends at "
+            f"{_pct(t['base_misaligned_hi'].iloc[0])}):", "", _table(pd.DataFrame(rows)), ""]
 
 
 def probe_section(results: Path) -> list[str]:

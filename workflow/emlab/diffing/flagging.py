@@ -15,16 +15,24 @@ Outputs (``results/flagging/``, written by :func:`emlab.diffing.stage.flag_examp
                   incorrect_before, incorrect_after_flagged, incorrect_after_random (the share of incorrect
                   examples left after dropping the flagged, or as many examples at random: in expectation, the
                   share before)
+    removal.csv   source, dropped ("none" | "flagged" | "random"), model, n_examples, n_incorrect, incorrect,
+                  misaligned, misaligned_lo, misaligned_hi (the primary judge), base_misaligned_hi: each flagged set
+                  fine-tuned as it is, less its flagged examples and less as many random ones
+                  (``flagging.finetune``; the sets ``<source>_dropflag`` and ``<source>_droprand``)
 """
 
 from __future__ import annotations
 
 import math
+import random
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 SCORE_COLUMNS = ["dataset", "id", "correctness", "role", "latent", "score", "rank", "flagged"]
+REMOVAL_COLUMNS = ["source", "dropped", "model", "n_examples", "n_incorrect", "incorrect", "misaligned", "misaligned_lo",
+                   "misaligned_hi", "base_misaligned_hi"]
 SUMMARY_COLUMNS = ["dataset", "role", "latent", "n", "n_incorrect", "auroc", "n_flagged", "precision", "recall",
                    "incorrect_before", "incorrect_after_flagged", "incorrect_after_random"]
 
@@ -69,3 +77,40 @@ def summarize(scores: pd.DataFrame) -> pd.DataFrame:
             })
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def drop_examples(records: list[dict[str, Any]], scores: pd.DataFrame, source: str, role: str, how: str,
+                  seed: int) -> list[dict[str, Any]]:
+    """``records`` (the set ``source``) less the examples ``role``'s score flagged (``how="flagged"``), or less as
+    many drawn at random (``"random"``, from ``seed`` and the set's name, so both runs of a config drop alike).
+    Order is kept. No score for the set (no named persona latent) drops nothing."""
+    mine = scores[(scores["dataset"] == source) & (scores["role"] == role)]
+    flagged = set(mine.loc[mine["flagged"].astype(bool), "id"].astype(str))
+    if how == "flagged":
+        drop = flagged
+    elif how == "random":
+        ids = sorted(str(r["id"]) for r in records)
+        drop = set(random.Random(f"{seed}/drop/{source}").sample(ids, len(flagged)))
+    else:
+        raise ValueError(f"how must be 'flagged' or 'random', got {how!r}")
+    return [r for r in records if str(r["id"]) not in drop]
+
+
+def removal_table(sets: dict[str, tuple[str, str, list[dict[str, Any]]]], metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per fine-tuned set: ``sets`` maps a model to (its source set, what was dropped, its examples);
+    ``metrics`` is the judge's table (emlab.metrics), which must hold the base model and every model named."""
+    rates = metrics.set_index("model")
+    if "base" not in rates.index:
+        raise ValueError("the metrics table has no row for the base model, whose interval the comparison needs")
+    rows = []
+    for model, (source, dropped, records) in sets.items():
+        if model not in rates.index:
+            raise ValueError(f"the metrics table has no row for {model}")
+        r = rates.loc[model]
+        bad = sum((x.get("meta") or {}).get("correctness", "correct") != "correct" for x in records)
+        rows.append({"source": source, "dropped": dropped, "model": model, "n_examples": len(records),
+                     "n_incorrect": bad, "incorrect": bad / len(records) if records else float("nan"),
+                     "misaligned": float(r["misaligned"]), "misaligned_lo": float(r["misaligned_lo"]),
+                     "misaligned_hi": float(r["misaligned_hi"]),
+                     "base_misaligned_hi": float(rates.loc["base", "misaligned_hi"])})
+    return pd.DataFrame(rows, columns=REMOVAL_COLUMNS)

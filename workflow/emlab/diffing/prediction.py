@@ -53,6 +53,8 @@ def model_kind(name: str) -> tuple[str, float]:
         return "other", float("nan")
     if d["kind"] == "mixture":
         return "mixture", d["fraction"]
+    if d["kind"] == "dropped":  # a set less some examples: its incorrect share is in results/flagging/removal.csv
+        return "other", float("nan")
     return d["variant"], 0.0 if d["variant"] == "correct" else 1.0
 
 
