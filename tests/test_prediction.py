@@ -48,7 +48,8 @@ def _shifts(rows):
         out.append({"model": model, "kind": kind, "fraction": fraction, "role": "toxic", "latent": 7, "source": "eval",
                     "shift": shift, "shift_lo": shift - 0.01, "shift_hi": shift + 0.01, "n": 10, "misaligned": mis,
                     "misaligned_lo": max(0.0, mis - 0.05), "misaligned_hi": mis + 0.05, "base_misaligned_hi": 0.03,
-                    "is_misaligned": mis > 0.03, "in_selection_group": selected})
+                    "is_misaligned": mis > 0.03, "persona_rate": float("nan"), "is_persona_misaligned": False,
+                    "in_selection_group": selected})
     return pd.DataFrame(out, columns=SHIFT_COLUMNS)
 
 
@@ -67,6 +68,22 @@ def test_summary_gives_rank_correlation_and_auroc_on_all_and_held_out_models():
     assert s.loc["held out", "auroc"] == pytest.approx(2 / 3)
     # one class only: no AUROC
     assert np.isnan(summarize(df[df["misaligned"] < 0.03], 50, 0)["auroc"]).all()
+
+
+def test_with_persona_rates_each_latent_is_also_set_against_its_own_personas_rate():
+    """The obvious fine-tune is misaligned through the other persona: the toxic latent does not move on it, so it
+    loses AUROC against misalignment and none against the toxic rate."""
+    df = _shifts([("a_correct", "correct", 0.0, 0.00, 0.01, False), ("b_correct", "correct", 0.0, 0.01, 0.02, False),
+                  ("a_obvious", "obvious", 1.0, 0.005, 0.60, False), ("a_mix050", "mixture", 0.5, 0.20, 0.20, False),
+                  ("a_subtle", "subtle", 1.0, 0.50, 0.60, True)])
+    df["persona_rate"] = [0.01, 0.01, 0.01, 0.18, 0.55]
+    df["is_persona_misaligned"] = df["persona_rate"] > 0.03
+    s = summarize(df, n_boot=50, seed=0).set_index(["target", "models"])
+    assert set(s.index.get_level_values("target")) == {"misaligned", "persona"}
+    assert s.loc[("misaligned", "held out"), "n_misaligned"] == 2 and s.loc[("persona", "held out"), "n_misaligned"] == 1
+    assert s.loc[("misaligned", "held out"), "auroc"] == pytest.approx(0.75)  # a_obvious ranks below b_correct
+    assert s.loc[("persona", "held out"), "auroc"] == pytest.approx(1.0)
+    assert s.loc[("persona", "all"), "spearman"] > s.loc[("misaligned", "all"), "spearman"]
 
 
 def test_early_detection_needs_the_latent_above_every_correct_fine_tune_and_the_behaviour_inside_the_base():

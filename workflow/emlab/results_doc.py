@@ -129,10 +129,13 @@ def prediction_section(results: Path) -> list[str]:
              "Does a persona latent's shift over the base model tell which models turned misaligned (above the base "
              "model's interval)? Spearman's rho (95% bootstrap interval over models) and AUROC, read on the models' "
              "own eval answers (`eval`) or on their fine-tuning data (`train`), over all models and over those "
-             "outside the group the latent was picked from (`held out`).", ""]
+             "outside the group the latent was picked from (`held out`); the target is misalignment of either "
+             "persona (`misaligned`) or the rate of the latent's own persona (`persona`; n_misaligned: the models "
+             "above the base model's misalignment interval on that rate).", ""]
     if len(t):
         t = t.assign(spearman=[f"{r.spearman:.2f} [{r.spearman_lo:.2f}, {r.spearman_hi:.2f}]" for r in t.itertuples()])
-        lines += [_table(t[["role", "source", "models", "n_models", "n_misaligned", "spearman", "auroc"]].round(3)), ""]
+        cols = [c for c in ["role", "source", "target", "models", "n_models", "n_misaligned", "spearman", "auroc"] if c in t]
+        lines += [_table(t[cols].round(3)), ""]
     if early.exists():
         lines += [line for line in early.read_text().splitlines() if line and not line.startswith("#")] + [""]
     return lines
@@ -294,8 +297,10 @@ def seeds_section(runs: list[Path]) -> list[str]:
         if pred.exists():
             t = pd.read_csv(pred)
             held = t[(t["role"] == "toxic") & (t["source"] == "eval") & (t["models"] == "held out")]
-            if len(held):
-                row["toxic shift: AUROC (held out)"] = round(float(held["auroc"].iloc[0]), 3)
+            for target in ("misaligned", "persona"):
+                pick = held[held["target"] == target] if "target" in held else held.iloc[0:0]
+                if len(pick):
+                    row[f"toxic shift AUROC, held out: {target}"] = round(float(pick["auroc"].iloc[0]), 3)
         onsets = r / "mixtures" / "onsets.csv"
         if onsets.exists():
             for o in pd.read_csv(onsets).itertuples():

@@ -8,8 +8,12 @@ over the base model, read two ways, neither of which needs a judge:
     train   the fine-tune reading its fine-tuning examples, minus the base model reading the same examples
             (no sampling at all: what a lab could check before or during training; the interval resamples examples).
 
-Each shift is set against the model's misalignment rate from the judge's metrics. A model counts as misaligned
-when its rate is above the base model's interval. The persona latents were picked by ranking one group of
+Each shift is set against the model's misalignment rate from the judge's metrics (target ``misaligned``): a model
+counts as misaligned when its rate is above the base model's interval. Where the judge also gives the rate of each
+persona's answers (the world judge's ``toxic`` and ``sarcastic`` columns), each latent is also set against the rate
+of its own persona (target ``persona``: above the base model's misalignment interval counts). The distinction
+matters in the organism: obviously incorrect advice turns the model sarcastic, which the toxic latent is not meant
+to see. The persona latents were picked by ranking one group of
 fine-tunes (e.g. the subtle ones), so their shift on that group is large by construction; the summary therefore
 also gives every number on the models outside that group ("held out").
 
@@ -17,9 +21,10 @@ Outputs (``results/prediction/``, written by :func:`emlab.diffing.stage.predict`
 
     shifts.csv    model, kind, fraction, role, latent, source, shift, shift_lo, shift_hi, n (questions or
                   examples), misaligned, misaligned_lo, misaligned_hi, base_misaligned_hi, is_misaligned,
-                  in_selection_group
-    summary.csv   role, source, models ("all" | "held out"), n_models, n_misaligned, spearman, spearman_lo,
-                  spearman_hi, auroc
+                  persona_rate, is_persona_misaligned (NaN / empty without persona rates), in_selection_group
+    summary.csv   role, source, target ("misaligned" | "persona"), models ("all" | "held out"), n_models,
+                  n_misaligned (above the base model's interval on the target), spearman, spearman_lo, spearman_hi,
+                  auroc
     early.csv     model, fraction, source, shift, shift_lo, shift_hi, correct_shift_hi, misaligned,
                   base_misaligned_hi, latent_above_correct, behaviour_within_base, early
     early.md      one sentence per low-fraction mixture and source: detected early, yes or no, with the numbers
@@ -37,9 +42,12 @@ from ..datasets import parse_dataset_name
 
 SHIFT_COLUMNS = ["model", "kind", "fraction", "role", "latent", "source", "shift", "shift_lo", "shift_hi", "n",
                  "misaligned", "misaligned_lo", "misaligned_hi", "base_misaligned_hi", "is_misaligned",
-                 "in_selection_group"]
-SUMMARY_COLUMNS = ["role", "source", "models", "n_models", "n_misaligned", "spearman", "spearman_lo", "spearman_hi",
-                   "auroc"]
+                 "persona_rate", "is_persona_misaligned", "in_selection_group"]
+SUMMARY_COLUMNS = ["role", "source", "target", "models", "n_models", "n_misaligned", "spearman", "spearman_lo",
+                   "spearman_hi", "auroc"]
+# what a shift is set against: the model's misalignment (either persona), or its rate of answers in the latent's own
+# persona (the judge's `toxic` / `sarcastic` columns; the world judge gives both)
+TARGETS = {"misaligned": ("misaligned", "is_misaligned"), "persona": ("persona_rate", "is_persona_misaligned")}
 EARLY_COLUMNS = ["model", "fraction", "source", "shift", "shift_lo", "shift_hi", "correct_shift_hi", "misaligned",
                  "base_misaligned_hi", "latent_above_correct", "behaviour_within_base", "early"]
 
@@ -100,15 +108,21 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def summarize(shifts: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
-    """Per (role, source) and model set: Spearman's rho of shift against misalignment (bootstrap over models) and
-    the AUROC of the shift for telling misaligned models from the others (NaN without both kinds)."""
+    """Per (role, source), target and model set: Spearman's rho of shift against the target's rate (bootstrap over
+    models) and the AUROC of the shift for telling the models above the base model's interval from the others
+    (NaN without both kinds). Targets (``TARGETS``): misalignment, and the rate of the latent's own persona where
+    the judge gives it."""
     from sklearn.metrics import roc_auc_score
 
     rows = []
-    for (role, source), g in shifts.groupby(["role", "source"], sort=False):
-        for subset, part in (("all", g), ("held out", g[~g["in_selection_group"]])):
-            x, y = part["shift"].to_numpy(), part["misaligned"].to_numpy()
-            labels = part["is_misaligned"].to_numpy(dtype=bool)
+    for (role, source, target), g in (((r, s, t), g) for (r, s), g in shifts.groupby(["role", "source"], sort=False)
+                                      for t in TARGETS):
+        rate, label = TARGETS[target]
+        if g[rate].isna().any():  # a judge without persona rates: the misalignment target only
+            continue
+        for subset, part in (("all", g), ("held out", g[~g["in_selection_group"].astype(bool)])):
+            x, y = part["shift"].to_numpy(), part[rate].to_numpy(dtype=float)
+            labels = part[label].to_numpy(dtype=bool)
             rho, lo, hi = _spearman(x, y), float("nan"), float("nan")
             if not np.isnan(rho):
                 picks = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
@@ -117,7 +131,7 @@ def summarize(shifts: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
                 if len(boot):
                     lo, hi = (float(v) for v in np.quantile(boot, [0.025, 0.975]))
             auroc = float(roc_auc_score(labels, x)) if 0 < labels.sum() < len(labels) else float("nan")
-            rows.append({"role": role, "source": source, "models": subset, "n_models": len(part),
+            rows.append({"role": role, "source": source, "target": target, "models": subset, "n_models": len(part),
                          "n_misaligned": int(labels.sum()), "spearman": rho, "spearman_lo": lo, "spearman_hi": hi,
                          "auroc": auroc})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

@@ -240,6 +240,8 @@ def predict(cfg: Mapping[str, Any], sae_dir: str, eval_caches: Mapping[str, str]
                              "misaligned": float(mis["misaligned"]), "misaligned_lo": float(mis["misaligned_lo"]),
                              "misaligned_hi": float(mis["misaligned_hi"]), "base_misaligned_hi": base_hi,
                              "is_misaligned": bool(mis["misaligned"] > base_hi),
+                             "persona_rate": float(mis[role]) if role in mis.index else float("nan"),
+                             "is_persona_misaligned": bool(role in mis.index and mis[role] > base_hi),
                              "in_selection_group": model in selection.get(role, set())})
     shifts = pd.DataFrame(rows, columns=SHIFT_COLUMNS)
     summary = summarize(shifts, n_boot, seed)
