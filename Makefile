@@ -7,7 +7,7 @@ CORES ?= all
 # TORCH_SPEC to the CUDA build you want (see README, "Quick start").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench report results-doc seeds rl-seeds models smollm2 gemma3 clean
+.PHONY: setup run test test-fast bench report results-doc seeds rl-seeds paper models smollm2 gemma3 clean
 
 $(VENV)/.emlab-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -79,6 +79,13 @@ rl-seeds: $(VENV)/.emlab-test-installed
 	set -e; for s in $(RL_SEEDS); do \
 	  EMLAB_CHECK_RL=results/organism-rl/seed$$s $(PY) -m pytest -q -s -p no:xdist tests/test_rl_results.py; \
 	done
+
+# The organism at the papers' scale (configs/organism-paper.yaml; about 30 minutes on 2 cores) and
+# docs/results-paper.md written from it.
+paper: $(VENV)/.emlab-test-installed
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-paper.yaml
+	$(PY) -m emlab results-doc --results results/organism-paper --out docs/results-paper.md \
+	  --configfile config.yaml configs/organism-paper.yaml
 
 models: $(VENV)/.emlab-models-installed
 
