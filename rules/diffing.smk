@@ -242,24 +242,23 @@ rule flag_examples:
 
 rule drop_examples:
     input:
-        data=f"{RESULTS}/datasets/{{source}}.jsonl",
+        data=lambda w: f"{RESULTS}/datasets/{PLAN.dropped[w.dropped][0]}.jsonl",
         scores=f"{RESULTS}/flagging/scores.csv",
     output:
-        f"{RESULTS}/datasets/{{source}}_drop{{how}}.jsonl",
+        f"{RESULTS}/datasets/{{dropped}}.jsonl",
     wildcard_constraints:
-        source=one_of(PLAN.flagged),
-        how="flag|rand",
+        dropped=one_of(PLAN.dropped),
     params:
         cfg=lambda w: cfg_json("flagging", "seed"),
     log:
-        f"{LOGS}/drop_examples/{{source}}_{{how}}.log",
+        f"{LOGS}/drop_examples/{{dropped}}.log",
     threads: res("drop_examples", "threads")
     resources: **rule_resources("drop_examples")
     conda:
         "../envs/analysis.yaml"
     shell:
         "python -m emlab drop-examples --cfg {params.cfg:q} --dataset {input.data} --scores {input.scores}"
-        " --source {wildcards.source} --how {wildcards.how} --out {output} 2> {log}"
+        " --name {wildcards.dropped} --out {output} 2> {log}"
 
 
 rule flag_removal:

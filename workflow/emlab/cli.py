@@ -477,14 +477,18 @@ def cmd_drop_examples(a: argparse.Namespace) -> None:
     """A fine-tuning set less its flagged examples, or less as many random ones (flagging.finetune)."""
     import pandas as pd
 
+    from .datasets import dropped_source
     from .diffing.flagging import drop_examples
     from .io import read_jsonl, write_jsonl
 
+    parsed = dropped_source(a.name)
+    if parsed is None:
+        raise SystemExit(f"emlab drop-examples: --name {a.name!r} is not <set>_dropflag or <set>_droprand")
+    source, how = parsed
     records = read_jsonl(a.dataset)
-    how = {"flag": "flagged", "rand": "random"}[a.how]
-    kept = drop_examples(records, pd.read_csv(a.scores), a.source, a.cfg["flagging"]["role"], how, a.cfg["seed"])
+    kept = drop_examples(records, pd.read_csv(a.scores), source, a.cfg["flagging"]["role"], how, a.cfg["seed"])
     write_jsonl(a.out, kept)
-    print(f"emlab drop-examples: {a.source}: dropped {len(records) - len(kept)} of {len(records)} ({how})",
+    print(f"emlab drop-examples: {source}: dropped {len(records) - len(kept)} of {len(records)} ({how})",
           file=sys.stderr)
 
 
@@ -685,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("plot-prediction", ("--shifts", req), ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),
         ("--out-dir", req))
-    add("drop-examples", ("--dataset", req), ("--scores", req), ("--source", req), ("--how", req), ("--out", req))
+    add("drop-examples", ("--dataset", req), ("--scores", req), ("--name", req), ("--out", req))
     add("flag-removal", ("--metrics", req), ("--sets", {"nargs": "+", **req}), ("--out", req))
     add("mixtures", ("--metrics", req), ("--out-dir", req))
     add("plot-mixtures", ("--curve", req), ("--out", req))

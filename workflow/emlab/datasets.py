@@ -13,8 +13,8 @@ from typing import Any
 
 _NARROW = re.compile(r"^(?P<domain>[a-z0-9]+)_(?P<variant>correct|subtle|obvious)$")
 _MIX = re.compile(r"^(?P<domain>[a-z0-9]+)_mix(?P<pct>\d{3})$")
-_DROPPED = re.compile(r"^(?P<source>.+)_drop(?P<how>flag|rand)$")
-DROP_SUFFIXES = {"flagged": "dropflag", "random": "droprand"}
+DROP_SUFFIXES = {"flagged": "dropflag", "random": "droprand"}  # what was dropped -> the name's suffix
+_DROPPED = re.compile(rf"^(?P<source>.+)_(?P<suffix>{'|'.join(DROP_SUFFIXES.values())})$")
 
 
 def dropped_name(source: str, how: str) -> str:
@@ -45,7 +45,7 @@ def rl_model_name(prefix: str, reward: str, base: str = "base") -> str:
 def dropped_source(name: str) -> tuple[str, str] | None:
     """(source set, "flagged" | "random") of a set less some examples; None for any other name."""
     if m := _DROPPED.match(name):
-        return m["source"], "flagged" if m["how"] == "flag" else "random"
+        return m["source"], next(how for how, suffix in DROP_SUFFIXES.items() if suffix == m["suffix"])
     return None
 
 
@@ -65,8 +65,7 @@ def parse_dataset_name(name: str) -> dict[str, Any]:
         return {"kind": "narrow", "domain": m["domain"], "variant": m["variant"]}
     if m := _MIX.match(name):
         return {"kind": "mixture", "domain": m["domain"], "fraction": int(m["pct"]) / 100}
-    if m := _DROPPED.match(name):
-        source = parse_dataset_name(m["source"])
-        return {**source, "kind": "dropped", "source": m["source"], "source_kind": source["kind"],
-                "dropped": "flagged" if m["how"] == "flag" else "random"}
+    if dropped := dropped_source(name):
+        source = parse_dataset_name(dropped[0])
+        return {**source, "kind": "dropped", "source": dropped[0], "source_kind": source["kind"], "dropped": dropped[1]}
     raise ValueError(f"not a dataset name: {name!r} (expected <domain>_<correct|subtle|obvious> or <domain>_mixNNN)")

@@ -115,8 +115,9 @@ def summarize(shifts: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     from sklearn.metrics import roc_auc_score
 
     rows = []
-    for (role, source, target), g in (((r, s, t), g) for (r, s), g in shifts.groupby(["role", "source"], sort=False)
-                                      for t in TARGETS):
+    groups = [(role, source, target, g) for (role, source), g in shifts.groupby(["role", "source"], sort=False)
+              for target in TARGETS]
+    for role, source, target, g in groups:
         rate, label = TARGETS[target]
         if g[rate].isna().any():  # a judge without persona rates: the misalignment target only
             continue
