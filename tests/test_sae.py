@@ -264,20 +264,34 @@ def test_config_errors_name_the_key():
     assert SAETrainConfig.from_dict({"k": 8, "lr": 1}).lr == 1
     with pytest.raises(SAEConfigError, match=r"sae\.train: unknown key\(s\) \['kk'\]"):
         SAETrainConfig.from_dict({"kk": 8})
-    with pytest.raises(SAEConfigError, match=r"sae\.train\.k must be of type int"):
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.k: 8\.5 is not of type 'integer'"):
         SAETrainConfig.from_dict({"k": 8.5})
-    with pytest.raises(SAEConfigError, match=r"sae\.train\.normalize_activations must be of type bool"):
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.normalize_activations: 'yes' is not of type 'boolean'"):
         SAETrainConfig.from_dict({"normalize_activations": "yes"})
-    with pytest.raises(SAEConfigError, match=r"sae\.train\.cuda_graphs must be of type bool"):
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.cuda_graphs: 'yes' is not of type 'boolean'"):
         SAETrainConfig.from_dict({"cuda_graphs": "yes"})
-    with pytest.raises(SAEConfigError, match=r"sae\.train\.tf32 must be of type bool"):
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.tf32: 'no' is not of type 'boolean'"):
         SAETrainConfig.from_dict({"tf32": "no"})
-    with pytest.raises(SAEConfigError, match=r"sae\.train\.normalize_grad must be of type bool"):
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.normalize_grad: 1 is not of type 'boolean'"):
         SAETrainConfig.from_dict({"normalize_grad": 1})
     with pytest.raises(SAEConfigError, match=r"sae\.train\.k=80 exceeds sae\.train\.n_latents=64"):
         SAETrainConfig.from_dict({"k": 80, "n_latents": 64})
-    with pytest.raises(SAEConfigError, match=r"sae\.train\.batch_tokens must be > 0"):
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.batch_tokens: 0 is less than the minimum of 1"):
         SAETrainConfig.from_dict({"batch_tokens": 0})
+    # built directly, as a library caller does, it is checked the same way
+    with pytest.raises(SAEConfigError, match=r"sae\.train\.lr_decay_frac: 1\.5 is greater than the maximum of 1"):
+        SAETrainConfig(lr_decay_frac=1.5)
+
+
+def test_config_fields_are_the_schemas_keys():
+    from dataclasses import fields
+
+    from emlab.schema import schema_section
+
+    spec = schema_section("sae", "train")["properties"]
+    cfg = SAETrainConfig()
+    assert [f.name for f in fields(cfg)] == [*spec, "seed", "device"]
+    assert all(getattr(cfg, name) == s["default"] for name, s in spec.items())
 
 
 # --- training end to end ------------------------------------------------------------------

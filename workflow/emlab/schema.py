@@ -22,13 +22,13 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
-def schema_defaults(*path: str) -> dict[str, Any]:
-    """The ``default`` of every property of the object section at ``path`` (e.g. ``("sae", "train")``): for a
-    library class whose defaults are the workflow's, so that both read them from the one place."""
+def schema_section(*path: str) -> dict[str, Any]:
+    """The schema of the object section at ``path`` (e.g. ``("sae", "train")``): for a library class whose keys,
+    types and defaults are the workflow's, so that both read them from the one place."""
     node = load_schema()
     for key in path:
         node = node["properties"][key]
-    return {name: sub["default"] for name, sub in node["properties"].items() if "default" in sub}
+    return node
 
 
 def option(cfg: dict[str, Any], key: str, default: Any = ..., *, where: str, error: type[Exception] = ConfigError,

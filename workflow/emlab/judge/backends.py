@@ -23,6 +23,7 @@ from emlab.io import read_jsonl, write_json, write_jsonl
 from emlab.judge.cache import JudgeCache, plan_jobs, resolve_from_cache
 from emlab.judge.rubrics import Rubric, grade_fields, load_rubric
 from emlab.judge.schema import GRADE_FIELDS, grade_row
+from emlab.judge.summary import RunStats
 from emlab.schema import ConfigError, option
 
 BACKEND_MODULES = {
@@ -68,6 +69,20 @@ def rubric_for(cfg: dict[str, Any]) -> Rubric:
         if bad:
             raise JudgeConfigError(f"{rubric.path}: metrics {bad} are not fields of the grades schema")
     return rubric
+
+
+def start_run(samples: list[dict[str, Any]], judge_cfg: dict[str, Any], settings_type: Any,
+              backend: str) -> tuple[Any, Rubric, RunStats]:
+    """What a model-asking backend does before it grades: check the samples, read its settings (``settings_type``'s
+    ``from_cfg``) and its rubric, and open the run's summary (with the settings' prices where it has them)."""
+    check_samples(samples)
+    settings = settings_type.from_cfg(judge_cfg)
+    rubric = rubric_for(judge_cfg)
+    stats = RunStats(judge=settings.name, backend=backend, rubric=rubric.name, rubric_version=rubric.version,
+                     model=settings.model, samples=len(samples),
+                     price_per_1k_input=getattr(settings, "price_per_1k_input", None),
+                     price_per_1k_output=getattr(settings, "price_per_1k_output", None))
+    return settings, rubric, stats
 
 
 def grade_rows(samples: list[dict[str, Any]], per_sample: list[list[str]], jobs: dict[str, Any], rubric: Rubric,

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emlab.judge.backends import JudgeConfigError, check_samples, grade_through_cache, judge_option, rubric_for
+from emlab.judge.backends import JudgeConfigError, grade_through_cache, judge_option, start_run
 from emlab.judge.cache import cache_key
 from emlab.judge.rubrics import Rubric, parse_answer_tag, parse_score_token, weighted_score
-from emlab.judge.summary import RunStats
 
 log = logging.getLogger("emlab.judge")
 
@@ -237,11 +236,7 @@ def grade_with_summary(samples: list[dict[str, Any]], judge_cfg: dict[str, Any],
                        progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    check_samples(samples)
-    s = Settings.from_cfg(judge_cfg)
-    rubric = rubric_for(judge_cfg)
-    stats = RunStats(judge=s.name, backend=BACKEND, rubric=rubric.name, rubric_version=rubric.version,
-                     model=s.model, samples=len(samples))
+    s, rubric, stats = start_run(samples, judge_cfg, Settings, BACKEND)
     if rubric.kind == "logprob_score":
         sampling = {"next_token": "full_vocabulary"}
     else:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emlab.judge.backends import JudgeConfigError, check_samples, grade_through_cache, judge_option, rubric_for
+from emlab.judge.backends import JudgeConfigError, grade_through_cache, judge_option, start_run
 from emlab.judge.cache import Job, JudgeCache
 from emlab.judge.cache import cache_key
 from emlab.judge.rubrics import Rubric, parse_answer_tag, parse_score_token, score_from_token_probs, weighted_score
@@ -239,12 +239,7 @@ def grade_with_summary(samples: list[dict[str, Any]], judge_cfg: dict[str, Any],
                        progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    check_samples(samples)
-    settings = Settings.from_cfg(judge_cfg)
-    rubric = rubric_for(judge_cfg)
-    stats = RunStats(judge=settings.name, backend=BACKEND, rubric=rubric.name, rubric_version=rubric.version,
-                     model=settings.model, samples=len(samples),
-                     price_per_1k_input=settings.price_per_1k_input, price_per_1k_output=settings.price_per_1k_output)
+    settings, rubric, stats = start_run(samples, judge_cfg, Settings, BACKEND)
     attempts = 1 + (rubric.resamples if rubric.kind == "answer_tag" else 0)
     sampling = dict(rubric.sampling)
     if rubric.kind == "logprob_score" and settings.reading() != "whole":

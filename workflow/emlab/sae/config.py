@@ -4,10 +4,10 @@ that follow from the input width (latents, learning rate, AuxK width). Its defau
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, field, make_dataclass
 from typing import Any, Mapping
 
-from ..schema import ConfigError, schema_defaults
+from ..schema import ConfigError, schema_section
 
 LR_REFERENCE_LATENTS = 2 ** 14  # the base lr is the one for 2^14 latents (sparsify's convention)
 
@@ -16,61 +16,53 @@ class SAEConfigError(ConfigError):
     """A bad SAE setting; the message names the config key."""
 
 
-# The schema (workflow/schemas/config.schema.yaml, sae.train) is the one home of these defaults and their meanings:
-# a library caller and the workflow get the same SAE from the same keys.
-_DEFAULTS = schema_defaults("sae", "train")
+# The schema (workflow/schemas/config.schema.yaml, sae.train) is the one home of these keys, their types, ranges,
+# defaults and meanings: the dataclass below is built from it, so a library caller and the workflow get the same SAE
+# from the same keys, and a key added to the schema is a field here without a second edit.
+_SCHEMA = schema_section("sae", "train")
+# Not in the schema's sae.train: the workflow passes its top-level `seed` and `device`.
+_EXTRA = {"seed": {"type": "integer", "default": 0}, "device": {"type": "string", "default": "auto"}}
+_PYTHON_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str}
 
 
-@dataclass
-class SAETrainConfig:
-    k: int = _DEFAULTS["k"]
-    n_latents: int | None = _DEFAULTS["n_latents"]
-    expansion_factor: int = _DEFAULTS["expansion_factor"]
-    batch_tokens: int = _DEFAULTS["batch_tokens"]
-    lr: float = _DEFAULTS["lr"]
-    lr_warmup_frac: float = _DEFAULTS["lr_warmup_frac"]
-    lr_decay_frac: float = _DEFAULTS["lr_decay_frac"]
-    epochs: float = _DEFAULTS["epochs"]
-    train_tokens: int | None = _DEFAULTS["train_tokens"]
-    k_aux: int | None = _DEFAULTS["k_aux"]
-    auxk_coef: float = _DEFAULTS["auxk_coef"]
-    dead_tokens_threshold: int = _DEFAULTS["dead_tokens_threshold"]
-    normalize_activations: bool = _DEFAULTS["normalize_activations"]
-    init_sample_tokens: int = _DEFAULTS["init_sample_tokens"]
-    cuda_graphs: bool = _DEFAULTS["cuda_graphs"]
-    tf32: bool = _DEFAULTS["tf32"]
-    normalize_grad: bool = _DEFAULTS["normalize_grad"]
-    # Not in the schema's sae.train: the workflow passes its top-level `seed` and `device`.
-    seed: int = 0
-    device: str = "auto"
+def _annotation(spec: Mapping[str, Any]) -> Any:
+    types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+    python = _PYTHON_TYPES[next(t for t in types if t != "null")]
+    return python | None if "null" in types else python
+
+
+def _check(values: Mapping[str, Any], where: str) -> None:
+    """``values`` against the schema's sae.train (plus seed and device); the first error names its key."""
+    from jsonschema import Draft202012Validator
+
+    schema = {**_SCHEMA, "properties": {**_SCHEMA["properties"], **_EXTRA}, "additionalProperties": False}
+    for error in sorted(Draft202012Validator(schema).iter_errors(dict(values)), key=lambda e: list(map(str, e.path))):
+        if error.validator == "additionalProperties":
+            unknown = sorted(set(values) - set(schema["properties"]))
+            raise SAEConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(schema['properties'])}")
+        key = ".".join(map(str, error.path))
+        raise SAEConfigError(f"{where}.{key}: {error.message}")
+
+
+class _SAETrainMethods:
+    """The sizes that follow from the settings and the input width, and the cross-key checks."""
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None, where: str = "sae.train") -> "SAETrainConfig":
         """Build from a config mapping; unknown keys and wrong types raise an error naming the key."""
         cfg = dict(cfg or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(cfg) - set(known))
-        if unknown:
-            raise SAEConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        for name, value in cfg.items():
-            _check_type(f"{where}.{name}", value, known[name].type)
+        _check(cfg, where)
         out = cls(**cfg)
         out.validate(where)
         return out
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self, where: str = "sae.train") -> None:
-        positive = ["k", "expansion_factor", "batch_tokens", "dead_tokens_threshold", "init_sample_tokens"]
-        for name in positive + ["n_latents", "train_tokens", "k_aux"]:
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise SAEConfigError(f"{where}.{name} must be > 0, got {v}")
+        _check(asdict(self), where)  # types and ranges, from the schema
         if self.n_latents is not None and self.k > self.n_latents:
             raise SAEConfigError(f"{where}.k={self.k} exceeds {where}.n_latents={self.n_latents}")
-        if not (self.lr > 0 and self.epochs > 0 and self.auxk_coef >= 0):
-            raise SAEConfigError(f"{where}: lr and epochs must be > 0 and auxk_coef >= 0")
-        for name in ("lr_warmup_frac", "lr_decay_frac"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise SAEConfigError(f"{where}.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr_warmup_frac + self.lr_decay_frac > 1:
             raise SAEConfigError(f"{where}: lr_warmup_frac + lr_decay_frac must be <= 1")
 
@@ -88,19 +80,10 @@ class SAETrainConfig:
         return self.k_aux if self.k_aux is not None else min(512, max(1, d_in // 2))
 
 
-def _check_type(key: str, value: Any, annotation: str) -> None:
-    ann = str(annotation)
-    if value is None:
-        if "None" not in ann:
-            raise SAEConfigError(f"{key} must not be null")
-        return
-    if ann.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif ann.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif ann.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise SAEConfigError(f"{key} must be of type {ann}, got {value!r}")
+SAETrainConfig = make_dataclass(
+    "SAETrainConfig",
+    [(name, _annotation(spec), field(default=spec["default"])) for name, spec in {**_SCHEMA["properties"], **_EXTRA}.items()],
+    bases=(_SAETrainMethods,),
+    namespace={"__module__": __name__, "__doc__": "The TopK SAE's training settings: one field per key of the "
+               "config schema's sae.train (same names, types and defaults), plus seed and device."},
+)
