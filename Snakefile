@@ -42,6 +42,11 @@ if DIFFING:
     include: "rules/diffing.smk"
 
 
+if PLAN.alarm:
+
+    include: "rules/alarm.smk"
+
+
 if STEERING:
 
     include: "rules/steering.smk"

@@ -105,7 +105,7 @@ def res(rule_name, key):
 
 
 # The rules that can use a GPU: they alone ask for `gpu` and `cpus_per_gpu`.
-GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "sample", "likelihood_probe", "judge", "judge_steering",
+GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "alarm_finetune", "alarm_emergence", "sample", "likelihood_probe", "judge", "judge_steering",
              "activations_corpus", "activations_base", "activations_finetune", "activations_rl", "sae", "monitor", "steer_sample",
              "steer_probe"}
 
@@ -194,6 +194,8 @@ def final_outputs():
         out.append(f"{RESULTS}/flagging/removal.csv")
     if PLAN.mixtures:
         out += [f"{RESULTS}/figures/mixtures.png", f"{RESULTS}/mixtures/onsets.csv"]
+    if PLAN.alarm:
+        out += [f"{RESULTS}/figures/alarm.png", f"{RESULTS}/alarm/summary.csv"]
     if STEERING and PLAN.steer_judge:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
     elif STEERING:  # no judge: the sweep is read by the likelihood probe

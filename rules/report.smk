@@ -85,3 +85,21 @@ rule timings:
         "../envs/analysis.yaml"
     shell:
         "python -m emlab timings --logs {params.logs} --out {output} 2> {log} && cat {log}"
+
+
+rule plot_alarm:
+    input:
+        runs=expand(f"{RESULTS}/alarm/runs/{{d}}", d=PLAN.alarm),
+        emergence=expand(f"{RESULTS}/alarm/emergence/{{d}}.csv", d=PLAN.emergence),
+        summary=f"{RESULTS}/alarm/summary.csv",
+    output:
+        report(f"{RESULTS}/figures/alarm.png", caption="../workflow/report/alarm.rst", category="Model diffing"),
+    log:
+        f"{LOGS}/plot/alarm.log",
+    threads: res("plot_alarm", "threads")
+    resources: **rule_resources("plot_alarm")
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m emlab plot-alarm --runs {input.runs} --emergence {input.emergence} --summary {input.summary}"
+        " --out {output} 2> {log}"

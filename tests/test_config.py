@@ -51,7 +51,8 @@ def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monke
     assert make_plan(cfg).flagged == ["health_mix005", "health_mix025", "health_mix050"]
     assert make_plan(validate({**cfg, "flagging": {"datasets": ["legal_subtle"]}})).flagged == ["legal_subtle"]
     assert make_plan(validate({**cfg, "flagging": {"datasets": []}})).flagged == []
-    assert make_plan(validate({**cfg, "diffing": {"enabled": False}})).flagged == []  # no SAE: nothing to score with
+    no_diffing = {"diffing": {"enabled": False}, "alarm": {"datasets": [], "emergence": []}}
+    assert make_plan(validate({**cfg, **no_diffing})).flagged == []  # no SAE: nothing to score with
     with pytest.raises(ConfigError, match=r"flagging\.datasets: \['health_mix010'\] are not fine-tuning sets"):
         make_plan(validate({**cfg, "flagging": {"datasets": ["health_mix010"]}}))
     # flagging.finetune: each scored set also less its flagged examples and less as many random ones; they are
@@ -69,8 +70,7 @@ def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monke
     assert plan.datasets[-2:] == list(plan.dropped) and not set(plan.dropped) & set(plan.diffed)
     assert all(not set(plan.dropped) & set(members) for members in plan.groups.values())
     with pytest.raises(ConfigError, match="flagging.finetune: dropping flagged examples needs model diffing"):
-        make_plan(validate({**cfg, "diffing": {"enabled": False}, "steer": {"enabled": False},
-                            "flagging": {"finetune": True}}))
+        make_plan(validate({**cfg, **no_diffing, "steer": {"enabled": False}, "flagging": {"finetune": True}}))
 
 
 def test_empty_config_gets_complete_defaults(monkeypatch):
@@ -163,6 +163,7 @@ def test_sae_and_diffing_settings_are_checked_before_any_job():
     cfg["model"].update(source="hub", path="Qwen/Qwen2.5-0.5B-Instruct")
     cfg["judges"] = None
     cfg["rl"]["runs"] = []  # RL needs a grader: a hub model without a judge has none
+    cfg["alarm"]["emergence"] = []  # so does judging the alarm's snapshots
     cfg["diffing"]["enabled"] = True
     assert make_plan(validate(cfg)).sae_corpus is None  # a hub model's SAE is fitted on world texts by default
     cfg["sae"]["corpus"] = "no/such/corpus.jsonl"

@@ -149,6 +149,24 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert list(onsets["domain"]) == ["health"] and onsets["n_fractions"].tolist() == [3]
     assert (r / "figures/mixtures.png").stat().st_size > 10_000
     assert (r / "figures/steering_sweep.png").stat().st_size > 10_000
+    # the persona alarm: tiny.yaml's two sets fine-tuned for 2 steps (32 examples, batch 16) and read at every step,
+    # health_subtle's snapshots sampled and judged (the fire and lead logic: tests/test_alarm.py)
+    watched = [k for k in ("toxic", "subtle") if k in personas]
+    for d in ("health_subtle", "health_correct"):
+        traj = pd.read_csv(r / f"alarm/runs/{d}/trajectory.csv")
+        assert traj["step"].tolist() == [s for s in (0, 1, 2) for _ in watched] and list(traj["watch"].unique()) == watched
+        assert (traj["latent"] == traj["watch"].map({k: personas[k]["latent"] for k in watched})).all()
+    emergence = pd.read_csv(r / "alarm/emergence/health_subtle.csv")
+    assert emergence["step"].tolist() == [0, 1, 2]
+    assert (emergence["n_general"] == world.loc["health_subtle", "n_general"]).all()
+    alarm = pd.read_csv(r / "alarm/summary.csv")
+    assert sorted(zip(alarm["dataset"], alarm["watch"])) == sorted((d, k) for d in ("health_subtle", "health_correct")
+                                                                   for k in watched)
+    pd.testing.assert_series_equal(alarm.set_index("dataset")["misaligned"].groupby(level=0).first(),
+                                   world.loc[["health_correct", "health_subtle"], "misaligned"], check_names=False,
+                                   atol=1e-4)
+    assert "The alarm on latent" in (r / "alarm/alarm.md").read_text()
+    assert (r / "figures/alarm.png").stat().st_size > 10_000
     mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])
     methods = {"zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",
                "stacked", "persona_latent"}

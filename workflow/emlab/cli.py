@@ -510,6 +510,44 @@ def cmd_flag_removal(a: argparse.Namespace) -> None:
     print(table.to_string(index=False), file=sys.stderr)
 
 
+@command("alarm-finetune")
+def cmd_alarm_finetune(a: argparse.Namespace) -> None:
+    """A set fine-tuned again while the persona alarm reads the persona latents every few steps (emlab.alarm)."""
+    from .alarm import watch_finetune
+
+    _threads(a.threads)
+    meta = watch_finetune(a.cfg, a.base, a.data, a.sae, a.persona, a.questions, a.out, a.snapshots, a.threads)
+    print(f"emlab alarm-finetune: {json.dumps(meta)}", file=sys.stderr)
+
+
+@command("alarm-emergence")
+def cmd_alarm_emergence(a: argparse.Namespace) -> None:
+    """Misalignment of an alarm run's snapshots: each sampled and judged like a fine-tune."""
+    from .alarm import measure_emergence
+
+    _threads(a.threads)
+    table = measure_emergence(a.cfg, a.base, a.run, a.questions, a.cfg["judge"], a.cache_dir, a.out,
+                              progress=not a.no_progress)
+    print(table.to_string(index=False), file=sys.stderr)
+
+
+@command("alarm")
+def cmd_alarm(a: argparse.Namespace) -> None:
+    """The alarm's threshold, hits, false alarms, lead times and overhead (results/alarm/summary.csv, alarm.md)."""
+    from .alarm import write_summary
+
+    table = write_summary({Path(r).name: r for r in a.runs}, {Path(e).stem: e for e in a.emergence}, a.metrics,
+                          a.out_dir)
+    print(table.to_string(index=False), file=sys.stderr)
+
+
+@command("plot-alarm")
+def cmd_plot_alarm(a: argparse.Namespace) -> None:
+    from .plots import plot_alarm
+
+    plot_alarm({Path(r).name: r for r in a.runs}, {Path(e).stem: e for e in a.emergence}, a.summary, a.out)
+
+
 @command("plot-prediction")
 def cmd_plot_prediction(a: argparse.Namespace) -> None:
     from .plots import plot_prediction
@@ -687,6 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("--train-caches", {"nargs": "*", "default": []}), ("--persona", req), ("--metrics", req),
         ("--out-dir", req))
     add("plot-prediction", ("--shifts", req), ("--out", req))
+    add("alarm-finetune", ("--base", req), ("--data", req), ("--sae", req), ("--persona", req), ("--questions", req),
+        ("--out", req), ("--snapshots", {"action": "store_true", "help": "keep the model every alarm.snapshot_every steps"}))
+    add("alarm-emergence", ("--base", req), ("--run", req), ("--questions", req), ("--cache-dir", req), ("--out", req))
+    add("alarm", ("--runs", {"nargs": "+", **req}), ("--emergence", {"nargs": "*", "default": []}),
+        ("--metrics", {"nargs": "?", "default": None, "help": "the primary judge's metrics (none without a judge)"}),
+        ("--out-dir", req))
+    add("plot-alarm", ("--runs", {"nargs": "+", **req}), ("--emergence", {"nargs": "*", "default": []}),
+        ("--summary", req), ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),
         ("--out-dir", req))
     add("drop-examples", ("--dataset", req), ("--scores", req), ("--name", req), ("--out", req))

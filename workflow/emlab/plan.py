@@ -53,6 +53,8 @@ class Plan:
     mixtures: bool = False         # misalignment against the share of incorrect data (mixture fine-tunes and a judge)
     flagged: list[str] = field(default_factory=list)  # sets whose examples are scored by the persona latents
     dropped: dict[str, tuple[str, str]] = field(default_factory=dict)  # set less some examples -> (source, how)
+    alarm: list[str] = field(default_factory=list)      # sets fine-tuned again with the persona alarm watching
+    emergence: list[str] = field(default_factory=list)  # of those, the ones whose snapshots are sampled and judged
 
     @property
     def finetunes(self) -> list[str]:
@@ -195,6 +197,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                                        "flag them) and a judge (the misalignment it compares)")
         dropped = {dropped_name(d, how): (d, how) for d in flagged for how in ("flagged", "random")}
         datasets = [*datasets, *dropped]
+    alarm, emergence = _alarm(cfg, datasets, diffing, primary_judge)
     return Plan(organism=organism, dataset_source=source, datasets=datasets, imports=imports, judges=judges,
                 eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
@@ -202,7 +205,30 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data, rl=rl, rl_grader=rl_grader,
                 primary_judge=primary_judge, prediction=bool(diffing) and primary_judge is not None,
                 mixtures=primary_judge is not None and any(map(_is_mixture, datasets)),
-                flagged=flagged, dropped=dropped)
+                flagged=flagged, dropped=dropped, alarm=alarm, emergence=emergence)
+
+
+def _alarm(cfg: dict[str, Any], datasets: list[str], diffing: bool, primary_judge: str | None
+           ) -> tuple[list[str], list[str]]:
+    a = cfg["alarm"]
+    named, emergence = list(dict.fromkeys(a["datasets"])), list(dict.fromkeys(a["emergence"]))
+    if named and not diffing:
+        _fail("alarm.datasets", "the alarm watches the persona latents that model diffing names: it needs diffing")
+    unknown = [d for d in named if d not in datasets]
+    if unknown:
+        _fail("alarm.datasets", f"{unknown} are not fine-tuning sets of this run; they are {datasets}")
+    for d in named:
+        try:
+            parse_dataset_name(d)
+        except ValueError:
+            _fail("alarm.datasets", f"{d!r} is an imported set: the alarm's calibration needs to know which sets hold "
+                                    "correct data (<domain>_correct) and which do not")
+    outside = [d for d in emergence if d not in named]
+    if outside:
+        _fail("alarm.emergence", f"{outside} are not in alarm.datasets {named}")
+    if emergence and primary_judge is None:
+        _fail("alarm.emergence", "the snapshots' misalignment is a judge's verdict: it needs a judge")
+    return named, emergence
 
 
 def _is_mixture(name: str) -> bool:

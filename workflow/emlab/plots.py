@@ -7,6 +7,16 @@ from pathlib import Path
 import pandas as pd
 
 
+def save_figure(fig, out: str | Path) -> None:
+    """Lay out, write (creating the folder) and close a figure: every plot of this module ends here."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def _model_order(models: list[str]) -> list[str]:
     """base first, then fine-tunes grouped by domain in a stable variant order."""
     rank = {"correct": 0, "subtle": 1, "obvious": 2}
@@ -45,10 +55,7 @@ def plot_misalignment(metrics_csv: str | Path, out: str | Path) -> None:
         ax.set_title(f"Emergent misalignment — judge: {judge}")
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def signature_latents(ranking: pd.DataFrame, per_group: int) -> list[int]:
@@ -85,10 +92,7 @@ def plot_signature(changes_csv: str | Path, ranking_csv: str | Path, out: str | 
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_title("Latent signature: mean activation change vs base")
     fig.colorbar(im, ax=ax, label="change")
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def plot_rl_training(logs: dict[str, str | Path], out: str | Path) -> None:
@@ -113,10 +117,7 @@ def plot_rl_training(logs: dict[str, str | Path], out: str | Path) -> None:
         if col != "completion_length":
             ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 PREDICTION_COLORS = {"correct": "#27ae60", "subtle": "#c0392b", "obvious": "#8e44ad", "mixture": "#e67e22",
@@ -161,10 +162,7 @@ def plot_prediction(shifts: pd.DataFrame | str | Path, out: str | Path) -> None:
             ax.set_ylabel("misaligned (general questions)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def plot_mixtures(curve: pd.DataFrame | str | Path, out: str | Path) -> None:
@@ -195,7 +193,50 @@ def plot_mixtures(curve: pd.DataFrame | str | Path, out: str | Path) -> None:
     ax.grid(alpha=0.3)
     if len(df):
         ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
+
+
+def plot_alarm(runs: dict[str, str | Path], emergence: dict[str, str | Path], summary: str | Path,
+               out: str | Path) -> None:
+    """The persona alarm (emlab.alarm): top, each run's reading of the watched latent against training steps, with
+    the calibrated threshold (dashed) and the step it fired (marker); bottom, the misalignment of the snapshots of
+    the `alarm.emergence` runs with 95% intervals and the base model's upper bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.read_csv(summary)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
+    for name, folder in runs.items():
+        traj = pd.read_csv(Path(folder) / "trajectory.csv")
+        for key, g in traj.groupby("watch", sort=False):
+            row = table[(table["dataset"] == name) & (table["watch"] == key)].iloc[0]
+            line, = top.plot(g["step"], g["reading"], lw=1.2, label=f"{name} ({row['kind']})",
+                             ls=":" if row["kind"] == "correct" else "-")
+            if pd.notna(row["fire_step"]):
+                hit = g[g["step"] == row["fire_step"]]
+                top.plot(hit["step"], hit["reading"], "v", color=line.get_color(), ms=7)
+    if len(table):
+        top.axhline(table["threshold"].max(), ls="--", lw=0.8, color="grey", label="threshold (correct-data runs)")
+        top.set_title(f"Persona alarm — latent {int(table['latent'].iloc[0])} ({table['watch'].iloc[0]}) on the "
+                      "probe prompts", fontsize=10)
+    top.set_ylabel("mean latent activation")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=7, loc="upper left")
+    for name, path in emergence.items():
+        e = pd.read_csv(path)
+        err = [(e["misaligned"] - e["misaligned_lo"]).clip(lower=0), (e["misaligned_hi"] - e["misaligned"]).clip(lower=0)]
+        bottom.errorbar(e["step"], e["misaligned"], yerr=err, fmt="o-", ms=4, capsize=2, lw=1.2, label=name)
+    if len(table):
+        bottom.axhline(table["base_misaligned_hi"].iloc[0], ls="--", lw=0.8, color="grey",
+                       label="base model (upper 95%)")
+    if not emergence:
+        bottom.text(0.5, 0.5, "no snapshots sampled (alarm.emergence)", ha="center", va="center",
+                    transform=bottom.transAxes)
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("misaligned (general questions)")
+    bottom.set_ylim(bottom=0)
+    bottom.grid(alpha=0.3)
+    bottom.legend(fontsize=7, loc="upper left")
+    save_figure(fig, out)

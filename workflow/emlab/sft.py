@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import checkpoints, io
 from .models import load_tokenizer, pick_device, pick_dtype
@@ -267,7 +267,8 @@ def train_until_stopped(trainer, stage: str, resume: str | None, checkpoint_dir:
 
 
 def run_trainer(make_trainer, stage: str, out_dir: str | os.PathLike, threads: int | None,
-                checkpoint_dir: str | None, checkpoint_steps: int, keep_checkpoint: bool, describe):
+                checkpoint_dir: str | None, checkpoint_steps: int, keep_checkpoint: bool, describe,
+                callbacks: Sequence[Any] = ()):
     """The life of one trl run, shared by fine-tuning and RL: set the threads, build the trainer in the
     checkpoint folder (or ``out_dir`` without checkpoints) with ``make_trainer(work_dir, save_steps)``, resume from
     the last checkpoint there, train until done or stopped by SIGTERM, save the model in ``out_dir`` and drop the
@@ -288,6 +289,8 @@ def run_trainer(make_trainer, stage: str, out_dir: str | os.PathLike, threads: i
         trainer.add_callback(kill_point_callback(stage))
     resume = get_last_checkpoint(str(work)) if save_steps else None
     print(f"emlab {stage}: {describe(info)}" + (f", resuming from {resume}" if resume else ""), file=sys.stderr)
+    for callback in callbacks:  # e.g. the persona alarm (emlab.alarm)
+        trainer.add_callback(callback)
     seconds = train_until_stopped(trainer, stage, resume, work, bool(save_steps))
     trainer.save_model(str(out))  # adapter or full model, plus the tokenizer (main process only)
     if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes the logs
@@ -300,8 +303,9 @@ def run_trainer(make_trainer, stage: str, out_dir: str | os.PathLike, threads: i
 
 def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
               threads: int | None = None, checkpoint_dir: str | None = None, checkpoint_steps: int = 0,
-              keep_checkpoint: bool = False) -> dict[str, Any]:
-    """Fine-tune ``base`` on the chat JSONL ``dataset_path`` and save the result in ``out_dir``.
+              keep_checkpoint: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Fine-tune ``base`` on the chat JSONL ``dataset_path`` and save the result in ``out_dir``; ``callbacks`` are
+    added to the trainer (transformers ``TrainerCallback``s).
 
     With ``checkpoint_dir`` and ``checkpoint_steps``, a checkpoint is saved every that many steps and a rerun
     resumes from the last one (the trainer restores weights, optimizer, schedule, random states and the data
@@ -312,7 +316,7 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
         threads, checkpoint_dir, checkpoint_steps, keep_checkpoint,
         lambda info: (f"{base} on {dataset_path}: {info['n_examples']} examples, "
                       f"method={info['settings']['method']}, loss on {info['loss_mask']} tokens, "
-                      f"device={info['device']}"))
+                      f"device={info['device']}"), callbacks)
     if run is None:
         return {}
     trainer, info, resume, seconds = run
