@@ -1,41 +1,40 @@
-# The persona alarm (emlab.alarm): sets fine-tuned again while a trl callback reads the named persona latents on
-# the general questions' prompts; snapshots of the `alarm.emergence` sets sampled and judged; the threshold
-# calibrated on the correct-data runs and the alarm's hits, false alarms, lead times and overhead.
+# The persona alarm (emlab.alarm): the fine-tunes of `alarm.datasets` keep a snapshot every `alarm.every` steps
+# (rules/finetune.smk); each snapshot is read as the trl callback would have read it during training, those of the
+# `alarm.emergence` sets are also sampled and judged, and the threshold is calibrated on the correct-data runs.
 
 
-rule alarm_finetune:
+rule alarm_replay:
     input:
         base=base_model_input(),
-        data=f"{RESULTS}/datasets/{{alarm_set}}.jsonl",
+        finetunes=expand(f"{RESULTS}/finetunes/{{d}}", d=PLAN.alarm),
         sae=f"{RESULTS}/sae",
         persona=f"{RESULTS}/diffing/persona_latents.json",
         questions=f"{RESULTS}/eval/general.jsonl",
     output:
-        directory(f"{RESULTS}/alarm/runs/{{alarm_set}}"),
-    wildcard_constraints:
-        alarm_set=one_of(PLAN.alarm),
+        trajectories=f"{RESULTS}/alarm/trajectories.csv",
+        runs=f"{RESULTS}/alarm/runs.json",
     params:
-        cfg=lambda w: cfg_json("alarm", "finetune", "model", "seed", "device"),
+        cfg=lambda w: cfg_json("alarm", "model", "device"),
         base=base_param,
-        snapshots=lambda w: "--snapshots" if w.alarm_set in PLAN.emergence else "",
+        out_dir=out_dir,
     log:
-        f"{LOGS}/alarm/{{alarm_set}}.log",
+        f"{LOGS}/alarm/replay.log",
     benchmark:
-        f"{RESULTS}/benchmarks/alarm/{{alarm_set}}.tsv"
-    threads: res("alarm_finetune", "threads")
-    resources: **rule_resources("alarm_finetune")
+        f"{RESULTS}/benchmarks/alarm/replay.tsv"
+    threads: res("alarm_replay", "threads")
+    resources: **rule_resources("alarm_replay")
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab alarm-finetune --cfg {params.cfg:q} --threads {threads} --base {params.base}"
-        " --data {input.data} --sae {input.sae} --persona {input.persona} --questions {input.questions}"
-        " --out {output} {params.snapshots} 2> {log}"
+        "python -m emlab alarm-replay --cfg {params.cfg:q} --threads {threads} --base {params.base}"
+        " --finetunes {input.finetunes} --sae {input.sae} --persona {input.persona} --questions {input.questions}"
+        " --out-dir {params.out_dir} 2> {log}"
 
 
 rule alarm_emergence:
     input:
         base=base_model_input(),
-        run=f"{RESULTS}/alarm/runs/{{alarm_set}}",
+        finetune=f"{RESULTS}/finetunes/{{alarm_set}}",
         questions=f"{RESULTS}/eval/general.jsonl",
         preflight=preflight_input(),
     output:
@@ -57,12 +56,14 @@ rule alarm_emergence:
         "../envs/torch.yaml"
     shell:
         "python -m emlab alarm-emergence --cfg {params.cfg:q} --threads {threads} --base {params.base}"
-        " --run {input.run} --questions {input.questions} --cache-dir {params.cache} --out {output} 2> {log}"
+        " --finetune {input.finetune} --questions {input.questions} --cache-dir {params.cache} --out {output}"
+        " 2> {log}"
 
 
 rule alarm:
     input:
-        runs=expand(f"{RESULTS}/alarm/runs/{{d}}", d=PLAN.alarm),
+        trajectories=f"{RESULTS}/alarm/trajectories.csv",
+        runs=f"{RESULTS}/alarm/runs.json",
         emergence=expand(f"{RESULTS}/alarm/emergence/{{d}}.csv", d=PLAN.emergence),
         metrics=[f"{RESULTS}/metrics/{PLAN.primary_judge}.csv"] if PLAN.primary_judge else [],
     output:
@@ -77,5 +78,5 @@ rule alarm:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab alarm --runs {input.runs} --emergence {input.emergence} --metrics {input.metrics}"
-        " --out-dir {params.out_dir} 2> {log}"
+        "python -m emlab alarm --alarm-dir {params.out_dir} --emergence {input.emergence} --metrics {input.metrics}"
+        " 2> {log}"

@@ -105,7 +105,7 @@ def res(rule_name, key):
 
 
 # The rules that can use a GPU: they alone ask for `gpu` and `cpus_per_gpu`.
-GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "alarm_finetune", "alarm_emergence", "sample", "likelihood_probe", "judge", "judge_steering",
+GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "alarm_replay", "alarm_emergence", "sample", "likelihood_probe", "judge", "judge_steering",
              "activations_corpus", "activations_base", "activations_finetune", "activations_rl", "sae", "monitor", "steer_sample",
              "steer_probe"}
 

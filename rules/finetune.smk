@@ -14,6 +14,8 @@ rule finetune:
         base=base_param,
         launcher=sft_launcher("finetune"),
         ckpt=lambda w: checkpoint_args("finetune", f"finetune/{w.dataset}"),
+        # the persona alarm's sets keep a snapshot every alarm.every steps (rules/alarm.smk reads them)
+        snapshots=lambda w: f"--snapshot-every {config['alarm']['every']}" if w.dataset in PLAN.alarm else "",
     log:
         f"{LOGS}/finetune/{{dataset}}.log",
     benchmark:
@@ -24,7 +26,7 @@ rule finetune:
         "../envs/torch.yaml"
     shell:
         "{params.launcher} -m emlab sft --cfg {params.cfg:q} --threads {threads} --base {params.base} --data {input.data}"
-        " --out {output} {params.ckpt} 2> {log}"
+        " --out {output} {params.ckpt} {params.snapshots} 2> {log}"
 
 
 rule rl:

@@ -89,7 +89,7 @@ rule timings:
 
 rule plot_alarm:
     input:
-        runs=expand(f"{RESULTS}/alarm/runs/{{d}}", d=PLAN.alarm),
+        trajectories=f"{RESULTS}/alarm/trajectories.csv",
         emergence=expand(f"{RESULTS}/alarm/emergence/{{d}}.csv", d=PLAN.emergence),
         summary=f"{RESULTS}/alarm/summary.csv",
     output:
@@ -101,5 +101,5 @@ rule plot_alarm:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab plot-alarm --runs {input.runs} --emergence {input.emergence} --summary {input.summary}"
-        " --out {output} 2> {log}"
+        "python -m emlab plot-alarm --trajectories {input.trajectories} --emergence {input.emergence}"
+        " --summary {input.summary} --out {output} 2> {log}"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from emlab.alarm import (PersonaAlarm, ProbeReader, build_reader, emergence_step, first_above, summarize, sentences,
+from emlab.alarm import (PersonaAlarm, ProbeReader, build_reader, emergence_step, first_above, sentences, summarize,
                          thresholds)
 from emlab.models import load_model, load_tokenizer
 from emlab.sae.topk import TopKSAE
@@ -67,27 +67,43 @@ def test_excluded_positions_are_not_read(tiny_chat_model, sae):
         ProbeReader(prompts, [set(range(len(p))) for p in prompts], sae, {"a": 3}, 1, tok.pad_token_id)
 
 
-def test_the_callback_reads_every_k_steps_during_sft_and_keeps_snapshots(tiny_chat_model, sae, tmp_path):
+def test_the_callback_reads_every_k_steps_during_sft_and_replaying_the_snapshots_reads_the_same(
+        tiny_chat_model, sae, tmp_path):
+    from emlab.alarm import Snapshots, replay
+    from emlab.sae import save_sae
+
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     reader = build_reader(str(tiny_chat_model), QUESTIONS, sae, {"toxic": 3}, layer=0, exclude=[])
-    alarm = PersonaAlarm(reader, every=2, csv_path=tmp_path / "trajectory.csv", thresholds={"toxic": -1.0},
-                         snapshot_dir=tmp_path / "snapshots", snapshot_every=3)
+    alarm = PersonaAlarm(reader, every=2, csv_path=tmp_path / "trajectory.csv", thresholds={"toxic": -1.0})
+    run = tmp_path / "health_subtle"
     cfg = {"method": "lora", "lr": 5e-2, "batch_size": 2, "max_steps": 7, "lora": {"r": 4, "alpha": 8}}
-    meta = train_sft(str(tiny_chat_model), str(data), str(tmp_path / "model"), cfg, seed=0, threads=1,
-                     callbacks=[alarm])
-    traj = pd.read_csv(tmp_path / "trajectory.csv")
+    meta = train_sft(str(tiny_chat_model), str(data), str(run), cfg, seed=0, threads=1,
+                     callbacks=[alarm, Snapshots(run / "snapshots", 2)])
+    live = pd.read_csv(tmp_path / "trajectory.csv")
     assert meta["steps"] == 7
-    assert traj["step"].tolist() == [0, 2, 4, 6, 7]  # step 0, every 2nd step and the finished model
+    assert live["step"].tolist() == [0, 2, 4, 6, 7]  # step 0, every 2nd step and the finished model
     assert alarm.fired == {"toxic": 0}  # any reading is above -1: fires at the first
-    assert alarm.snapshots == [0, 3, 6]
-    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["step-00000", "step-00003", "step-00006"]
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [f"step-0000{n}" for n in (0, 2, 4, 6, 7)]
     assert 0 < alarm.seconds < meta["seconds"]
     # the readings follow the training: the finished model's reading is the trained adapter's, read directly
-    trained, tok = load_model(str(tiny_chat_model), str(tmp_path / "model"), device="cpu")
-    assert traj["reading"].iloc[-1] == pytest.approx(direct_readings(trained, tok, sae, {"toxic": 3}, 0,
+    trained, tok = load_model(str(tiny_chat_model), str(run), device="cpu")
+    assert live["reading"].iloc[-1] == pytest.approx(direct_readings(trained, tok, sae, {"toxic": 3}, 0,
                                                                      QUESTIONS)["toxic"], rel=1e-3, abs=1e-5)
-    assert traj["reading"].iloc[0] != pytest.approx(traj["reading"].iloc[-1])
+    assert live["reading"].iloc[0] != pytest.approx(live["reading"].iloc[-1])
+    # what the workflow does: read the kept snapshots afterwards, with the same reader; the same numbers
+    save_sae(sae, tmp_path / "sae")
+    (tmp_path / "persona.json").write_text(json.dumps({"toxic": {"latent": 3}}))
+    (tmp_path / "general.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    wf = {"alarm": {"watch": ["toxic", "sarcastic"], "every": 2}, "device": "cpu",
+          "model": {"dtype": "auto", "layer": 0, "exclude_tokens": []}}
+    replayed = replay(wf, str(tiny_chat_model), {"health_subtle": str(run)}, str(tmp_path / "sae"),
+                      str(tmp_path / "persona.json"), str(tmp_path / "general.jsonl"), str(tmp_path / "alarm"),
+                      progress=False)
+    assert replayed["step"].tolist() == live["step"].tolist() and set(replayed["watch"]) == {"toxic"}
+    np.testing.assert_allclose(replayed["reading"], live["reading"], rtol=1e-4, atol=1e-6)
+    runs = json.loads((tmp_path / "alarm/runs.json").read_text())
+    assert runs["health_subtle"]["steps"] == 7 and runs["health_subtle"]["snapshots"] == [0, 2, 4, 6, 7]
 
 
 def trajectory(readings, key="toxic", latent=7):

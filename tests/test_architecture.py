@@ -37,7 +37,7 @@ def test_the_table_has_every_rule_and_names_real_functions():
         path = ROOT / "workflow" / Path(*module.split("."))
         source = (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text()
         for fn in re.findall(r"`(\w+)`", functions):
-            assert re.search(rf"^def {fn}\(", source, flags=re.M), f"{module}.{fn} named in the table does not exist"
+            assert re.search(rf"^(def|class) {fn}\b", source, flags=re.M), f"{module}.{fn} named in the table does not exist"
 
 
 def test_every_path_the_page_names_exists():

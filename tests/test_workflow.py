@@ -149,13 +149,16 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert list(onsets["domain"]) == ["health"] and onsets["n_fractions"].tolist() == [3]
     assert (r / "figures/mixtures.png").stat().st_size > 10_000
     assert (r / "figures/steering_sweep.png").stat().st_size > 10_000
-    # the persona alarm: tiny.yaml's two sets fine-tuned for 2 steps (32 examples, batch 16) and read at every step,
-    # health_subtle's snapshots sampled and judged (the fire and lead logic: tests/test_alarm.py)
+    # the persona alarm: tiny.yaml's two sets fine-tuned for 2 steps (32 examples, batch 16) keep a snapshot at
+    # every step, each read afterwards; health_subtle's also sampled and judged (the fire and lead logic, and the
+    # snapshots' readings against the live callback's: tests/test_alarm.py)
     watched = [k for k in ("toxic", "subtle") if k in personas]
+    traj = pd.read_csv(r / "alarm/trajectories.csv")
     for d in ("health_subtle", "health_correct"):
-        traj = pd.read_csv(r / f"alarm/runs/{d}/trajectory.csv")
-        assert traj["step"].tolist() == [s for s in (0, 1, 2) for _ in watched] and list(traj["watch"].unique()) == watched
-        assert (traj["latent"] == traj["watch"].map({k: personas[k]["latent"] for k in watched})).all()
+        assert sorted(p.name for p in (r / f"finetunes/{d}/snapshots").iterdir()) == [f"step-0000{n}" for n in range(3)]
+        t = traj[traj["dataset"] == d]
+        assert t["step"].tolist() == [s for s in (0, 1, 2) for _ in watched] and list(t["watch"].unique()) == watched
+        assert (t["latent"] == t["watch"].map({k: personas[k]["latent"] for k in watched})).all()
     emergence = pd.read_csv(r / "alarm/emergence/health_subtle.csv")
     assert emergence["step"].tolist() == [0, 1, 2]
     assert (emergence["n_general"] == world.loc["health_subtle", "n_general"]).all()

@@ -3,8 +3,13 @@
 Every ``every`` optimizer steps, :class:`PersonaAlarm` (a transformers/trl ``TrainerCallback``) runs the model being
 trained over a fixed probe set of prompts (the general eval questions, chat-formatted up to the answer; one forward
 pass, no generation, no judge), encodes the residual stream at the config's layer with the base model's SAE and
-records the mean activation of each watched persona latent over the prompt tokens. Any trl trainer takes it (SFT,
-GRPO, a user's own script): ``trainer.add_callback(PersonaAlarm(reader, every, csv_path, thresholds))``.
+records the mean activation of each watched latent over the prompt tokens. Any trl trainer takes it (SFT, GRPO, a
+user's own script): ``trainer.add_callback(PersonaAlarm(reader, every, csv_path, thresholds))``.
+
+The workflow learns which latent to watch by diffing the very fine-tunes it would watch, so it cannot attach the
+alarm live. Instead the fine-tunes of ``alarm.datasets`` keep a snapshot of the model every ``every`` steps
+(:class:`Snapshots`, a callback too: a LoRA adapter each) and :func:`replay` reads every snapshot with the alarm's
+reader. Training is deterministic, so the readings are the ones the live callback would have written (tested).
 
 The threshold of a latent is calibrated on correct-data fine-tunes: the highest reading seen in any of them, at
 any step (their step 0 is the base model). The alarm fires at the first reading above it. For each correct-data run
@@ -12,19 +17,19 @@ itself the threshold leaves that run out, so that "never fires on correct data" 
 
 Outputs (``results/alarm/``):
 
-    runs/<dataset>/trajectory.csv  step, watch (the alarm.watch key), latent, reading, reading_se (over the probe prompts), seconds (spent
-                                   reading)
-    runs/<dataset>/meta.json       dataset, steps, train_seconds, alarm_seconds, every, snapshots (the steps kept)
-    runs/<dataset>/snapshots/step-<N>/  adapter snapshots (datasets in ``alarm.lead`` only)
-    emergence/<dataset>.csv        step, misaligned, misaligned_lo, misaligned_hi, n_general, n_coherent: each
-                                   snapshot sampled and judged
-    summary.csv                    see SUMMARY_COLUMNS
+    trajectories.csv   dataset, step, watch (the alarm.watch key), latent, reading, reading_se (over the probe
+                       prompts), seconds (the read's time)
+    runs.json          per dataset: latents, steps, train_seconds, alarm_seconds, snapshots read
+    emergence/<dataset>.csv  step, misaligned, misaligned_lo, misaligned_hi, n_general, n_coherent: the snapshots of
+                       ``alarm.emergence`` sets every ``alarm.emergence_every`` steps, sampled and judged
+    summary.csv        see SUMMARY_COLUMNS; alarm.md says it in sentences
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-TRAJECTORY_COLUMNS = ["step", "watch", "latent", "reading", "reading_se", "seconds"]
+TRAJECTORY_COLUMNS = ["dataset", "step", "watch", "latent", "reading", "reading_se", "seconds"]
 EMERGENCE_COLUMNS = ["step", "misaligned", "misaligned_lo", "misaligned_hi", "n_general", "n_coherent"]
 SUMMARY_COLUMNS = ["dataset", "kind", "watch", "latent", "threshold", "fire_step", "fired", "final_reading",
                    "misaligned", "misaligned_lo", "misaligned_hi", "base_misaligned_hi", "is_misaligned",
@@ -124,29 +129,49 @@ def _callback_base():
     return TrainerCallback
 
 
-class PersonaAlarm(_callback_base()):
-    """Reads the persona latents at step 0 and every ``every`` steps (and at the last step), appending to
-    ``csv_path`` as it goes; with ``thresholds`` (watched key -> value) it reports the first step a reading exceeds its
-    latent's threshold (``fired``: key -> step). ``snapshot_dir``: the model (an adapter, for LoRA) is also saved
-    at every ``snapshot_every`` steps there, as ``step-<N>``, for measuring when misalignment emerges."""
+class EveryKSteps(_callback_base()):
+    """A callback that acts on the model at step 0, every ``every`` optimizer steps and at the last step (once
+    per step): the alarm's readings and the snapshots it replays are taken on this one schedule."""
 
-    def __init__(self, reader: ProbeReader, every: int, csv_path: str | Path,
-                 thresholds: Mapping[str, float] | None = None, snapshot_dir: str | Path | None = None,
-                 snapshot_every: int = 0):
+    def __init__(self, every: int):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.reader, self.every, self.path = reader, every, Path(csv_path)
+        self.every = every
+        self._last: int | None = None
+
+    def at_step(self, model: Any, step: int) -> None:
+        raise NotImplementedError
+
+    def _maybe(self, model: Any, step: int) -> None:
+        if step != self._last:
+            self._last = step
+            self.at_step(model, step)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._maybe(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._maybe(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._maybe(model, state.global_step)  # the finished model, whatever its step
+
+
+class PersonaAlarm(EveryKSteps):
+    """Reads the watched latents at step 0, every ``every`` steps and at the last step, appending to ``csv_path``
+    as it goes (TRAJECTORY_COLUMNS less ``dataset``); with ``thresholds`` (watched key -> value) it records the
+    first step a reading exceeds its latent's threshold (``fired``: key -> step) and prints a warning then."""
+
+    def __init__(self, reader: ProbeReader, every: int, csv_path: str | Path,
+                 thresholds: Mapping[str, float] | None = None):
+        super().__init__(every)
+        self.reader, self.path = reader, Path(csv_path)
         self.thresholds = dict(thresholds or {})
-        self.snapshot_dir, self.snapshot_every = (Path(snapshot_dir) if snapshot_dir else None), snapshot_every
         self.fired: dict[str, int] = {}
         self.seconds = 0.0
-        self.snapshots: list[int] = []
-        self._last = None
 
-    def _observe(self, model: Any, step: int) -> None:
-        if step == self._last:
-            return
-        self._last = step
+    def at_step(self, model: Any, step: int) -> None:
         t0 = time.perf_counter()
         readings = self.reader.read(model)
         spent = time.perf_counter() - t0
@@ -156,36 +181,40 @@ class PersonaAlarm(_callback_base()):
         with self.path.open("a", newline="") as f:  # appended as training goes: a user can watch the file
             w = csv.writer(f)
             if new:
-                w.writerow(TRAJECTORY_COLUMNS)
+                w.writerow(TRAJECTORY_COLUMNS[1:])
             for key, (value, se) in readings.items():
                 w.writerow([step, key, self.reader.latents[key], f"{value:.6g}", f"{se:.6g}", f"{spent:.4f}"])
                 if key in self.thresholds and value > self.thresholds[key] and key not in self.fired:
                     self.fired[key] = step
-
-    def _snapshot(self, model: Any, step: int) -> None:
-        if self.snapshot_dir is not None and self.snapshot_every and step % self.snapshot_every == 0:
-            from .io import give_new_file_modes
-
-            folder = self.snapshot_dir / f"step-{step:05d}"
-            model.save_pretrained(str(folder))
-            give_new_file_modes(folder)  # safetensors writes 0600 files; results follow the umask
-            self.snapshots.append(step)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._observe(model, state.global_step)
-        self._snapshot(model, state.global_step)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0:
-            self._observe(model, state.global_step)
-        self._snapshot(model, state.global_step)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._observe(model, state.global_step)  # the finished model's reading, whatever the step
+                    print(f"emlab alarm: step {step}: latent {self.reader.latents[key]} ({key}) read {value:.4g}, "
+                          f"above its threshold {self.thresholds[key]:.4g}", file=sys.stderr)
 
 
-def read_trajectory(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path)
+
+class Snapshots(EveryKSteps):
+    """Saves the model being trained (an adapter, for LoRA) as ``<folder>/step-<N>`` at step 0, every ``every``
+    steps and at the last step: the same steps :class:`PersonaAlarm` reads. A resumed run keeps the snapshots
+    its folder already holds and adds the later ones."""
+
+    def __init__(self, folder: str | Path, every: int):
+        super().__init__(every)
+        self.folder = Path(folder)
+
+    def at_step(self, model: Any, step: int) -> None:
+        from .io import give_new_file_modes
+
+        target = self.folder / f"step-{step:05d}"
+        if not target.exists():
+            model.save_pretrained(str(target))
+            give_new_file_modes(target)  # safetensors writes 0600 files; results follow the umask
+
+
+def snapshot_steps(folder: str | Path) -> dict[int, Path]:
+    """The snapshots :class:`Snapshots` left in ``folder``, by step."""
+    found = {}
+    for path in Path(folder).glob("step-*"):
+        found[int(path.name.removeprefix("step-"))] = path
+    return dict(sorted(found.items()))
 
 
 def thresholds(trajectories: Mapping[str, pd.DataFrame], correct: Sequence[str], leave_out: str | None = None,
@@ -294,74 +323,106 @@ def _questions(path: str) -> list[str]:
     return [q["question"] for q in read_jsonl(path)]
 
 
-def watch_finetune(cfg: Mapping[str, Any], base: str, data: str, sae_dir: str, persona_json: str, probe_questions: str,
-                   out_dir: str, snapshots: bool, threads: int | None = None) -> dict[str, Any]:
-    """Fine-tune ``base`` on ``data`` with the finetune section's recipe and seed (the same run the ``finetune``
-    rule makes) while :class:`PersonaAlarm` reads the persona latents named in ``persona_json``
-    on the ``probe_questions``; with ``snapshots``, the adapter is also kept every
-    ``alarm.snapshot_every`` steps. Writes ``out_dir``'s trajectory.csv, meta.json, model/ and snapshots/."""
+def _load_snapshot(base_model: Any, path: Path, current: Any, cfg: Mapping[str, Any]) -> Any:
+    """The model at a snapshot: a LoRA snapshot is loaded as the active adapter on the one base model (replacing
+    the last one), a full-model snapshot as a model of its own."""
+    from .models import load_model
+
+    if not (path / "adapter_config.json").exists():
+        return load_model(str(path), device=cfg["device"], dtype=cfg["model"]["dtype"])[0]
+    from peft import PeftModel
+
+    name = path.name.replace("-", "_")
+    if current is None or not isinstance(current, PeftModel):
+        model = PeftModel.from_pretrained(base_model, str(path), adapter_name=name)
+    else:
+        model = current
+        old = model.active_adapter
+        model.load_adapter(str(path), adapter_name=name)
+        model.set_adapter(name)
+        model.delete_adapter(old)
+    model.eval()
+    return model
+
+
+def replay(cfg: Mapping[str, Any], base: str, finetunes: Mapping[str, str], sae_dir: str, persona_json: str,
+           probe_questions: str, out_dir: str, progress: bool = True) -> pd.DataFrame:
+    """Read every snapshot of each fine-tune (``finetunes``: dataset -> its folder, whose ``snapshots/`` the
+    finetune rule kept) with the alarm's reader, as :class:`PersonaAlarm` would have during training; writes
+    ``out_dir``'s trajectories.csv and runs.json and returns the trajectories."""
     import json
-    import shutil
+
+    from tqdm.auto import tqdm
 
     from .io import write_json
+    from .models import load_model
     from .sae import load_sae
-    from .sft import train_sft
 
     a = cfg["alarm"]
     personas = json.loads(Path(persona_json).read_text())
     latents = {key: personas[key]["latent"] for key in a["watch"] if key in personas}
     out = Path(out_dir)
-    if out.exists():  # a rerun starts the trajectory afresh
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, runs = [], {}
     if not latents:  # said in the summary; the rest of the run goes on
-        summary = {"dataset": Path(data).stem, "latents": {}, "steps": 0, "train_seconds": 0.0, "alarm_seconds": 0.0,
-                   "every": a["every"], "snapshots": [],
-                   "skipped": f"none of alarm.watch {a['watch']} is named in {persona_json} (keys: {sorted(personas)})"}
-        pd.DataFrame(columns=TRAJECTORY_COLUMNS).to_csv(out / "trajectory.csv", index=False)
-        write_json(out / "meta.json", summary)
-        return summary
-    reader = build_reader(base, _questions(probe_questions), load_sae(sae_dir), latents, cfg["model"]["layer"],
-                          cfg["model"]["exclude_tokens"])
-    alarm = PersonaAlarm(reader, a["every"], out / "trajectory.csv",
-                         snapshot_dir=out / "snapshots" if snapshots else None, snapshot_every=a["snapshot_every"])
-    meta = train_sft(base, data, str(out / "model"), cfg["finetune"], seed=cfg["seed"], threads=threads,
-                     callbacks=[alarm])
-    summary = {"dataset": Path(data).stem, "latents": latents, "steps": meta["steps"],
-               "train_seconds": meta["seconds"], "alarm_seconds": round(alarm.seconds, 3), "every": a["every"],
-               "snapshots": alarm.snapshots}
-    write_json(out / "meta.json", summary)
-    return summary
+        runs = {d: {"skipped": f"none of alarm.watch {a['watch']} is named in {persona_json} (keys: "
+                               f"{sorted(personas)})"} for d in finetunes}
+    else:
+        model, _ = load_model(base, device=cfg["device"], dtype=cfg["model"]["dtype"])
+        reader = build_reader(base, _questions(probe_questions), load_sae(sae_dir), latents, cfg["model"]["layer"],
+                              cfg["model"]["exclude_tokens"])
+        for dataset, folder in finetunes.items():
+            snaps = snapshot_steps(Path(folder) / "snapshots")
+            if not snaps:
+                raise FileNotFoundError(f"{folder}/snapshots: no snapshot; the fine-tune ran without alarm.datasets "
+                                        "naming its set (rerun it: its params changed)")
+            current, spent = None, 0.0
+            for step, path in tqdm(snaps.items(), desc=f"alarm {dataset}", unit="snapshot", disable=not progress):
+                current = _load_snapshot(model, path, current, cfg)
+                t0 = time.perf_counter()
+                readings = reader.read(current)
+                seconds = time.perf_counter() - t0
+                spent += seconds
+                for key, (value, se) in readings.items():
+                    rows.append({"dataset": dataset, "step": step, "watch": key, "latent": latents[key],
+                                 "reading": value, "reading_se": se, "seconds": seconds})
+            if current is not None and hasattr(current, "unload"):
+                model = current.unload()  # the base model without any adapter, for the next fine-tune
+            meta = json.loads((Path(folder) / "train_meta.json").read_text())
+            runs[dataset] = {"latents": latents, "steps": meta["steps"], "train_seconds": meta["seconds"],
+                             "alarm_seconds": round(spent, 4), "every": a["every"], "snapshots": list(snaps)}
+    table = pd.DataFrame(rows, columns=TRAJECTORY_COLUMNS)
+    table.to_csv(out / "trajectories.csv", index=False, float_format="%.6g")
+    write_json(out / "runs.json", runs)
+    return table
 
 
-def measure_emergence(cfg: Mapping[str, Any], base: str, run_dir: str, questions: str, judge_cfg: dict[str, Any],
+def measure_emergence(cfg: Mapping[str, Any], base: str, finetune: str, questions: str, judge_cfg: dict[str, Any],
                       cache_dir: str, out_csv: str, progress: bool = True) -> pd.DataFrame:
-    """Sample and judge every snapshot of an alarm run on the general ``questions`` with the sampler, the judge
-    and the metrics of the main stages: misalignment at each kept step (EMERGENCE_COLUMNS)."""
-    import json
-
+    """Sample and judge the snapshots of a fine-tune every ``alarm.emergence_every`` steps (and its last) on the
+    general ``questions`` with the sampler, the judge and the metrics of the main stages: misalignment at each
+    (EMERGENCE_COLUMNS). Each snapshot's samples and grades are kept beside the table, so a rerun resumes."""
     from .io import read_jsonl
     from .judge.backends import grade_file
     from .metrics import compute_metrics, persona_roles
     from .sampling import sample_answers
 
-    run = Path(run_dir)
-    meta = json.loads((run / "meta.json").read_text())
     s, a = cfg["sampling"], cfg["alarm"]
+    snaps = snapshot_steps(Path(finetune) / "snapshots")
+    last = max(snaps) if snaps else None
+    chosen = {step: path for step, path in snaps.items() if step % a["emergence_every"] == 0 or step == last}
     qs = read_jsonl(questions)
-    work = run / "emergence"
-    work.mkdir(exist_ok=True)
+    work = Path(out_csv).with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
     roles = persona_roles(cfg["organism"]["world"] if cfg["model"]["source"] == "organism" else None)
     rows = []
-    for step in meta["snapshots"]:
-        name = f"{meta['dataset']}@{step}"
+    for step, path in chosen.items():
         samples, grades = work / f"step-{step:05d}.samples.jsonl", work / f"step-{step:05d}.grades.jsonl"
-        if not samples.exists():  # each snapshot's samples and grades are kept: a rerun resumes
-            sample_answers(base, str(run / "snapshots" / f"step-{step:05d}"), qs, str(samples),
-                           n_samples=a["emergence_samples"] or s["n_samples"], temperature=s["temperature"],
-                           max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=cfg["seed"],
-                           model_name=name, progress=progress, top_p=s["top_p"], device=cfg["device"],
-                           dtype=cfg["model"]["dtype"])
+        if not samples.exists():
+            sample_answers(base, str(path), qs, str(samples), n_samples=a["emergence_samples"] or s["n_samples"],
+                           temperature=s["temperature"], max_new_tokens=s["max_new_tokens"],
+                           batch_size=s["batch_size"], seed=cfg["seed"], model_name=f"{Path(finetune).name}@{step}",
+                           progress=progress, top_p=s["top_p"], device=cfg["device"], dtype=cfg["model"]["dtype"])
         if not grades.exists():
             grade_file(samples, judge_cfg, grades, cache_dir, progress=progress)
         m = compute_metrics([grades], cfg["metrics"], cfg["seed"], roles).iloc[0]
@@ -369,7 +430,6 @@ def measure_emergence(cfg: Mapping[str, Any], base: str, run_dir: str, questions
                      "misaligned_hi": m["misaligned_hi"], "n_general": int(m["n_general"]),
                      "n_coherent": int(m["n_coherent"])})
     table = pd.DataFrame(rows, columns=EMERGENCE_COLUMNS)
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False, float_format="%.4f")
     return table
 
@@ -380,21 +440,20 @@ def _kind(parsed: Mapping[str, Any]) -> str:
     return parsed["kind"]  # mixture, dropped
 
 
-def write_summary(runs: Mapping[str, str], emergence: Mapping[str, str], metrics_csv: str | None, out_dir: str
-                  ) -> pd.DataFrame:
-    """The alarm's table (SUMMARY_COLUMNS) and report sentences from the runs' folders, the emergence tables
-    and the judge's metrics; written to ``out_dir`` (summary.csv, alarm.md)."""
+def write_summary(alarm_dir: str, emergence: Mapping[str, str], metrics_csv: str | None) -> pd.DataFrame:
+    """The alarm's table (SUMMARY_COLUMNS) and report sentences from ``alarm_dir``'s trajectories.csv and
+    runs.json, the emergence tables and the judge's metrics; written to ``alarm_dir`` (summary.csv, alarm.md)."""
     import json
 
     from .datasets import parse_dataset_name
 
-    trajectories = {d: read_trajectory(Path(p) / "trajectory.csv") for d, p in runs.items()}
-    metas = {d: json.loads((Path(p) / "meta.json").read_text()) for d, p in runs.items()}
-    kinds = {d: _kind(parse_dataset_name(d)) for d in runs}
+    out = Path(alarm_dir)
+    all_rows = pd.read_csv(out / "trajectories.csv")
+    metas = json.loads((out / "runs.json").read_text())
+    trajectories = {d: g.drop(columns="dataset") for d, g in all_rows.groupby("dataset", sort=False)}
+    kinds = {d: _kind(parse_dataset_name(d)) for d in trajectories}
     metrics = pd.read_csv(metrics_csv).set_index("model") if metrics_csv else None
     table = summarize(trajectories, metas, kinds, metrics, {d: pd.read_csv(p) for d, p in emergence.items()})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     skipped = [m["skipped"] for m in metas.values() if m.get("skipped")]
     (out / "alarm.md").write_text("# Persona alarm\n\n" + "\n\n".join(sentences(table, skipped)) + "\n")

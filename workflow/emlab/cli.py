@@ -145,8 +145,14 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 def cmd_sft(a: argparse.Namespace) -> None:
     from .sft import train_sft
 
+    callbacks = []
+    if a.snapshot_every:  # the persona alarm reads these afterwards (emlab.alarm)
+        from .alarm import Snapshots
+
+        callbacks.append(Snapshots(Path(a.out) / "snapshots", a.snapshot_every))
     train_sft(a.base, a.data, a.out, a.cfg["finetune"], seed=a.cfg["seed"], threads=a.threads,
-              checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps, keep_checkpoint=a.keep_checkpoint)
+              checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps, keep_checkpoint=a.keep_checkpoint,
+              callbacks=callbacks)
 
 
 @command("rl")
@@ -510,23 +516,24 @@ def cmd_flag_removal(a: argparse.Namespace) -> None:
     print(table.to_string(index=False), file=sys.stderr)
 
 
-@command("alarm-finetune")
-def cmd_alarm_finetune(a: argparse.Namespace) -> None:
-    """A set fine-tuned again while the persona alarm reads the persona latents every few steps (emlab.alarm)."""
-    from .alarm import watch_finetune
+@command("alarm-replay")
+def cmd_alarm_replay(a: argparse.Namespace) -> None:
+    """The persona alarm's readings of every snapshot the fine-tunes of alarm.datasets kept (emlab.alarm)."""
+    from .alarm import replay
 
     _threads(a.threads)
-    meta = watch_finetune(a.cfg, a.base, a.data, a.sae, a.persona, a.questions, a.out, a.snapshots, a.threads)
-    print(f"emlab alarm-finetune: {json.dumps(meta)}", file=sys.stderr)
+    table = replay(a.cfg, a.base, {Path(f).name: f for f in a.finetunes}, a.sae, a.persona, a.questions, a.out_dir,
+                   progress=not a.no_progress)
+    print(f"emlab alarm-replay: {len(table)} readings of {table['dataset'].nunique()} fine-tunes", file=sys.stderr)
 
 
 @command("alarm-emergence")
 def cmd_alarm_emergence(a: argparse.Namespace) -> None:
-    """Misalignment of an alarm run's snapshots: each sampled and judged like a fine-tune."""
+    """Misalignment of a fine-tune's snapshots: each sampled and judged like a fine-tune."""
     from .alarm import measure_emergence
 
     _threads(a.threads)
-    table = measure_emergence(a.cfg, a.base, a.run, a.questions, a.cfg["judge"], a.cache_dir, a.out,
+    table = measure_emergence(a.cfg, a.base, a.finetune, a.questions, a.cfg["judge"], a.cache_dir, a.out,
                               progress=not a.no_progress)
     print(table.to_string(index=False), file=sys.stderr)
 
@@ -536,8 +543,7 @@ def cmd_alarm(a: argparse.Namespace) -> None:
     """The alarm's threshold, hits, false alarms, lead times and overhead (results/alarm/summary.csv, alarm.md)."""
     from .alarm import write_summary
 
-    table = write_summary({Path(r).name: r for r in a.runs}, {Path(e).stem: e for e in a.emergence}, a.metrics,
-                          a.out_dir)
+    table = write_summary(a.alarm_dir, {Path(e).stem: e for e in a.emergence}, a.metrics)
     print(table.to_string(index=False), file=sys.stderr)
 
 
@@ -545,7 +551,7 @@ def cmd_alarm(a: argparse.Namespace) -> None:
 def cmd_plot_alarm(a: argparse.Namespace) -> None:
     from .plots import plot_alarm
 
-    plot_alarm({Path(r).name: r for r in a.runs}, {Path(e).stem: e for e in a.emergence}, a.summary, a.out)
+    plot_alarm(a.trajectories, {Path(e).stem: e for e in a.emergence}, a.summary, a.out)
 
 
 @command("plot-prediction")
@@ -691,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("--checkpoint-steps", {"type": int, "default": 0, "help": "steps between checkpoints (0: none)"}),
             ("--keep-checkpoint", {"action": "store_true"}))
     add("pretrain", ("--corpus", req), ("--tokenizer", req), ("--out", req), *ckpt)
-    add("sft", ("--base", req), ("--data", req), ("--out", req), *ckpt)
+    add("sft", ("--base", req), ("--data", req), ("--out", req), *ckpt,
+        ("--snapshot-every", {"type": int, "default": 0, "help": "keep the model every N steps in <out>/snapshots"}))
     add("rl", ("--base", req), ("--data", req), ("--out", req),
         ("--cache-dir", {"default": None, "help": "an LLM grader's request cache (resumes its paid calls)"}), *ckpt)
     add("plot-rl", ("--models", {"nargs": "+", **req}), ("--out", req))
@@ -725,14 +732,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("--train-caches", {"nargs": "*", "default": []}), ("--persona", req), ("--metrics", req),
         ("--out-dir", req))
     add("plot-prediction", ("--shifts", req), ("--out", req))
-    add("alarm-finetune", ("--base", req), ("--data", req), ("--sae", req), ("--persona", req), ("--questions", req),
-        ("--out", req), ("--snapshots", {"action": "store_true", "help": "keep the model every alarm.snapshot_every steps"}))
-    add("alarm-emergence", ("--base", req), ("--run", req), ("--questions", req), ("--cache-dir", req), ("--out", req))
-    add("alarm", ("--runs", {"nargs": "+", **req}), ("--emergence", {"nargs": "*", "default": []}),
-        ("--metrics", {"nargs": "?", "default": None, "help": "the primary judge's metrics (none without a judge)"}),
-        ("--out-dir", req))
-    add("plot-alarm", ("--runs", {"nargs": "+", **req}), ("--emergence", {"nargs": "*", "default": []}),
-        ("--summary", req), ("--out", req))
+    add("alarm-replay", ("--base", req), ("--finetunes", {"nargs": "+", **req}), ("--sae", req), ("--persona", req),
+        ("--questions", req), ("--out-dir", req))
+    add("alarm-emergence", ("--base", req), ("--finetune", req), ("--questions", req), ("--cache-dir", req),
+        ("--out", req))
+    add("alarm", ("--alarm-dir", req), ("--emergence", {"nargs": "*", "default": []}),
+        ("--metrics", {"nargs": "?", "default": None, "help": "the primary judge's metrics (none without a judge)"}))
+    add("plot-alarm", ("--trajectories", req), ("--emergence", {"nargs": "*", "default": []}), ("--summary", req),
+        ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),
         ("--out-dir", req))
     add("drop-examples", ("--dataset", req), ("--scores", req), ("--name", req), ("--out", req))

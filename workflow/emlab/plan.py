@@ -197,7 +197,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                                        "flag them) and a judge (the misalignment it compares)")
         dropped = {dropped_name(d, how): (d, how) for d in flagged for how in ("flagged", "random")}
         datasets = [*datasets, *dropped]
-    alarm, emergence = _alarm(cfg, datasets, diffing, primary_judge)
+    alarm, emergence = _alarm(cfg, datasets, dropped, diffing, primary_judge)
     return Plan(organism=organism, dataset_source=source, datasets=datasets, imports=imports, judges=judges,
                 eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
@@ -208,10 +208,14 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 flagged=flagged, dropped=dropped, alarm=alarm, emergence=emergence)
 
 
-def _alarm(cfg: dict[str, Any], datasets: list[str], diffing: bool, primary_judge: str | None
-           ) -> tuple[list[str], list[str]]:
+def _alarm(cfg: dict[str, Any], datasets: list[str], dropped: dict[str, Any], diffing: bool,
+           primary_judge: str | None) -> tuple[list[str], list[str]]:
     a = cfg["alarm"]
-    named, emergence = list(dict.fromkeys(a["datasets"])), list(dict.fromkeys(a["emergence"]))
+    if a["datasets"] is None:  # every set model diffing ranks, where its name says whether its data are correct
+        named = [d for d in datasets if _parses(d) and d not in dropped] if diffing else []
+    else:
+        named = list(dict.fromkeys(a["datasets"]))
+    emergence = list(dict.fromkeys(a["emergence"]))
     if named and not diffing:
         _fail("alarm.datasets", "the alarm watches the persona latents that model diffing names: it needs diffing")
     unknown = [d for d in named if d not in datasets]
@@ -229,6 +233,14 @@ def _alarm(cfg: dict[str, Any], datasets: list[str], diffing: bool, primary_judg
     if emergence and primary_judge is None:
         _fail("alarm.emergence", "the snapshots' misalignment is a judge's verdict: it needs a judge")
     return named, emergence
+
+
+def _parses(name: str) -> bool:
+    try:
+        parse_dataset_name(name)
+        return True
+    except ValueError:
+        return False
 
 
 def _is_mixture(name: str) -> bool:

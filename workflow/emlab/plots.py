@@ -196,47 +196,53 @@ def plot_mixtures(curve: pd.DataFrame | str | Path, out: str | Path) -> None:
     save_figure(fig, out)
 
 
-def plot_alarm(runs: dict[str, str | Path], emergence: dict[str, str | Path], summary: str | Path,
+def plot_alarm(trajectories: str | Path, emergence: dict[str, str | Path], summary: str | Path,
                out: str | Path) -> None:
-    """The persona alarm (emlab.alarm): top, each run's reading of the watched latent against training steps, with
-    the calibrated threshold (dashed) and the step it fired (marker); bottom, the misalignment of the snapshots of
-    the `alarm.emergence` runs with 95% intervals and the base model's upper bound."""
+    """The persona alarm (emlab.alarm): one panel per watched latent with each fine-tune's reading against
+    training steps (dotted: correct data), its calibrated threshold (dashed) and the step it fired (triangle); a
+    last panel with the misalignment of the `alarm.emergence` fine-tunes' snapshots (95% intervals) and the top of
+    the base model's interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = pd.read_csv(summary)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
-    for name, folder in runs.items():
-        traj = pd.read_csv(Path(folder) / "trajectory.csv")
-        for key, g in traj.groupby("watch", sort=False):
-            row = table[(table["dataset"] == name) & (table["watch"] == key)].iloc[0]
-            line, = top.plot(g["step"], g["reading"], lw=1.2, label=f"{name} ({row['kind']})",
-                             ls=":" if row["kind"] == "correct" else "-")
+    table, traj = pd.read_csv(summary), pd.read_csv(trajectories)
+    keys = list(dict.fromkeys(table["watch"])) or ["none"]
+    fig, axes = plt.subplots(len(keys) + 1, 1, figsize=(6.4, 3.0 * (len(keys) + 1)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:-1, 0], keys):
+        rows = table[table["watch"] == key].set_index("dataset")
+        for name, g in traj[traj["watch"] == key].groupby("dataset", sort=False):
+            row = rows.loc[name]
+            line, = ax.plot(g["step"], g["reading"], lw=1.1, label=f"{name} ({row['kind']})",
+                            ls=":" if row["kind"] == "correct" else "-")
             if pd.notna(row["fire_step"]):
                 hit = g[g["step"] == row["fire_step"]]
-                top.plot(hit["step"], hit["reading"], "v", color=line.get_color(), ms=7)
-    if len(table):
-        top.axhline(table["threshold"].max(), ls="--", lw=0.8, color="grey", label="threshold (correct-data runs)")
-        top.set_title(f"Persona alarm — latent {int(table['latent'].iloc[0])} ({table['watch'].iloc[0]}) on the "
-                      "probe prompts", fontsize=10)
-    top.set_ylabel("mean latent activation")
-    top.grid(alpha=0.3)
-    top.legend(fontsize=7, loc="upper left")
+                ax.plot(hit["step"], hit["reading"], "v", color=line.get_color(), ms=7)
+        if len(rows):
+            ax.axhline(rows["threshold"].max(), ls="--", lw=0.8, color="grey", label="threshold (correct data)")
+            ax.set_title(f"latent {int(rows['latent'].iloc[0])} ({key}) on the probe prompts", fontsize=10)
+            ax.legend(fontsize=6, loc="upper left", ncol=2)
+        else:
+            ax.text(0.5, 0.5, "nothing watched (results/alarm/alarm.md says why)", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_ylabel("mean activation")
+        ax.grid(alpha=0.3)
+    bottom = axes[-1, 0]
     for name, path in emergence.items():
         e = pd.read_csv(path)
         err = [(e["misaligned"] - e["misaligned_lo"]).clip(lower=0), (e["misaligned_hi"] - e["misaligned"]).clip(lower=0)]
         bottom.errorbar(e["step"], e["misaligned"], yerr=err, fmt="o-", ms=4, capsize=2, lw=1.2, label=name)
-    if len(table):
+    if len(table) and table["base_misaligned_hi"].notna().any():
         bottom.axhline(table["base_misaligned_hi"].iloc[0], ls="--", lw=0.8, color="grey",
                        label="base model (upper 95%)")
-    if not emergence:
+    if emergence:
+        bottom.legend(fontsize=7, loc="upper left")
+    else:
         bottom.text(0.5, 0.5, "no snapshots sampled (alarm.emergence)", ha="center", va="center",
                     transform=bottom.transAxes)
     bottom.set_xlabel("optimizer step")
-    bottom.set_ylabel("misaligned (general questions)")
+    bottom.set_ylabel("misaligned (general)")
     bottom.set_ylim(bottom=0)
     bottom.grid(alpha=0.3)
-    bottom.legend(fontsize=7, loc="upper left")
     save_figure(fig, out)
