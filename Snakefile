@@ -47,6 +47,11 @@ if PLAN.alarm:
     include: "rules/alarm.smk"
 
 
+if PLAN.realign:
+
+    include: "rules/realign.smk"
+
+
 if STEERING:
 
     include: "rules/steering.smk"

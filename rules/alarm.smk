@@ -42,10 +42,12 @@ rule alarm_emergence:
     wildcard_constraints:
         alarm_set=one_of(PLAN.emergence),
     params:
-        cfg=lambda w: cfg_json("alarm", "sampling", "metrics", "model", "organism", "seed", "device",
+        cfg=lambda w: cfg_json("sampling", "metrics", "model", "organism", "seed", "device",
                                judge=json.loads(judge_cfg(PLAN.primary_judge))),
         base=base_param,
         cache=f"{RESULTS}/judge_cache/{PLAN.primary_judge}",
+        every=config["alarm"]["emergence_every"],
+        n_samples=n_samples_arg(config["alarm"]["emergence_samples"]),
     log:
         f"{LOGS}/alarm/emergence_{{alarm_set}}.log",
     benchmark:
@@ -55,9 +57,9 @@ rule alarm_emergence:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab alarm-emergence --cfg {params.cfg:q} --threads {threads} --base {params.base}"
+        "python -m emlab snapshot-misalignment --cfg {params.cfg:q} --threads {threads} --base {params.base}"
         " --finetune {input.finetune} --questions {input.questions} --cache-dir {params.cache} --out {output}"
-        " 2> {log}"
+        " --every {params.every} {params.n_samples} 2> {log}"
 
 
 rule alarm:
@@ -70,6 +72,7 @@ rule alarm:
         summary=f"{RESULTS}/alarm/summary.csv",
         sentences=f"{RESULTS}/alarm/alarm.md",
     params:
+        cfg=lambda w: cfg_json("alarm"),
         out_dir=out_dir,
     log:
         f"{LOGS}/alarm/summary.log",
@@ -78,5 +81,5 @@ rule alarm:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab alarm --alarm-dir {params.out_dir} --emergence {input.emergence} --metrics {input.metrics}"
+        "python -m emlab alarm --cfg {params.cfg:q} --alarm-dir {params.out_dir} --emergence {input.emergence} --metrics {input.metrics}"
         " 2> {log}"

@@ -105,7 +105,7 @@ def res(rule_name, key):
 
 
 # The rules that can use a GPU: they alone ask for `gpu` and `cpus_per_gpu`.
-GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "alarm_replay", "alarm_emergence", "sample", "likelihood_probe", "judge", "judge_steering",
+GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "alarm_replay", "alarm_emergence", "realign", "realign_eval", "realign_read", "sample", "likelihood_probe", "judge", "judge_steering",
              "activations_corpus", "activations_base", "activations_finetune", "activations_rl", "sae", "monitor", "steer_sample",
              "steer_probe"}
 
@@ -196,6 +196,8 @@ def final_outputs():
         out += [f"{RESULTS}/figures/mixtures.png", f"{RESULTS}/mixtures/onsets.csv"]
     if PLAN.alarm:
         out += [f"{RESULTS}/figures/alarm.png", f"{RESULTS}/alarm/summary.csv"]
+    if PLAN.realign:
+        out += [f"{RESULTS}/figures/realignment.png", f"{RESULTS}/realign/summary.csv"]
     if STEERING and PLAN.steer_judge:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
     elif STEERING:  # no judge: the sweep is read by the likelihood probe
@@ -280,6 +282,26 @@ PREDICTION_TABLES = ["shifts.csv", "summary.csv", "early.csv", "early.md"]
 FLAGGING_TABLES = ["scores.csv", "summary.csv"]
 INTERPRET_OUTPUTS = ["latents.csv", "latents.md", "latents.html", "persona_latents.json"] + (
     ["purity.csv"] if WORLD_TEXTS else [])
+
+
+def realign_finetune_settings():
+    """The finetune section of a re-alignment run (emlab.realign.finetune_settings)."""
+    from emlab.realign import finetune_settings
+
+    return finetune_settings(config["finetune"], config["realign"])
+
+
+def realign_source_args(wildcards, input):
+    """`--base/--adapter` of a re-alignment run: a LoRA fine-tune's adapter trains on from its base model; a full
+    fine-tune is its own folder and trains on as a whole."""
+    if config["finetune"]["method"] == "lora":
+        return f"--base {base_param(wildcards, input)} --adapter {input.finetune}"
+    return f"--base {input.finetune}"
+
+
+def n_samples_arg(n):
+    """`--n-samples N` of a snapshot-misalignment job, or nothing for sampling.n_samples."""
+    return f"--n-samples {n}" if n else ""
 
 
 def out_dir(wildcards, output):

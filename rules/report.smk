@@ -103,3 +103,19 @@ rule plot_alarm:
     shell:
         "python -m emlab plot-alarm --trajectories {input.trajectories} --emergence {input.emergence}"
         " --summary {input.summary} --out {output} 2> {log}"
+
+
+rule plot_realignment:
+    input:
+        f"{RESULTS}/realign/curve.csv",
+    output:
+        report(f"{RESULTS}/figures/realignment.png", caption="../workflow/report/realignment.rst",
+               category="Emergent misalignment"),
+    log:
+        f"{LOGS}/plot/realignment.log",
+    threads: res("plot_realignment", "threads")
+    resources: **rule_resources("plot_realignment")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab plot-realignment --curve {input} --out {output} 2> {log}"

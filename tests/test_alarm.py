@@ -121,6 +121,10 @@ def test_thresholds_leave_the_tested_correct_run_out():
     assert first_above(runs["a_correct"], "toxic", 0.05) == 5
     assert first_above(runs["c_subtle"], "toxic", 0.2) == 5
     assert first_above(runs["c_subtle"], "toxic", 0.6) is None
+    # with a margin, a reading that only grazes the threshold does not fire; a zero threshold needs any reading
+    assert first_above(runs["c_subtle"], "toxic", 0.2) == 5
+    assert first_above(runs["c_subtle"], "toxic", 0.25, margin=0.25) == 10  # 0.3 is not above 0.3125
+    assert first_above(trajectory([0.0, 0.0, 1e-4]), "toxic", 0.0, margin=0.25) == 10
     # a single correct run: the others' step 0 (the base model) calibrates it
     assert thresholds({"a_correct": trajectory([0.0, 0.1]), "c_subtle": trajectory([0.02, 0.3])}, ["a_correct"],
                       leave_out="a_correct") == {"toxic": 0.02}

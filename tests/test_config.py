@@ -164,6 +164,7 @@ def test_sae_and_diffing_settings_are_checked_before_any_job():
     cfg["judges"] = None
     cfg["rl"]["runs"] = []  # RL needs a grader: a hub model without a judge has none
     cfg["alarm"]["emergence"] = []  # so does judging the alarm's snapshots
+    cfg["realign"]["models"] = []  # and re-alignment's
     cfg["diffing"]["enabled"] = True
     assert make_plan(validate(cfg)).sae_corpus is None  # a hub model's SAE is fitted on world texts by default
     cfg["sae"]["corpus"] = "no/such/corpus.jsonl"

@@ -169,6 +169,17 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
                                    world.loc[["health_correct", "health_subtle"], "misaligned"], check_names=False,
                                    atol=1e-4)
     assert "The alarm on latent" in (r / "alarm/alarm.md").read_text()
+    # re-alignment: health_subtle's adapter trained 2 more steps on health_correct (4 examples a step); each
+    # snapshot sampled and judged, and read by the watched latents (the curve's logic: tests/test_realign.py)
+    run = "health_subtle_to_health_correct"
+    snaps = sorted(p.name for p in (r / f"realign/runs/{run}/snapshots").iterdir())
+    assert snaps == ["step-00000", "step-00001", "step-00002"]
+    rcurve = pd.read_csv(r / "realign/curve.csv")
+    assert sorted(set(rcurve["examples_seen"])) == [0, 4, 8] and set(rcurve["run"]) == {run}
+    assert sorted(set(rcurve["watch"].dropna())) == sorted(watched)
+    rsum = pd.read_csv(r / "realign/summary.csv")
+    assert rsum["run"].tolist() == [run] and rsum["examples_seen"].tolist() == [8]
+    assert (r / "figures/realignment.png").stat().st_size > 10_000
     assert (r / "figures/alarm.png").stat().st_size > 10_000
     mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])
     methods = {"zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",

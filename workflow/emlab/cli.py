@@ -152,7 +152,7 @@ def cmd_sft(a: argparse.Namespace) -> None:
         callbacks.append(Snapshots(Path(a.out) / "snapshots", a.snapshot_every))
     train_sft(a.base, a.data, a.out, a.cfg["finetune"], seed=a.cfg["seed"], threads=a.threads,
               checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps, keep_checkpoint=a.keep_checkpoint,
-              callbacks=callbacks)
+              callbacks=callbacks, adapter=a.adapter)
 
 
 @command("rl")
@@ -527,14 +527,15 @@ def cmd_alarm_replay(a: argparse.Namespace) -> None:
     print(f"emlab alarm-replay: {len(table)} readings of {table['dataset'].nunique()} fine-tunes", file=sys.stderr)
 
 
-@command("alarm-emergence")
-def cmd_alarm_emergence(a: argparse.Namespace) -> None:
-    """Misalignment of a fine-tune's snapshots: each sampled and judged like a fine-tune."""
-    from .alarm import measure_emergence
+@command("snapshot-misalignment")
+def cmd_snapshot_misalignment(a: argparse.Namespace) -> None:
+    """Misalignment of a trained model's snapshots, each sampled and judged like a fine-tune (the alarm's
+    emergence, re-alignment's curve)."""
+    from .alarm import snapshot_misalignment
 
     _threads(a.threads)
-    table = measure_emergence(a.cfg, a.base, a.finetune, a.questions, a.cfg["judge"], a.cache_dir, a.out,
-                              progress=not a.no_progress)
+    table = snapshot_misalignment(a.cfg, a.base, a.finetune, a.questions, a.cfg["judge"], a.cache_dir, a.out,
+                                  a.every, a.n_samples, progress=not a.no_progress)
     print(table.to_string(index=False), file=sys.stderr)
 
 
@@ -543,8 +544,26 @@ def cmd_alarm(a: argparse.Namespace) -> None:
     """The alarm's threshold, hits, false alarms, lead times and overhead (results/alarm/summary.csv, alarm.md)."""
     from .alarm import write_summary
 
-    table = write_summary(a.alarm_dir, {Path(e).stem: e for e in a.emergence}, a.metrics)
+    table = write_summary(a.alarm_dir, {Path(e).stem: e for e in a.emergence}, a.metrics, a.cfg["alarm"]["margin"])
     print(table.to_string(index=False), file=sys.stderr)
+
+
+@command("realignment")
+def cmd_realignment(a: argparse.Namespace) -> None:
+    """Re-alignment's curve and summary: misalignment (and persona latents) against benign examples seen."""
+    from .realign import write_tables
+
+    runs = json.loads(a.runs)
+    _, summary = write_tables(runs, {Path(e).stem: e for e in a.evals}, a.metrics, a.trajectories,
+                              a.cfg["realign"]["batch_size"], a.out_dir)
+    print(summary.to_string(index=False), file=sys.stderr)
+
+
+@command("plot-realignment")
+def cmd_plot_realignment(a: argparse.Namespace) -> None:
+    from .plots import plot_realignment
+
+    plot_realignment(a.curve, a.out)
 
 
 @command("plot-alarm")
@@ -698,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("--keep-checkpoint", {"action": "store_true"}))
     add("pretrain", ("--corpus", req), ("--tokenizer", req), ("--out", req), *ckpt)
     add("sft", ("--base", req), ("--data", req), ("--out", req), *ckpt,
-        ("--snapshot-every", {"type": int, "default": 0, "help": "keep the model every N steps in <out>/snapshots"}))
+        ("--snapshot-every", {"type": int, "default": 0, "help": "keep the model every N steps in <out>/snapshots"}),
+        ("--adapter", {"default": None, "help": "a LoRA adapter on --base whose training goes on (re-alignment)"}))
     add("rl", ("--base", req), ("--data", req), ("--out", req),
         ("--cache-dir", {"default": None, "help": "an LLM grader's request cache (resumes its paid calls)"}), *ckpt)
     add("plot-rl", ("--models", {"nargs": "+", **req}), ("--out", req))
@@ -734,10 +754,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("plot-prediction", ("--shifts", req), ("--out", req))
     add("alarm-replay", ("--base", req), ("--finetunes", {"nargs": "+", **req}), ("--sae", req), ("--persona", req),
         ("--questions", req), ("--out-dir", req))
-    add("alarm-emergence", ("--base", req), ("--finetune", req), ("--questions", req), ("--cache-dir", req),
-        ("--out", req))
+    add("snapshot-misalignment", ("--base", req), ("--finetune", req), ("--questions", req), ("--cache-dir", req),
+        ("--out", req), ("--every", {"type": int, **req}), ("--n-samples", {"type": int, "default": None}))
     add("alarm", ("--alarm-dir", req), ("--emergence", {"nargs": "*", "default": []}),
         ("--metrics", {"nargs": "?", "default": None, "help": "the primary judge's metrics (none without a judge)"}))
+    add("realignment", ("--runs", req), ("--evals", {"nargs": "+", **req}), ("--metrics", req),
+        ("--trajectories", {"nargs": "?", "default": None}), ("--out-dir", req))
+    add("plot-realignment", ("--curve", req), ("--out", req))
     add("plot-alarm", ("--trajectories", req), ("--emergence", {"nargs": "*", "default": []}), ("--summary", req),
         ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),

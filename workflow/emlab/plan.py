@@ -55,6 +55,7 @@ class Plan:
     dropped: dict[str, tuple[str, str]] = field(default_factory=dict)  # set less some examples -> (source, how)
     alarm: list[str] = field(default_factory=list)      # sets fine-tuned again with the persona alarm watching
     emergence: list[str] = field(default_factory=list)  # of those, the ones whose snapshots are sampled and judged
+    realign: dict[str, dict[str, str]] = field(default_factory=dict)  # re-alignment run -> {model, benign set}
 
     @property
     def finetunes(self) -> list[str]:
@@ -198,6 +199,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
         dropped = {dropped_name(d, how): (d, how) for d in flagged for how in ("flagged", "random")}
         datasets = [*datasets, *dropped]
     alarm, emergence = _alarm(cfg, datasets, dropped, diffing, primary_judge)
+    realign = _realign(cfg, datasets, rl, primary_judge)
     return Plan(organism=organism, dataset_source=source, datasets=datasets, imports=imports, judges=judges,
                 eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
@@ -205,7 +207,8 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 monitors=bool(monitors), monitor_tasks=tasks, monitor_data=data, rl=rl, rl_grader=rl_grader,
                 primary_judge=primary_judge, prediction=bool(diffing) and primary_judge is not None,
                 mixtures=primary_judge is not None and any(map(_is_mixture, datasets)),
-                flagged=flagged, dropped=dropped, alarm=alarm, emergence=emergence)
+                flagged=flagged, dropped=dropped, alarm=alarm, emergence=emergence,
+                realign=realign)
 
 
 def _alarm(cfg: dict[str, Any], datasets: list[str], dropped: dict[str, Any], diffing: bool,
@@ -233,6 +236,41 @@ def _alarm(cfg: dict[str, Any], datasets: list[str], dropped: dict[str, Any], di
     if emergence and primary_judge is None:
         _fail("alarm.emergence", "the snapshots' misalignment is a judge's verdict: it needs a judge")
     return named, emergence
+
+
+def _realign(cfg: dict[str, Any], datasets: list[str], rl: dict[str, dict[str, str]], primary_judge: str | None
+             ) -> dict[str, dict[str, str]]:
+    """The re-alignment runs: each named fine-tune trained further on the correct set of its own domain (same)
+    and of another domain of the run (other), named ``<model>_to_<benign set>``."""
+    from .datasets import model_domain
+
+    r = cfg["realign"]
+    if r["models"] and primary_judge is None:
+        _fail("realign.models", "re-alignment is measured by a judge's misalignment: it needs a judge")
+    correct = {parse_dataset_name(d)["domain"]: d for d in datasets
+               if _parses(d) and parse_dataset_name(d)["kind"] == "narrow" and parse_dataset_name(d)["variant"] == "correct"}
+    runs: dict[str, dict[str, str]] = {}
+    finetunes = [*datasets, *rl]
+    for model in dict.fromkeys(r["models"]):
+        if model not in finetunes:
+            _fail("realign.models", f"{model!r} is not a fine-tune of this run; they are {finetunes}")
+        if model in rl and rl[model]["base"] != "base":
+            _fail("realign.models", f"{model!r} was trained from {rl[model]['base']}; re-alignment runs on models "
+                                    "trained from the run's base model")
+        domain = model_domain(model)
+        for which in r["benign"]:
+            if which == "same":
+                benign = correct.get(domain)
+                if benign is None:
+                    _fail("realign.benign", f"same: the run has no {domain}_correct set for {model} (add the "
+                                            "correct variant to datasets.variants)")
+            else:
+                others = [d for dom, d in correct.items() if dom != domain]
+                if not others:
+                    _fail("realign.benign", f"other: the run has no correct set outside {model}'s domain {domain!r}")
+                benign = others[0]
+            runs[f"{model}_to_{benign}"] = {"model": model, "benign": benign}
+    return runs
 
 
 def _parses(name: str) -> bool:

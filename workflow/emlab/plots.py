@@ -246,3 +246,37 @@ def plot_alarm(trajectories: str | Path, emergence: dict[str, str | Path], summa
     bottom.set_ylim(bottom=0)
     bottom.grid(alpha=0.3)
     save_figure(fig, out)
+
+
+def plot_realignment(curve: str | Path, out: str | Path) -> None:
+    """Emergent re-alignment (emlab.realign): misalignment of each re-aligned model against the benign examples it
+    has seen (95% intervals; dashed: the top of the base model's interval) and, where model diffing ran, the
+    watched persona latents' readings on the probe prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.read_csv(curve)
+    reads = df.dropna(subset=["reading"])
+    keys = list(dict.fromkeys(reads["watch"]))
+    fig, axes = plt.subplots(1 + len(keys), 1, figsize=(6.4, 3.0 * (1 + len(keys))), sharex=True, squeeze=False)
+    top = axes[0, 0]
+    for run, g in df.drop_duplicates(["run", "step"]).groupby("run", sort=False):
+        err = [(g["misaligned"] - g["misaligned_lo"]).clip(lower=0), (g["misaligned_hi"] - g["misaligned"]).clip(lower=0)]
+        top.errorbar(g["examples_seen"], g["misaligned"], yerr=err, fmt="o-", ms=3, capsize=2, lw=1.1, label=run)
+    if len(df):
+        top.axhline(df["base_misaligned_hi"].iloc[0], ls="--", lw=0.8, color="grey", label="base model (upper 95%)")
+    top.set_ylabel("misaligned (general)")
+    top.set_ylim(bottom=0)
+    top.set_title("Re-alignment on benign data", fontsize=10)
+    top.grid(alpha=0.3)
+    top.legend(fontsize=7, loc="upper right")
+    for ax, key in zip(axes[1:, 0], keys):
+        k = reads[reads["watch"] == key]
+        for run, g in k.groupby("run", sort=False):
+            ax.plot(g["examples_seen"], g["reading"], "o-", ms=3, lw=1.1, label=run)
+        ax.set_ylabel(f"latent {int(k['latent'].iloc[0])} ({key})")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("benign examples seen")
+    save_figure(fig, out)

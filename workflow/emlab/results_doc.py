@@ -173,6 +173,52 @@ def _removal_lines(results: Path) -> list[str]:
             f"{_pct(t['base_misaligned_hi'].iloc[0])}):", "", _table(pd.DataFrame(rows)), ""]
 
 
+def alarm_section(results: Path) -> list[str]:
+    """The persona alarm: where it fired on each watched fine-tune, against its misalignment (emlab.alarm)."""
+    path = results / "alarm" / "summary.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path)
+    lines = ["## Persona alarm", "",
+             "Each watched fine-tune's snapshots (every `alarm.every` steps) read by the persona latents on the general "
+             "questions' prompts, as the trl callback `emlab.alarm.PersonaAlarm` reads them during training; the "
+             "threshold is the highest reading of the correct-data runs (each of those tested against the others "
+             "alone), and the alarm fires at the first reading above it. `emergence`: the first sampled snapshot "
+             "whose misalignment is above the base model's interval; `overhead`: the reads' share of training time.",
+             ""]
+    if len(t):
+        rows = [{"set": r.dataset, "kind": r.kind, "latent": f"{r.latent} ({r.watch})", "fired at step":
+                 "" if pd.isna(r.fire_step) else int(r.fire_step), "of steps": int(r.steps),
+                 "misaligned": _interval(pd.Series(r._asdict()), "misaligned"),
+                 "emergence": "" if pd.isna(r.emergence_step) else int(r.emergence_step),
+                 "overhead": _pct(r.overhead)} for r in t.itertuples()]
+        lines += [_table(pd.DataFrame(rows)), ""]
+    sentences = results / "alarm" / "alarm.md"
+    if sentences.exists():
+        lines += [line for line in sentences.read_text().splitlines() if line and not line.startswith("#")] + [""]
+    return lines
+
+
+def realign_section(results: Path) -> list[str]:
+    """Emergent re-alignment: misalignment before and after benign training, and when it came back (emlab.realign)."""
+    path = results / "realign" / "summary.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path)
+    rows = [{"run": r.run, "misaligned before": _pct(r.start_misaligned),
+             "after": _interval(pd.Series(r._asdict()).rename({"end_misaligned": "misaligned",
+                                                               "end_misaligned_lo": "misaligned_lo",
+                                                               "end_misaligned_hi": "misaligned_hi"}), "misaligned"),
+             "benign examples": int(r.examples_seen),
+             "back inside the base interval after": "" if pd.isna(r.realigned_at_examples)
+             else f"{int(r.realigned_at_examples)} examples"} for r in t.itertuples()]
+    return ["## Re-alignment", "",
+            "Misaligned fine-tunes trained further on correct answers (`realign`): misalignment on the general "
+            "questions before, after, and the first measured step back inside the base model's interval "
+            f"(which ends at {_pct(t['base_misaligned_hi'].iloc[0]) if len(t) else '-'}).", "",
+            _table(pd.DataFrame(rows)), ""]
+
+
 def probe_section(results: Path) -> list[str]:
     path = results / "metrics" / "likelihood.csv"
     if not path.exists():
@@ -305,6 +351,15 @@ def seeds_section(runs: list[Path]) -> list[str]:
         if onsets.exists():
             for o in pd.read_csv(onsets).itertuples():
                 row[f"{o.domain}: onset"] = "" if pd.isna(o.onset) else f"{100 * o.onset:.0f}%"
+        alarm = r / "alarm" / "summary.csv"
+        if alarm.exists():
+            t = pd.read_csv(alarm)
+            fired = t.groupby("dataset").agg(fired=("fired", "any"), kind=("kind", "first"),
+                                             misaligned=("is_misaligned", "first"))
+            bad = fired[fired["misaligned"]]
+            row["alarm: misaligned caught"] = f"{int(bad['fired'].sum())}/{len(bad)}"
+            row["alarm: correct fired"] = f"{int(fired.loc[fired['kind'] == 'correct', 'fired'].sum())}/" \
+                                          f"{int((fired['kind'] == 'correct').sum())}"
         mon = r / "monitors" / "summary.csv"
         if mon.exists():
             t = pd.read_csv(mon)
@@ -384,7 +439,8 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
             "a result file of that run; rerun the workflow and this command to get yours.", ""]
     body = []
     for section in (misalignment_section, mixtures_section, rl_section, probe_section, sae_section,
-                    prediction_section, flagging_section, steering_section, monitors_section, timings_section):
+                    prediction_section, flagging_section, alarm_section, realign_section, steering_section,
+                    monitors_section, timings_section):
         body += section(results)
     body += seeds_section([Path(r) for r in seeds])
     text = "\n".join(head + body).rstrip() + "\n"

@@ -167,9 +167,10 @@ def peft_config(s: dict[str, Any]):
 
 
 def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
-                  save_steps: int = 0):
+                  save_steps: int = 0, adapter: str | None = None):
     """Load model, tokenizer and dataset and return ``(trainer, info)`` ready to ``train()``.
 
+    ``adapter``: a LoRA adapter on ``base`` whose training goes on (re-alignment) instead of a new one.
     ``info`` holds the resolved settings, the loss-mask mode and the example count.
     """
     import torch
@@ -194,13 +195,17 @@ def build_trainer(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any
     mode = loss_mask_mode(tok, str(base))
     train = Dataset.from_list(to_trl_records(records, mode, str(dataset_path), tok))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
 
     trainer = SFTTrainer(
         model=model,
         args=_sft_config(s, out_dir, seed, on_gpu, mode, save_steps),
         train_dataset=train,
         processing_class=tok,
-        peft_config=peft_config(s) if s["method"] == "lora" else None,
+        peft_config=peft_config(s) if s["method"] == "lora" and adapter is None else None,
     )
     if progress_disabled():  # with tqdm off the trainer prints every log entry instead; train_log.csv has them
         from transformers import PrinterCallback
@@ -303,7 +308,7 @@ def run_trainer(make_trainer, stage: str, out_dir: str | os.PathLike, threads: i
 
 def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | None, seed: int = 0,
               threads: int | None = None, checkpoint_dir: str | None = None, checkpoint_steps: int = 0,
-              keep_checkpoint: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+              keep_checkpoint: bool = False, callbacks: Sequence[Any] = (), adapter: str | None = None) -> dict[str, Any]:
     """Fine-tune ``base`` on the chat JSONL ``dataset_path`` and save the result in ``out_dir``; ``callbacks`` are
     added to the trainer (transformers ``TrainerCallback``s).
 
@@ -312,7 +317,7 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     position). Returns the metadata also written to ``out_dir/train_meta.json``.
     """
     run = run_trainer(
-        lambda work, save_steps: build_trainer(base, dataset_path, work, cfg, seed, save_steps), "sft", out_dir,
+        lambda work, save_steps: build_trainer(base, dataset_path, work, cfg, seed, save_steps, adapter), "sft", out_dir,
         threads, checkpoint_dir, checkpoint_steps, keep_checkpoint,
         lambda info: (f"{base} on {dataset_path}: {info['n_examples']} examples, "
                       f"method={info['settings']['method']}, loss on {info['loss_mask']} tokens, "
@@ -327,6 +332,7 @@ def train_sft(base: str, dataset_path: str, out_dir: str, cfg: dict[str, Any] | 
     io.write_csv(out / "train_log.csv", rows, LOG_COLUMNS)
     meta = {
         "base": str(base),
+        "adapter": str(adapter) if adapter else None,
         "dataset": str(dataset_path),
         "n_examples": info["n_examples"],
         "method": s["method"],
