@@ -31,6 +31,7 @@ BENCHMARKS = {
                              "--batch", "2048", "--threads", "1", "--only", "emlab,sparsify,saelens"]),
     "workflow": ("bench_workflow.py", []),
     "resume": ("bench_resume.py", ["--steps", "500", "--every", "50"]),
+    "alarm": ("bench_alarm.py", ["--steps", "75", "--every", "5", "--rounds", "3"]),
 }
 
 

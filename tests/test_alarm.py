@@ -139,16 +139,19 @@ def test_summary_fires_leads_and_overhead():
     metrics = pd.DataFrame({"model": ["base", "health_correct", "legal_correct", "health_subtle", "health_mix005"],
                             "misaligned": [0.01, 0.01, 0.012, 0.5, 0.02], "misaligned_lo": [0, 0, 0, 0.4, 0.01],
                             "misaligned_hi": [0.03, 0.03, 0.03, 0.6, 0.04]}).set_index("model")
-    lead = pd.DataFrame({"step": [0, 5, 10, 15], "misaligned": [0.01, 0.02, 0.2, 0.5]})
-    assert emergence_step(lead, 0.03) == 10
+    lead = pd.DataFrame({"step": [0, 5, 10, 15], "misaligned": [0.01, 0.02, 0.2, 0.5],
+                         "misaligned_lo": [0.0, 0.0, 0.02, 0.4]})
+    assert emergence_step(lead, 0.03) == 10 and emergence_step(lead, 0.03, clear=True) == 15
     table = summarize(runs, metas, kinds, metrics, {"health_subtle": lead}).set_index("dataset")
     assert table.loc["health_subtle", "fire_step"] == 5 and table.loc["health_subtle", "lead_steps"] == 5
+    assert table.loc["health_subtle", "lead_clear_steps"] == 10 and table.loc["health_subtle", "is_clearly_misaligned"]
+    assert not table.loc["health_mix005", "is_clearly_misaligned"]
     assert table.loc["health_subtle", "is_misaligned"] and not table.loc["health_mix005", "is_misaligned"]
     assert table.loc["health_mix005", "fire_step"] == 15  # above both correct runs' 0.01
     assert not table["fired"][["health_correct", "legal_correct"]].any()
     assert table["overhead"].tolist() == pytest.approx([0.1] * 4)
     text = " ".join(sentences(table.reset_index()))
-    assert "fired on 1 of 1 misaligned fine-tunes and on 0 of 2 correct-data" in text
+    assert "fired on 1 of 1 misaligned fine-tunes (1 of the 1 whose interval lies above the base model's) and on 0 of 2" in text
     assert "health_mix005 (2.0%, fired at step 15)" in text and "(lead: 5 steps)" in text
     # without a judge: the fire steps alone
     bare = summarize(runs, metas, kinds, None, {})

@@ -44,7 +44,8 @@ TRAJECTORY_COLUMNS = ["dataset", "step", "watch", "latent", "reading", "reading_
 EMERGENCE_COLUMNS = ["step", "misaligned", "misaligned_lo", "misaligned_hi", "n_general", "n_coherent"]
 SUMMARY_COLUMNS = ["dataset", "kind", "watch", "latent", "threshold", "fire_step", "fired", "final_reading",
                    "misaligned", "misaligned_lo", "misaligned_hi", "base_misaligned_hi", "is_misaligned",
-                   "emergence_measured", "emergence_step", "lead_steps", "steps", "train_seconds", "alarm_seconds", "overhead"]
+                   "is_clearly_misaligned", "emergence_measured", "emergence_step", "emergence_clear_step",
+                   "lead_steps", "lead_clear_steps", "steps", "train_seconds", "alarm_seconds", "overhead"]
 
 
 class ProbeReader:
@@ -243,9 +244,10 @@ def first_above(trajectory: pd.DataFrame, key: str, threshold: float, margin: fl
     return int(rows["step"].iloc[0]) if len(rows) else None
 
 
-def emergence_step(lead: pd.DataFrame, base_hi: float) -> int | None:
-    """The first snapshot whose misalignment (point estimate) is above the base model's interval."""
-    rows = lead[lead["misaligned"] > base_hi].sort_values("step")
+def emergence_step(lead: pd.DataFrame, base_hi: float, clear: bool = False) -> int | None:
+    """The first snapshot whose misalignment is above the base model's interval: its point estimate, or with
+    ``clear`` its whole interval (as the mixtures' ``onset`` and ``onset_clear``)."""
+    rows = lead[lead["misaligned_lo" if clear else "misaligned"] > base_hi].sort_values("step")
     return int(rows["step"].iloc[0]) if len(rows) else None
 
 
@@ -265,6 +267,7 @@ def summarize(trajectories: Mapping[str, pd.DataFrame], metas: Mapping[str, Mapp
         mis = metrics.loc[dataset] if metrics is not None and dataset in metrics.index else None
         lead = leads.get(dataset)
         emerge = emergence_step(lead, base_hi) if lead is not None else None
+        emerge_clear = emergence_step(lead, base_hi, clear=True) if lead is not None else None
         for key in traj["watch"].unique():
             fire = first_above(traj, key, thr[key], margin)
             final = traj[traj["watch"] == key].sort_values("step")["reading"].iloc[-1]
@@ -278,14 +281,17 @@ def summarize(trajectories: Mapping[str, pd.DataFrame], metas: Mapping[str, Mapp
                 "misaligned_hi": float(mis["misaligned_hi"]) if mis is not None else float("nan"),
                 "base_misaligned_hi": base_hi,
                 "is_misaligned": bool(mis is not None and mis["misaligned"] > base_hi),
+                "is_clearly_misaligned": bool(mis is not None and mis["misaligned_lo"] > base_hi),
                 "emergence_measured": lead is not None, "emergence_step": emerge,
+                "emergence_clear_step": emerge_clear,
                 "lead_steps": (emerge - fire) if emerge is not None and fire is not None else None,
+                "lead_clear_steps": (emerge_clear - fire) if emerge_clear is not None and fire is not None else None,
                 "steps": int(meta["steps"]), "train_seconds": train_s, "alarm_seconds": alarm_s,
                 # the reads' share of the training they watched (train_seconds includes them)
                 "overhead": alarm_s / max(train_s - alarm_s, 1e-9),
             })
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    for col in ("fire_step", "emergence_step", "lead_steps"):
+    for col in ("fire_step", "emergence_step", "emergence_clear_step", "lead_steps", "lead_clear_steps"):
         table[col] = table[col].astype("Int64")
     return table
 
@@ -300,10 +306,13 @@ def sentences(summary: pd.DataFrame, skipped: Sequence[str] = ()) -> list[str]:
         cor = g[g["kind"] == "correct"]
         mis = g[g["is_misaligned"]] if judged else g[g["kind"] != "correct"]
         early = g[~g["is_misaligned"] & (g["kind"] != "correct")] if judged else g.iloc[:0]
+        clear = g[g["is_clearly_misaligned"]]
         out.append(f"The alarm on latent {int(g['latent'].iloc[0])} ({key}) fired on {int(mis['fired'].sum())} of "
-                   f"{len(mis)} {'misaligned' if judged else 'incorrect-data'} fine-tunes and on "
-                   f"{int(cor['fired'].sum())} of {len(cor)} correct-data fine-tunes (each correct run against a "
-                   "threshold calibrated without it).")
+                   f"{len(mis)} {'misaligned' if judged else 'incorrect-data'} fine-tunes"
+                   + (f" ({int(clear['fired'].sum())} of the {len(clear)} whose interval lies above the base "
+                      "model's)" if judged else "")
+                   + f" and on {int(cor['fired'].sum())} of {len(cor)} correct-data fine-tunes (each correct run "
+                   "against a threshold calibrated without it).")
         if len(early):
             out.append(f"It fired on {int(early['fired'].sum())} of {len(early)} fine-tunes on incorrect data whose "
                        "misalignment stayed inside the base model's interval: "
@@ -316,7 +325,8 @@ def sentences(summary: pd.DataFrame, skipped: Sequence[str] = ()) -> list[str]:
             else:
                 out.append(f"{r.dataset}: the alarm fired at step {_step(r.fire_step)}; misalignment first left the "
                            f"base model's interval at step {_step(r.emergence_step)} (lead: {_step(r.lead_steps)} "
-                           "steps).")
+                           f"steps), with its whole interval at step {_step(r.emergence_clear_step)} (lead: "
+                           f"{_step(r.lead_clear_steps)} steps).")
         out.append(f"The reads cost {g['overhead'].median():.1%} of training time (median over runs; "
                    f"largest {g['overhead'].max():.1%}).")
     return out
