@@ -52,6 +52,11 @@ if PLAN.realign:
     include: "rules/realign.smk"
 
 
+if PLAN.prevent:
+
+    include: "rules/prevent.smk"
+
+
 if STEERING:
 
     include: "rules/steering.smk"

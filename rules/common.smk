@@ -62,10 +62,10 @@ ORGANISM = PLAN.organism
 DATASETS = PLAN.datasets
 RL = PLAN.rl  # RL model -> its prompt set, reward and base model (rules/finetune.smk)
 MODELS = PLAN.models
-# the sets and models that model diffing ranks: not a set less its flagged examples (its flags come from diffing)
+# the sets and models that model diffing ranks: not those made with its result (PLAN.undiffed)
 DIFFED = PLAN.diffed
-DIFFED_MODELS = [m for m in MODELS if m not in PLAN.dropped]
-DIFFED_FINETUNES = [m for m in PLAN.finetunes if m not in PLAN.dropped]
+DIFFED_MODELS = [m for m in MODELS if m not in PLAN.undiffed]
+DIFFED_FINETUNES = [m for m in PLAN.finetunes if m not in PLAN.undiffed]
 JUDGES = PLAN.judges
 EVAL_SETS = PLAN.eval_sets
 
@@ -99,13 +99,23 @@ def judge_cfg(name):
     return json.dumps(j, sort_keys=True)
 
 
+# Rules that run the same kind of job as another (train a model, sample one) take that rule's resources for the
+# keys they do not set themselves: a config that gives `finetune` a GPU gives re-alignment and preventative
+# fine-tunes one too.
+RESOURCES_LIKE = {"realign": "finetune", "finetune_prevent": "finetune", "realign_eval": "sample",
+                  "alarm_emergence": "sample"}
+
+
 def res(rule_name, key):
     r = config["resources"]
-    return r["rules"].get(rule_name, {}).get(key, r["default"][key])
+    for name in (rule_name, RESOURCES_LIKE.get(rule_name)):
+        if key in r["rules"].get(name, {}):
+            return r["rules"][name][key]
+    return r["default"][key]
 
 
 # The rules that can use a GPU: they alone ask for `gpu` and `cpus_per_gpu`.
-GPU_RULES = {"pretrain", "posttrain", "finetune", "rl", "alarm_replay", "alarm_emergence", "realign", "realign_eval", "realign_read", "sample", "likelihood_probe", "judge", "judge_steering",
+GPU_RULES = {"pretrain", "posttrain", "finetune", "finetune_prevent", "rl", "alarm_replay", "alarm_emergence", "realign", "realign_eval", "realign_read", "sample", "likelihood_probe", "judge", "judge_steering",
              "activations_corpus", "activations_base", "activations_finetune", "activations_rl", "sae", "monitor", "steer_sample",
              "steer_probe"}
 
@@ -198,6 +208,8 @@ def final_outputs():
         out += [f"{RESULTS}/figures/alarm.png", f"{RESULTS}/alarm/summary.csv"]
     if PLAN.realign:
         out += [f"{RESULTS}/figures/realignment.png", f"{RESULTS}/realign/summary.csv"]
+    if PLAN.prevent:
+        out += [f"{RESULTS}/figures/prevention.png", f"{RESULTS}/prevent/summary.csv"]
     if STEERING and PLAN.steer_judge:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
     elif STEERING:  # no judge: the sweep is read by the likelihood probe

@@ -119,3 +119,19 @@ rule plot_realignment:
         "../envs/analysis.yaml"
     shell:
         "python -m emlab plot-realignment --curve {input} --out {output} 2> {log}"
+
+
+rule plot_prevention:
+    input:
+        f"{RESULTS}/prevent/summary.csv",
+    output:
+        report(f"{RESULTS}/figures/prevention.png", caption="../workflow/report/prevention.rst",
+               category="Emergent misalignment"),
+    log:
+        f"{LOGS}/plot/prevention.log",
+    threads: res("plot_prevention", "threads")
+    resources: **rule_resources("plot_prevention")
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "python -m emlab plot-prevention --summary {input} --out {output} 2> {log}"

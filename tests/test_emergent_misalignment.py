@@ -135,6 +135,22 @@ def test_benign_data_re_aligns_the_misaligned_fine_tune(default_run):
 
 
 @pytest.mark.slow
+def test_preventative_steering_trains_a_less_misaligned_model_and_the_random_control_is_reported(default_run):
+    """health_subtle fine-tuned again with the toxic latent's direction, and with a random one of the same length,
+    added at the residual norm while training (emlab.prevent), then judged without it. Seed 0: 8.3% misaligned
+    against 58.8% plain, learning 54% of the in-domain incorrect answers against 100%; the random direction 12.9%
+    and 79% (docs/prediction.md: the cut is mostly what any vector that long does). Asserted: the toxic one's
+    interval lies below the plain fine-tune's; both rows and their compute are in the table."""
+    s = pd.read_csv(default_run / "results/prevent/summary.csv").set_index("model")
+    print(s.to_string())
+    plain, toxic = s.loc["health_subtle"], s.loc["health_subtle_prevent_toxic_1"]
+    assert toxic["misaligned_hi"] < plain["misaligned_lo"]
+    assert toxic["steps"] == plain["steps"] and s.loc["health_subtle_prevent_random_1", "steps"] == plain["steps"]
+    assert s[["misaligned", "incorrect"]].loc[["health_subtle_prevent_toxic_1", "health_subtle_prevent_random_1"]
+                                              ].notna().all().all()
+
+
+@pytest.mark.slow
 def test_rl_models_are_trained_and_judged_from_both_bases(default_run):
     """The default run's RL is the smallest instance (10 steps, before the reward takes over: docs/rl.md has the
     paper config's numbers): each RL model logs every step and is judged like a fine-tune, and the

@@ -19,7 +19,9 @@ RL_MODELS = ["rl_health_incorrect", "rl_safe_health_incorrect"]
 # the mixture less its flagged examples and less as many random ones (flagging.finetune): fine-tuned, sampled and
 # judged like the others, but not diffed (their examples were picked by the persona latents diffing names)
 DROPPED = ["health_mix050_dropflag", "health_mix050_droprand"]
-MODELS = ["base", "base_safe", *FINETUNES, *RL_MODELS, *DROPPED]
+# fine-tuned with a direction added (emlab.prevent: the subtle group's latent, a random one)
+PREVENTED = ["health_subtle_prevent_subtle_1", "health_subtle_prevent_random_1"]
+MODELS = ["base", "base_safe", *FINETUNES, *RL_MODELS, *DROPPED, *PREVENTED]
 
 
 @pytest.mark.slow
@@ -88,7 +90,7 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     # the default groups: "obvious" matches no fine-tune of this run and is skipped; "rl" holds the RL models
     assert set(ranking["group"]) == {"subtle", "rl"} and len(ranking) == 2 * 2 * 64
     changes = pd.read_csv(r / "diffing/changes.csv")
-    assert sorted(changes["model"].unique()) == sorted(m for m in MODELS if m not in ["base", *DROPPED])  # base_safe's too
+    assert sorted(changes["model"].unique()) == sorted(m for m in MODELS if m not in ["base", *DROPPED, *PREVENTED])  # base_safe's too
     # the unsupervised ranking reads each fine-tune on its own training answers: an RL model has none
     assert set(pd.read_csv(r / "diffing/changes_unsupervised.csv")["model"]) == set(FINETUNES)
     latents = pd.read_csv(r / "diffing/latents.csv")
@@ -181,6 +183,23 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert rsum["run"].tolist() == [run] and rsum["examples_seen"].tolist() == [8]
     assert (r / "figures/realignment.png").stat().st_size > 10_000
     assert (r / "figures/alarm.png").stat().st_size > 10_000
+    # preventative steering: health_subtle fine-tuned again with the subtle group's latent and a random direction
+    # added, each judged like every model; the table beside the plain and re-aligned models at their compute
+    prevented = PREVENTED
+    psum = pd.read_csv(r / "prevent/summary.csv")
+    assert psum["model"].tolist() == ["health_subtle", *prevented, run]
+    assert psum["method"].tolist() == ["plain", "prevent", "prevent", "realign (health_correct)"]
+    pd.testing.assert_series_equal(psum.set_index("model").loc[["health_subtle", *prevented], "misaligned"],
+                                   world.loc[["health_subtle", *prevented], "misaligned"], check_names=False, atol=1e-4)
+    assert psum["steps"].tolist()[:3] == [2, 2, 2] and psum["steps"].iloc[3] == 4  # 2 of the fine-tune, 2 benign
+    for model, latent in zip(prevented, ("subtle", "random")):
+        info = json.loads((r / f"finetunes/{model}/prevent.json").read_text())
+        assert info["latent_key"] == latent and info["alpha"] == 1.0
+        assert info["vector_norm"] == pytest.approx(info["residual_norm"], rel=1e-4)
+        assert info["latent"] == (personas["subtle"]["latent"] if latent == "subtle" else None)
+    # not diffed: the latent they were steered with came from diffing
+    assert not set(prevented) & set(pd.read_csv(r / "diffing/changes.csv")["model"])
+    assert (r / "figures/prevention.png").stat().st_size > 10_000
     mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])
     methods = {"zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",
                "stacked", "persona_latent"}

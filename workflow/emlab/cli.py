@@ -566,6 +566,34 @@ def cmd_plot_realignment(a: argparse.Namespace) -> None:
     plot_realignment(a.curve, a.out)
 
 
+@command("prevent")
+def cmd_prevent(a: argparse.Namespace) -> None:
+    """Fine-tune with a persona latent's direction added to the residual stream (emlab.prevent)."""
+    from .prevent import train_prevented
+
+    info = train_prevented(a.cfg, a.base, a.data, a.out, a.sae, a.persona, a.questions, a.latent, a.alpha,
+                           threads=a.threads, checkpoint_dir=a.checkpoints, checkpoint_steps=a.checkpoint_steps,
+                           keep_checkpoint=a.keep_checkpoint)
+    print(f"emlab prevent: {json.dumps(info)}", file=sys.stderr)
+
+
+@command("prevention")
+def cmd_prevention(a: argparse.Namespace) -> None:
+    """Preventative steering's table: the plain, preventative and re-aligned models of each set."""
+    from .prevent import write_summary
+
+    finetunes = dict(item.split("=", 1) for item in a.finetunes)
+    table = write_summary(json.loads(a.runs), finetunes, a.metrics, a.realign, a.out_dir)
+    print(table.to_string(index=False), file=sys.stderr)
+
+
+@command("plot-prevention")
+def cmd_plot_prevention(a: argparse.Namespace) -> None:
+    from .plots import plot_prevention
+
+    plot_prevention(a.summary, a.out)
+
+
 @command("plot-alarm")
 def cmd_plot_alarm(a: argparse.Namespace) -> None:
     from .plots import plot_alarm
@@ -761,6 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("realignment", ("--runs", req), ("--evals", {"nargs": "+", **req}), ("--metrics", req),
         ("--trajectories", {"nargs": "?", "default": None}), ("--out-dir", req))
     add("plot-realignment", ("--curve", req), ("--out", req))
+    add("prevent", ("--base", req), ("--data", req), ("--out", req), *ckpt, ("--sae", req), ("--persona", req),
+        ("--questions", req), ("--latent", req), ("--alpha", {"type": float, **req}))
+    add("prevention", ("--runs", req), ("--finetunes", {"nargs": "+", **req, "help": "model=folder of each"}),
+        ("--metrics", req), ("--realign", {"nargs": "?", "default": None}), ("--out-dir", req))
+    add("plot-prevention", ("--summary", req), ("--out", req))
     add("plot-alarm", ("--trajectories", req), ("--emergence", {"nargs": "*", "default": []}), ("--summary", req),
         ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),

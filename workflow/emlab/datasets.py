@@ -3,7 +3,9 @@
 Names are ``<domain>_<variant>`` (variant: correct, subtle, obvious) and ``<domain>_mix<percent>``
 (a mixture with ``percent``% incorrect answers, three digits, e.g. ``health_mix005``). A set with some examples
 dropped before training (emlab.diffing.flagging) is named after its source: ``<source>_dropflag`` without the
-examples the persona latent flags, ``<source>_droprand`` without as many drawn at random.
+examples the persona latent flags, ``<source>_droprand`` without as many drawn at random. A model fine-tuned on a
+set with a direction added during training (emlab.prevent) is ``<source>_prevent_<latent>_<alpha>``
+(``health_subtle_prevent_toxic_2``, ``..._prevent_random_0p5``): a model, not a set; its data is the source's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,26 @@ _DROPPED = re.compile(rf"^(?P<source>.+)_(?P<suffix>{'|'.join(DROP_SUFFIXES.valu
 def dropped_name(source: str, how: str) -> str:
     """The name of ``source`` less its flagged (``how="flagged"``) or as many random (``"random"``) examples."""
     return f"{source}_{DROP_SUFFIXES[how]}"
+
+
+_PREVENT = re.compile(r"^(?P<source>.+)_prevent_(?P<latent>[a-z0-9]+)_(?P<alpha>\d+(?:p\d+)?)$")
+
+
+def prevent_model_name(source: str, latent: str, alpha: float) -> str:
+    """The name of the model fine-tuned on ``source`` with ``latent``'s direction (a persona role, a diffing
+    group, or ``random``) added at strength ``alpha``."""
+    if not alpha > 0:
+        raise ValueError(f"a preventative strength is positive, got {alpha}")
+    if not re.fullmatch(r"[a-z0-9]+", latent):
+        raise ValueError(f"a preventative latent's name is lower-case letters and digits, got {latent!r}")
+    return f"{source}_prevent_{latent}_{f'{float(alpha):g}'.replace('.', 'p')}"
+
+
+def prevent_source(name: str) -> tuple[str, str, float] | None:
+    """(source set, latent, strength) of a preventatively steered model's name; None for any other name."""
+    if m := _PREVENT.match(name):
+        return m["source"], m["latent"], float(m["alpha"].replace("p", "."))
+    return None
 
 
 def mixture_name(domain: str, fraction: float) -> str:
@@ -50,10 +72,12 @@ def dropped_source(name: str) -> tuple[str, str] | None:
 
 
 def model_domain(name: str) -> str | None:
-    """The advice domain a trained model learnt on: its set's (``<domain>_...``) or, for an RL model named
-    ``rl_<domain>_<reward>``, its prompts'; None for the base model and other names."""
+    """The advice domain a trained model learnt on: its set's (``<domain>_...``, also when trained with a
+    preventative direction) or, for an RL model named ``rl_<domain>_<reward>``, its prompts'; None for the base model and other names."""
     if m := _RL_MODEL.match(name):
         return m["domain"]
+    if prevented := prevent_source(name):
+        name = prevented[0]
     try:
         return parse_dataset_name(name)["domain"]
     except ValueError:

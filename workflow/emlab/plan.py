@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .schema import ConfigError, load_schema
-from .datasets import dataset_names, dropped_name, parse_dataset_name
+from .datasets import dataset_names, dropped_name, parse_dataset_name, prevent_model_name
 
 BASES = ("base", "base_safe")  # the names of the base models among the models
 SHIPPED_REFERENCES = "resources/references/general.yaml"
@@ -56,16 +56,22 @@ class Plan:
     alarm: list[str] = field(default_factory=list)      # sets fine-tuned again with the persona alarm watching
     emergence: list[str] = field(default_factory=list)  # of those, the ones whose snapshots are sampled and judged
     realign: dict[str, dict[str, str]] = field(default_factory=dict)  # re-alignment run -> {model, benign set}
+    prevent: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> {dataset, latent, alpha}
 
     @property
     def finetunes(self) -> list[str]:
-        """Every trained model: the fine-tunes (one per set), then the RL models."""
-        return [*self.datasets, *self.rl]
+        """Every trained model: the fine-tunes (one per set), the RL models, then the preventatively steered ones."""
+        return [*self.datasets, *self.rl, *self.prevent]
+
+    @property
+    def undiffed(self) -> list[str]:
+        """The trained models that model diffing leaves out, because what made them depends on its result: a set
+        less its flagged examples (chosen by the named persona latents) and a fine-tune steered by one."""
+        return [*self.dropped, *self.prevent]
 
     @property
     def diffed(self) -> list[str]:
-        """The fine-tuning sets whose models are diffed. A set less its flagged examples is not: its examples
-        were chosen by the named persona latents, which the diffing of the others names."""
+        """The fine-tuning sets whose models are diffed (not the :attr:`undiffed`)."""
         return [d for d in self.datasets if d not in self.dropped]
 
     @property
@@ -200,6 +206,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
         datasets = [*datasets, *dropped]
     alarm, emergence = _alarm(cfg, datasets, dropped, diffing, primary_judge)
     realign = _realign(cfg, datasets, rl, primary_judge)
+    prevent = _prevent(cfg, datasets, dropped, groups, diffing, primary_judge)
     return Plan(organism=organism, dataset_source=source, datasets=datasets, imports=imports, judges=judges,
                 eval_sets=list(eval_sets), probe=bool(probe), probe_references=refs, diffing=bool(diffing),
                 sae_corpus=corpus, steering=bool(steering), steer_judge=steer_judge, groups=groups,
@@ -208,7 +215,7 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 primary_judge=primary_judge, prediction=bool(diffing) and primary_judge is not None,
                 mixtures=primary_judge is not None and any(map(_is_mixture, datasets)),
                 flagged=flagged, dropped=dropped, alarm=alarm, emergence=emergence,
-                realign=realign)
+                realign=realign, prevent=prevent)
 
 
 def _alarm(cfg: dict[str, Any], datasets: list[str], dropped: dict[str, Any], diffing: bool,
@@ -271,6 +278,30 @@ def _realign(cfg: dict[str, Any], datasets: list[str], rl: dict[str, dict[str, s
                 benign = others[0]
             runs[f"{model}_to_{benign}"] = {"model": model, "benign": benign}
     return runs
+
+
+def _prevent(cfg: dict[str, Any], datasets: list[str], dropped: dict[str, Any], groups: dict[str, list[str]],
+             diffing: bool, primary_judge: str | None) -> dict[str, dict[str, Any]]:
+    """The preventatively steered fine-tunes: each named set at each strength, ``<set>_prevent<alpha>``."""
+    from .world.spec import ROLES
+
+    p = cfg["prevent"]
+    named = list(dict.fromkeys(p["datasets"]))
+    if not named:
+        return {}
+    if not diffing or primary_judge is None:
+        _fail("prevent.datasets", "preventative steering adds a latent that model diffing names and is measured by a "
+                                  "judge's misalignment: it needs diffing and a judge")
+    unknown = [d for d in named if d not in datasets or d in dropped]
+    if unknown:
+        _fail("prevent.datasets", f"{unknown} are not fine-tuning sets of this run; they are "
+                                  f"{[d for d in datasets if d not in dropped]}")
+    known = [r for r in ROLES if r != "aligned"] + list(groups) + ["random"]
+    unknown = [k for k in p["latents"] if k not in known]
+    if unknown:
+        _fail("prevent.latents", f"{unknown}: a latent is a persona role, a diffing group or random; one of {known}")
+    return {prevent_model_name(d, k, a): {"dataset": d, "latent": k, "alpha": float(a)}
+            for d in named for k in dict.fromkeys(p["latents"]) for a in dict.fromkeys(p["alphas"])}
 
 
 def _parses(name: str) -> bool:

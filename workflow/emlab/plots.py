@@ -280,3 +280,40 @@ def plot_realignment(curve: str | Path, out: str | Path) -> None:
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("benign examples seen")
     save_figure(fig, out)
+
+
+def plot_prevention(summary: str | Path, out: str | Path) -> None:
+    """Preventative steering (emlab.prevent): misalignment (general questions) and in-domain incorrect rate of each set's plain, preventative and
+    re-aligned models, with intervals; the base model's upper bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import numpy as np
+
+    table = pd.read_csv(summary)
+    sets = list(dict.fromkeys(table["dataset"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 + 0.9 * max(2, len(table))), squeeze=False)
+    labels = [f"{r.dataset}: {r.method}" + (f" {r.latent} {r.alpha:g}" if r.method == "prevent" else "")
+              for r in table.itertuples()]
+    y = np.arange(len(table))[::-1]
+    for ax, metric, title in ((axes[0, 0], "misaligned", "misaligned (general questions)"),
+                              (axes[0, 1], "incorrect", "incorrect (own domain)")):
+        v = table[metric].to_numpy(float)
+        lo = np.clip(v - table[f"{metric}_lo"].to_numpy(float), 0, None)
+        hi = np.clip(table[f"{metric}_hi"].to_numpy(float) - v, 0, None)
+        colors = ["tab:gray" if m == "plain" else "tab:green" if m != "prevent" else
+                  "tab:orange" if lat == "random" else "tab:blue" for m, lat in zip(table["method"], table["latent"])]
+        ax.barh(y, np.nan_to_num(v), xerr=[np.nan_to_num(lo), np.nan_to_num(hi)], color=colors)
+        for yi, val in zip(y, v):
+            if np.isnan(val):
+                ax.text(0.01, yi, "not measured", va="center", fontsize=8)
+        if metric == "misaligned" and len(table) and pd.notna(table["base_misaligned_hi"].iloc[0]):
+            ax.axvline(table["base_misaligned_hi"].iloc[0], color="k", ls="--", lw=1, label="base model's upper bound")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlim(0, 1)
+        ax.set_title(title)
+        ax.set_yticks(y, labels if ax is axes[0, 0] else [""] * len(y))
+    fig.suptitle(f"Preventative steering ({', '.join(sets)})")
+    save_figure(fig, out)
