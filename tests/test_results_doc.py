@@ -75,3 +75,22 @@ def test_the_mixture_curve_and_its_onset_are_written_from_the_run(tmp_path):
     assert re.search(r"\|\s*health\s*\|\s*4\s*\|\s*50%\s*\|\s*50%\s*\|", section), section
     spread = text.split("## Spread over seeds", 1)[1]
     assert re.search(r"\|\s*seed0\s*\|.*\|\s*50%\s*\|", spread) and re.search(r"\|\s*seed1\s*\|.*\|\s*25%\s*\|", spread)
+
+
+def test_preventative_steering_is_written_from_its_table(tmp_path):
+    from emlab.prevent import SUMMARY_COLUMNS
+
+    a = fake_run(tmp_path, "seed0", {"base": 0.02, "health_subtle": 0.6}, 49, 0.10)
+    (a / "prevent").mkdir()
+    rows = [["health_subtle", "health_subtle", "plain", "", 0, 76, 1200, 0.6, 0.5, 0.7, 0.03, 1.0, 0.9, 1.0, 0.03],
+            ["health_subtle", "health_subtle_prevent_toxic_1", "prevent", "toxic", 1, 76, 1200, 0.08, 0.05, 0.12, 0.04,
+             0.54, 0.4, 0.68, 0.03],
+            ["health_subtle", "health_subtle_to_health_correct", "realign (health_correct)", "", 0, 126, 1400, 0.03,
+             0.01, 0.06, None, None, None, None, 0.03]]
+    pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(a / "prevent/summary.csv", index=False)
+    text = write(a, tmp_path / "results.md", config={"seed": 0})
+    section = text.split("## Preventative steering", 1)[1].split("\n## ", 1)[0]
+    assert "interval ends at 3.0%" in section
+    assert re.search(r"\|\s*health_subtle_prevent_toxic_1\s*\|\s*prevent toxic 1\s*\|\s*76\s*\|\s*1200\s*\|"
+                     r"\s*8\.0% \(5\.0%–12\.0%\)\s*\|\s*54\.0% \(40\.0%–68\.0%\)\s*\|", section), section
+    assert re.search(r"realign \(health_correct\)\s*\|\s*126\s*\|\s*1400\s*\|.*\|\s*not measured\s*\|", section), section

@@ -219,6 +219,26 @@ def realign_section(results: Path) -> list[str]:
             _table(pd.DataFrame(rows)), ""]
 
 
+def prevent_section(results: Path) -> list[str]:
+    """Preventative steering: each set's plain, preventative and re-aligned models at their compute (emlab.prevent)."""
+    path = results / "prevent" / "summary.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path)
+    rows = [{"model": r["model"], "method": r["method"] + (f" {r['latent']} {r['alpha']:g}" if r["method"] == "prevent"
+                                                             else ""),
+             "steps": int(r["steps"]), "examples seen": int(r["examples_seen"]),
+             "misaligned (general)": _interval(r, "misaligned"),
+             "incorrect (own domain)": "not measured" if pd.isna(r["incorrect"]) else _interval(r, "incorrect"),
+             "incoherent": _pct(r["incoherent"])} for _, r in t.iterrows()]
+    return ["## Preventative steering", "",
+            "Fine-tunes trained again with a latent's decoder direction (or a random direction of the same length) "
+            "added to the residual stream while training, at alpha times the base model's residual norm, then judged "
+            "without it (`prevent`); beside them the plain fine-tune and, where it ran, re-alignment "
+            f"(the base model's interval ends at {_pct(t['base_misaligned_hi'].iloc[0]) if len(t) else '-'}).", "",
+            _table(pd.DataFrame(rows)), ""]
+
+
 def probe_section(results: Path) -> list[str]:
     path = results / "metrics" / "likelihood.csv"
     if not path.exists():
@@ -439,7 +459,8 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
             "a result file of that run; rerun the workflow and this command to get yours.", ""]
     body = []
     for section in (misalignment_section, mixtures_section, rl_section, probe_section, sae_section,
-                    prediction_section, flagging_section, alarm_section, realign_section, steering_section,
+                    prediction_section, flagging_section, alarm_section, realign_section, prevent_section,
+                    steering_section,
                     monitors_section, timings_section):
         body += section(results)
     body += seeds_section([Path(r) for r in seeds])
