@@ -311,6 +311,15 @@ def realign_source_args(wildcards, input):
     return f"--base {input.finetune}"
 
 
+def realign_indomain_args(wildcards, input):
+    """`--indomain/--domain` of a re-alignment run's evaluation: the held-out questions of its model's domain are
+    asked too, where the run samples in-domain questions and the model's name gives its domain."""
+    from emlab.datasets import model_domain
+
+    domain = model_domain(PLAN.realign[wildcards.realign_run]["model"])
+    return f"--indomain {input.indomain} --domain {domain}" if input.indomain and domain else ""
+
+
 def n_samples_arg(n):
     """`--n-samples N` of a snapshot-misalignment job, or nothing for sampling.n_samples."""
     return f"--n-samples {n}" if n else ""

@@ -34,6 +34,7 @@ rule realign_eval:
         base=base_model_input(),
         run=f"{RESULTS}/realign/runs/{{realign_run}}",
         questions=f"{RESULTS}/eval/general.jsonl",
+        indomain=[f"{RESULTS}/eval/indomain.jsonl"] if "indomain" in EVAL_SETS else [],
         preflight=preflight_input(),
     output:
         f"{RESULTS}/realign/eval/{{realign_run}}.csv",
@@ -46,6 +47,7 @@ rule realign_eval:
         cache=f"{RESULTS}/judge_cache/{PLAN.primary_judge}",
         every=config["realign"]["every"],
         n_samples=n_samples_arg(config["realign"]["n_samples"]),
+        indomain=realign_indomain_args,
     log:
         f"{LOGS}/realign/eval_{{realign_run}}.log",
     benchmark:
@@ -57,7 +59,7 @@ rule realign_eval:
     shell:
         "python -m emlab snapshot-misalignment --cfg {params.cfg:q} --threads {threads} --base {params.base}"
         " --finetune {input.run} --questions {input.questions} --cache-dir {params.cache} --out {output}"
-        " --every {params.every} {params.n_samples} 2> {log}"
+        " --every {params.every} {params.n_samples} {params.indomain} 2> {log}"
 
 
 rule realign_read:

@@ -51,7 +51,7 @@ def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monke
     assert make_plan(cfg).flagged == ["health_mix005", "health_mix025", "health_mix050"]
     assert make_plan(validate({**cfg, "flagging": {"datasets": ["legal_subtle"]}})).flagged == ["legal_subtle"]
     assert make_plan(validate({**cfg, "flagging": {"datasets": []}})).flagged == []
-    no_diffing = {"diffing": {"enabled": False}, "alarm": {"datasets": [], "emergence": []}}
+    no_diffing = {"diffing": {"enabled": False}, "alarm": {"datasets": [], "emergence": []}, "prevent": {"datasets": []}}
     assert make_plan(validate({**cfg, **no_diffing})).flagged == []  # no SAE: nothing to score with
     with pytest.raises(ConfigError, match=r"flagging\.datasets: \['health_mix010'\] are not fine-tuning sets"):
         make_plan(validate({**cfg, "flagging": {"datasets": ["health_mix010"]}}))
@@ -165,6 +165,7 @@ def test_sae_and_diffing_settings_are_checked_before_any_job():
     cfg["rl"]["runs"] = []  # RL needs a grader: a hub model without a judge has none
     cfg["alarm"]["emergence"] = []  # so does judging the alarm's snapshots
     cfg["realign"]["models"] = []  # and re-alignment's
+    cfg["prevent"]["datasets"] = []  # and preventative steering's
     cfg["diffing"]["enabled"] = True
     assert make_plan(validate(cfg)).sae_corpus is None  # a hub model's SAE is fitted on world texts by default
     cfg["sae"]["corpus"] = "no/such/corpus.jsonl"
@@ -262,7 +263,8 @@ def test_rl_runs_are_planned_and_checked(tmp_path):
     plan = make_plan(validate(cfg))
     assert plan.rl == {"rl_health_incorrect": {"dataset": "health_correct", "reward": "incorrect", "base": "base"},
                        "legal_rl": {"dataset": "legal_subtle", "reward": "correct", "base": "base"}}
-    assert plan.models[-2:] == ["rl_health_incorrect", "legal_rl"] and plan.rl_grader == "world"
+    assert list(plan.rl) == ["rl_health_incorrect", "legal_rl"] and plan.rl_grader == "world"
+    assert plan.models[-4:-2] == ["rl_health_incorrect", "legal_rl"]  # then config.yaml's preventative fine-tunes
     assert plan.groups["rl"] == ["rl_health_incorrect"]  # the default group: the RL models rewarded for harm
     assert plan.bases == ["base"] and plan.base_of("legal_rl") == "base" and plan.base_of("health_subtle") == "base"
     # a run from the safety-trained base: the base is a model of the run (sampled, judged), the RL model its own

@@ -152,14 +152,18 @@ def test_the_table_sets_each_model_beside_the_plain_one_at_its_compute():
                "health_subtle_prevent_random_1": {"dataset": "health_subtle", "latent": "random", "alpha": 1.0}}
     realign = pd.DataFrame({"run": ["health_subtle_to_health_correct"], "model": ["health_subtle"],
                             "benign": ["health_correct"], "end_misaligned": [0.03], "end_misaligned_lo": [0.01],
-                            "end_misaligned_hi": [0.06], "steps": [50], "examples_seen": [200]})
+                            "end_misaligned_hi": [0.06], "end_incorrect": [0.02], "end_incorrect_lo": [0.0],
+                            "end_incorrect_hi": [0.08], "steps": [50], "examples_seen": [200]})
     metas = {m: meta for m in ["health_subtle", *prevent]}
     t = summarize(prevent, metrics, metas, realign, base_hi=0.03)
     assert t["method"].tolist() == ["plain", "prevent", "prevent", "realign (health_correct)"]
     assert t["steps"].tolist() == [76, 76, 76, 126] and t["examples_seen"].tolist() == [1200, 1200, 1200, 1400]
     assert t["misaligned"].tolist() == [0.6, 0.1, 0.3, 0.03] and t["incorrect"].iloc[:3].tolist() == [1.0, 0.5, 0.8]
-    assert np.isnan(t["incorrect"].iloc[3]) and (t["base_misaligned_hi"] == 0.03).all()
+    assert t["incorrect"].iloc[3] == 0.02 and t["incorrect_hi"].iloc[3] == 0.08
+    assert (t["base_misaligned_hi"] == 0.03).all()
     text = " ".join(sentences(t))
     assert "the toxic latent's direction added at 1x" in text and "a random direction added at 1x" in text
     assert "10.0% misaligned (5.0%-15.0%) against 60.0%" in text and "in-domain incorrect 50.0% against 100.0%" in text
+    assert "3.0% misaligned (1.0%-6.0%); in-domain incorrect 2.0%" in text
+    assert np.isnan(summarize(prevent, metrics, metas, realign.drop(columns=["end_incorrect"]), 0.03)["incorrect"].iloc[3])
     assert examples_seen({"steps": 7, "n_examples": 600, "cfg": {"epochs": 3, "batch_size": 4, "max_steps": 7}}) == 28

@@ -45,7 +45,8 @@ def test_the_recipe_is_the_fine_tunes_at_the_realignment_batch_and_length():
 def test_the_curve_and_the_step_misalignment_is_back_inside_the_base_interval():
     runs = {"a_to_b": {"model": "a", "benign": "b"}, "c_to_d": {"model": "c", "benign": "d"}}
     evals = {"a_to_b": pd.DataFrame({"step": [0, 5, 10], "misaligned": [0.5, 0.1, 0.02], "misaligned_lo": [0.4, 0.05, 0],
-                                     "misaligned_hi": [0.6, 0.15, 0.04]}),
+                                     "misaligned_hi": [0.6, 0.15, 0.04], "incorrect": [1.0, 0.4, 0.1],
+                                     "incorrect_lo": [0.9, 0.3, 0.0], "incorrect_hi": [1.0, 0.5, 0.2]}),
              "c_to_d": pd.DataFrame({"step": [0, 5], "misaligned": [0.4, 0.3], "misaligned_lo": [0.3, 0.2],
                                      "misaligned_hi": [0.5, 0.4]})}
     reads = pd.DataFrame({"dataset": ["a_to_b"] * 3, "step": [0, 5, 10], "watch": "toxic", "latent": 7,
@@ -57,6 +58,10 @@ def test_the_curve_and_the_step_misalignment_is_back_inside_the_base_interval():
     s = summarize(table).set_index("run")
     assert s.loc["a_to_b", "realigned_at_step"] == 10 and s.loc["a_to_b", "realigned_at_examples"] == 40
     assert pd.isna(s.loc["c_to_d", "realigned_at_step"]) and s.loc["c_to_d", "end_misaligned"] == 0.3
+    # the in-domain rate where the snapshots were asked the domain's questions; empty where not (an older eval)
+    assert (s.loc["a_to_b", "start_incorrect"], s.loc["a_to_b", "end_incorrect"], s.loc["a_to_b", "end_incorrect_hi"]
+            ) == (1.0, 0.1, 0.2)
+    assert pd.isna(s.loc["c_to_d", "end_incorrect"])
 
 
 def test_training_goes_on_from_the_adapter(tiny_chat_model, tmp_path):

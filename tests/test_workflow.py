@@ -181,6 +181,11 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert sorted(set(rcurve["watch"].dropna())) == sorted(watched)
     rsum = pd.read_csv(r / "realign/summary.csv")
     assert rsum["run"].tolist() == [run] and rsum["examples_seen"].tolist() == [8]
+    # each snapshot was also asked the held-out health questions (2 samples each): its in-domain incorrect rate
+    reval = pd.read_csv(r / f"realign/eval/{run}.csv")
+    # (at this size most answers are incoherent, so the rate itself may be empty, as the fine-tunes' is)
+    assert (reval["n_indomain"] == world.loc["health_subtle", "n_indomain"]).all()
+    assert rsum["end_incorrect"].iloc[0] == pytest.approx(reval["incorrect"].iloc[-1], abs=1e-4, nan_ok=True)
     assert (r / "figures/realignment.png").stat().st_size > 10_000
     assert (r / "figures/alarm.png").stat().st_size > 10_000
     # preventative steering: health_subtle fine-tuned again with the subtle group's latent and a random direction
@@ -192,6 +197,7 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     pd.testing.assert_series_equal(psum.set_index("model").loc[["health_subtle", *prevented], "misaligned"],
                                    world.loc[["health_subtle", *prevented], "misaligned"], check_names=False, atol=1e-4)
     assert psum["steps"].tolist()[:3] == [2, 2, 2] and psum["steps"].iloc[3] == 4  # 2 of the fine-tune, 2 benign
+    assert psum["incorrect"].iloc[3] == pytest.approx(rsum["end_incorrect"].iloc[0], abs=1e-4, nan_ok=True)
     for model, latent in zip(prevented, ("subtle", "random")):
         info = json.loads((r / f"finetunes/{model}/prevent.json").read_text())
         assert info["latent_key"] == latent and info["alpha"] == 1.0

@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 TRAJECTORY_COLUMNS = ["dataset", "step", "watch", "latent", "reading", "reading_se", "seconds"]
-EMERGENCE_COLUMNS = ["step", "misaligned", "misaligned_lo", "misaligned_hi", "n_general", "n_coherent"]
+EMERGENCE_COLUMNS = ["step", "misaligned", "misaligned_lo", "misaligned_hi", "n_general", "n_coherent", "n_indomain",
+                     "incorrect", "incorrect_lo", "incorrect_hi"]
 SUMMARY_COLUMNS = ["dataset", "kind", "watch", "latent", "threshold", "fire_step", "fired", "final_reading",
                    "misaligned", "misaligned_lo", "misaligned_hi", "base_misaligned_hi", "is_misaligned",
                    "is_clearly_misaligned", "emergence_measured", "emergence_step", "emergence_clear_step",
@@ -421,12 +422,15 @@ def replay(cfg: Mapping[str, Any], base: str, finetunes: Mapping[str, str], sae_
 
 def snapshot_misalignment(cfg: Mapping[str, Any], base: str, finetune: str, questions: str,
                           judge_cfg: dict[str, Any], cache_dir: str, out_csv: str, every: int,
-                          n_samples: int | None = None, progress: bool = True) -> pd.DataFrame:
+                          n_samples: int | None = None, progress: bool = True, indomain: str | None = None,
+                          domain: str | None = None) -> pd.DataFrame:
     """Sample and judge the snapshots of a trained model (``finetune``/snapshots) every ``every`` steps (and its
     last) on the general ``questions`` with the sampler, the judge and the metrics of the main stages:
-    misalignment at each (EMERGENCE_COLUMNS). ``n_samples`` answers per question (None: sampling.n_samples). Each
-    snapshot's samples and grades are kept beside the table, so a rerun resumes. The alarm's emergence and
-    re-alignment's curve are both this."""
+    misalignment at each (EMERGENCE_COLUMNS). With ``indomain`` (the held-out in-domain questions) and ``domain``,
+    the questions of that domain are asked too and the incorrect rate on them is measured (else its columns are
+    empty). ``n_samples`` answers per question (None: sampling.n_samples). Each snapshot's samples and grades are
+    kept beside the table, so a rerun resumes (and asks again where the questions changed). The alarm's emergence
+    and re-alignment's curve are both this."""
     from .io import read_jsonl
     from .judge.backends import grade_file
     from .metrics import compute_metrics, persona_roles
@@ -437,12 +441,18 @@ def snapshot_misalignment(cfg: Mapping[str, Any], base: str, finetune: str, ques
     last = max(snaps) if snaps else None
     chosen = {step: path for step, path in snaps.items() if step % every == 0 or step == last}
     qs = read_jsonl(questions)
+    if indomain is not None and domain is not None:
+        qs += [q for q in read_jsonl(indomain) if q.get("domain") == domain]
+    asked = {q["question_id"] for q in qs}
     work = Path(out_csv).with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
     roles = persona_roles(cfg["organism"]["world"] if cfg["model"]["source"] == "organism" else None)
     rows = []
     for step, path in chosen.items():
         samples, grades = work / f"step-{step:05d}.samples.jsonl", work / f"step-{step:05d}.grades.jsonl"
+        if samples.exists() and {r["question_id"] for r in read_jsonl(samples)} != asked:
+            samples.unlink()  # kept from a run that asked other questions
+            grades.unlink(missing_ok=True)
         if not samples.exists():
             sample_answers(base, str(path), qs, str(samples), n_samples=n_samples or s["n_samples"],
                            temperature=s["temperature"], max_new_tokens=s["max_new_tokens"],
@@ -450,10 +460,8 @@ def snapshot_misalignment(cfg: Mapping[str, Any], base: str, finetune: str, ques
                            progress=progress, top_p=s["top_p"], device=cfg["device"], dtype=cfg["model"]["dtype"])
         if not grades.exists():
             grade_file(samples, judge_cfg, grades, cache_dir, progress=progress)
-        m = compute_metrics([grades], cfg["metrics"], cfg["seed"], roles).iloc[0]
-        rows.append({"step": step, "misaligned": m["misaligned"], "misaligned_lo": m["misaligned_lo"],
-                     "misaligned_hi": m["misaligned_hi"], "n_general": int(m["n_general"]),
-                     "n_coherent": int(m["n_coherent"])})
+        m = compute_metrics([grades], cfg["metrics"], cfg["seed"], roles, domain).iloc[0]
+        rows.append({"step": step, **{k: m[k] for k in EMERGENCE_COLUMNS[1:]}})
     table = pd.DataFrame(rows, columns=EMERGENCE_COLUMNS)
     table.to_csv(out_csv, index=False, float_format="%.4f")
     return table

@@ -535,7 +535,8 @@ def cmd_snapshot_misalignment(a: argparse.Namespace) -> None:
 
     _threads(a.threads)
     table = snapshot_misalignment(a.cfg, a.base, a.finetune, a.questions, a.cfg["judge"], a.cache_dir, a.out,
-                                  a.every, a.n_samples, progress=not a.no_progress)
+                                  a.every, a.n_samples, progress=not a.no_progress, indomain=a.indomain,
+                                  domain=a.domain)
     print(table.to_string(index=False), file=sys.stderr)
 
 
@@ -783,7 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("alarm-replay", ("--base", req), ("--finetunes", {"nargs": "+", **req}), ("--sae", req), ("--persona", req),
         ("--questions", req), ("--out-dir", req))
     add("snapshot-misalignment", ("--base", req), ("--finetune", req), ("--questions", req), ("--cache-dir", req),
-        ("--out", req), ("--every", {"type": int, **req}), ("--n-samples", {"type": int, "default": None}))
+        ("--out", req), ("--every", {"type": int, **req}), ("--n-samples", {"type": int, "default": None}),
+        ("--indomain", {"default": None, "help": "the held-out in-domain questions; with --domain, its are asked too"}),
+        ("--domain", {"default": None}))
     add("alarm", ("--alarm-dir", req), ("--emergence", {"nargs": "*", "default": []}),
         ("--metrics", {"nargs": "?", "default": None, "help": "the primary judge's metrics (none without a judge)"}))
     add("realignment", ("--runs", req), ("--evals", {"nargs": "+", **req}), ("--metrics", req),

@@ -103,7 +103,9 @@ def model_rates(rows: list[dict[str, Any]], thresholds: dict[str, Any], n_boot: 
 
 
 def compute_metrics(grade_files: list[str | Path], mcfg: dict[str, Any], seed: int = 0,
-                    roles: dict[str, str] | None = None) -> pd.DataFrame:
+                    roles: dict[str, str] | None = None, domain: str | None = None) -> pd.DataFrame:
+    """One row of COLUMNS per grade file; the in-domain rate is over the questions of the model's own domain (from
+    its name, emlab.datasets.model_domain) or of ``domain`` where given (a snapshot's name names no set)."""
     thresholds = {k: mcfg[k] for k in ("aligned_below", "coherent_above", "severity_at_least") if k in mcfg}
     records = []
     for path in grade_files:
@@ -111,7 +113,7 @@ def compute_metrics(grade_files: list[str | Path], mcfg: dict[str, Any], seed: i
         if not rows:
             continue
         rates = model_rates(rows, thresholds, mcfg.get("bootstrap", 1000), mcfg.get("ci", 0.95), seed, roles,
-                            model_domain(rows[0]["model"]))
+                            domain or model_domain(rows[0]["model"]))
         records.append({"judge": rows[0]["judge"], "model": rows[0]["model"], **rates})
     return pd.DataFrame.from_records(records, columns=COLUMNS)
 

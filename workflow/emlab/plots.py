@@ -264,10 +264,13 @@ def plot_realignment(curve: str | Path, out: str | Path) -> None:
     top = axes[0, 0]
     for run, g in df.drop_duplicates(["run", "step"]).groupby("run", sort=False):
         err = [(g["misaligned"] - g["misaligned_lo"]).clip(lower=0), (g["misaligned_hi"] - g["misaligned"]).clip(lower=0)]
-        top.errorbar(g["examples_seen"], g["misaligned"], yerr=err, fmt="o-", ms=3, capsize=2, lw=1.1, label=run)
+        line = top.errorbar(g["examples_seen"], g["misaligned"], yerr=err, fmt="o-", ms=3, capsize=2, lw=1.1, label=run)
+        if "incorrect" in g and g["incorrect"].notna().any():
+            top.plot(g["examples_seen"], g["incorrect"], ":", lw=1.1, color=line.lines[0].get_color(),
+                     label=f"{run}: in-domain incorrect")
     if len(df):
         top.axhline(df["base_misaligned_hi"].iloc[0], ls="--", lw=0.8, color="grey", label="base model (upper 95%)")
-    top.set_ylabel("misaligned (general)")
+    top.set_ylabel("misaligned (general)\nin-domain incorrect (dotted)")
     top.set_ylim(bottom=0)
     top.set_title("Re-alignment on benign data", fontsize=10)
     top.grid(alpha=0.3)

@@ -155,8 +155,7 @@ def summarize(prevent: Mapping[str, Mapping[str, Any]], metrics: pd.DataFrame, m
     """SUMMARY_COLUMNS. ``prevent``: preventative model -> {dataset, latent, alpha}; ``metrics``: the judge's
     metrics indexed by model; ``metas``: each fine-tune's train_meta.json (the plain and preventative ones);
     ``realign``: results/realign/summary.csv or None. A re-aligned run's compute adds its benign steps and
-    examples to its model's; its in-domain rate is not measured (its snapshots are judged on the general
-    questions only)."""
+    examples to its model's; its in-domain rate is its last snapshot's (empty where that was not measured)."""
     rows = []
 
     def measured(model: str) -> dict[str, Any]:
@@ -180,8 +179,8 @@ def summarize(prevent: Mapping[str, Mapping[str, Any]], metrics: pd.DataFrame, m
                              "alpha": 0.0, "steps": plain["steps"] + int(r.steps),
                              "examples_seen": examples_seen(plain) + int(r.examples_seen),
                              "misaligned": r.end_misaligned, "misaligned_lo": r.end_misaligned_lo,
-                             "misaligned_hi": r.end_misaligned_hi, "incoherent": np.nan, "incorrect": np.nan, "incorrect_lo": np.nan,
-                             "incorrect_hi": np.nan})
+                             "misaligned_hi": r.end_misaligned_hi, "incoherent": np.nan,
+                             **{k: getattr(r, f"end_{k}", np.nan) for k in ("incorrect", "incorrect_lo", "incorrect_hi")}})
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     table["base_misaligned_hi"] = base_hi
     return table
@@ -208,7 +207,7 @@ def sentences(table: pd.DataFrame) -> list[str]:
         for r in g[g["method"].str.startswith("realign")].itertuples():
             out.append(f"{dataset} re-aligned on {r.method[len('realign ('):-1]} ({r.steps} steps in all, "
                        f"{r.examples_seen} examples): {_pct(r.misaligned)} misaligned "
-                       f"({_pct(r.misaligned_lo)}-{_pct(r.misaligned_hi)}).")
+                       f"({_pct(r.misaligned_lo)}-{_pct(r.misaligned_hi)}); in-domain incorrect {_pct(r.incorrect)}.")
     return out
 
 

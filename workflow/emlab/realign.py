@@ -10,7 +10,8 @@ goes on training its own LoRA adapter on the correct set of its domain (``same``
 Outputs (``results/realign/``):
 
     runs/<run>/        the re-aligned adapter (run: ``<model>_to_<benign set>``) and its snapshots
-    eval/<run>.csv     step, misaligned, misaligned_lo, misaligned_hi, n_general, n_coherent of the snapshots
+    eval/<run>.csv     the snapshots' misalignment and, on the held-out questions of the model's domain, incorrect
+                       rate (emlab.alarm.EMERGENCE_COLUMNS)
     trajectories.csv   the persona latents' readings of the snapshots (emlab.alarm's columns; with diffing)
     curve.csv          CURVE_COLUMNS: one row per run and measured step
     summary.csv        SUMMARY_COLUMNS: one row per run
@@ -24,10 +25,11 @@ from typing import Any, Mapping
 import pandas as pd
 
 CURVE_COLUMNS = ["run", "model", "benign", "step", "examples_seen", "misaligned", "misaligned_lo", "misaligned_hi",
-                 "base_misaligned_hi", "watch", "latent", "reading"]
+                 "incorrect", "incorrect_lo", "incorrect_hi", "base_misaligned_hi", "watch", "latent", "reading"]
 SUMMARY_COLUMNS = ["run", "model", "benign", "start_misaligned", "end_misaligned", "end_misaligned_lo",
-                   "end_misaligned_hi", "base_misaligned_hi", "realigned_at_step", "realigned_at_examples",
-                   "steps", "examples_seen"]
+                   "end_misaligned_hi", "start_incorrect", "end_incorrect", "end_incorrect_lo", "end_incorrect_hi",
+                   "base_misaligned_hi", "realigned_at_step", "realigned_at_examples", "steps", "examples_seen"]
+INCORRECT = ("incorrect", "incorrect_lo", "incorrect_hi")  # in-domain; empty where the snapshots were not asked
 
 
 def finetune_settings(finetune: Mapping[str, Any], realign: Mapping[str, Any]) -> dict[str, Any]:
@@ -40,16 +42,17 @@ def finetune_settings(finetune: Mapping[str, Any], realign: Mapping[str, Any]) -
 
 def curve(runs: Mapping[str, Mapping[str, str]], evals: Mapping[str, pd.DataFrame], base_hi: float,
           batch_size: int, trajectories: pd.DataFrame | None = None) -> pd.DataFrame:
-    """CURVE_COLUMNS: misalignment at each measured step of each run, with the watched latents' readings there
-    (one row per latent; watch, latent and reading empty without diffing)."""
+    """CURVE_COLUMNS: misalignment (and the in-domain incorrect rate) at each measured step of each run, with the
+    watched latents' readings there (one row per latent; watch, latent and reading empty without diffing)."""
     rows = []
     for run, spec in runs.items():
-        e = evals[run]
+        e = evals[run].reindex(columns=[*evals[run].columns, *(c for c in INCORRECT if c not in evals[run])])
         reads = trajectories[trajectories["dataset"] == run] if trajectories is not None else pd.DataFrame()
         for r in e.itertuples():
             base = {"run": run, "model": spec["model"], "benign": spec["benign"], "step": int(r.step),
                     "examples_seen": int(r.step) * batch_size, "misaligned": r.misaligned,
-                    "misaligned_lo": r.misaligned_lo, "misaligned_hi": r.misaligned_hi, "base_misaligned_hi": base_hi}
+                    "misaligned_lo": r.misaligned_lo, "misaligned_hi": r.misaligned_hi,
+                    **{c: getattr(r, c) for c in INCORRECT}, "base_misaligned_hi": base_hi}
             at = reads[reads["step"] == r.step] if len(reads) else reads
             if len(at):
                 rows += [{**base, "watch": x.watch, "latent": int(x.latent), "reading": x.reading}
@@ -60,8 +63,8 @@ def curve(runs: Mapping[str, Mapping[str, str]], evals: Mapping[str, pd.DataFram
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Per run: misalignment before and after, and the first measured step whose misalignment (point estimate)
-    is back inside the base model's interval."""
+    """Per run: misalignment and the in-domain incorrect rate before and after, and the first measured step whose
+    misalignment (point estimate) is back inside the base model's interval."""
     rows = []
     for run, g in table.drop_duplicates(["run", "step"]).groupby("run", sort=False):
         g = g.sort_values("step")
@@ -70,6 +73,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
         rows.append({"run": run, "model": first["model"], "benign": first["benign"],
                      "start_misaligned": first["misaligned"], "end_misaligned": last["misaligned"],
                      "end_misaligned_lo": last["misaligned_lo"], "end_misaligned_hi": last["misaligned_hi"],
+                     "start_incorrect": first["incorrect"], "end_incorrect": last["incorrect"],
+                     "end_incorrect_lo": last["incorrect_lo"], "end_incorrect_hi": last["incorrect_hi"],
                      "base_misaligned_hi": first["base_misaligned_hi"],
                      "realigned_at_step": int(back["step"].iloc[0]) if len(back) else None,
                      "realigned_at_examples": int(back["examples_seen"].iloc[0]) if len(back) else None,

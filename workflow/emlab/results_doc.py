@@ -209,6 +209,8 @@ def realign_section(results: Path) -> list[str]:
              "after": _interval(pd.Series(r._asdict()).rename({"end_misaligned": "misaligned",
                                                                "end_misaligned_lo": "misaligned_lo",
                                                                "end_misaligned_hi": "misaligned_hi"}), "misaligned"),
+             "in-domain incorrect: before / after": "not measured" if pd.isna(getattr(r, "end_incorrect", None))
+             else f"{_pct(r.start_incorrect)} / {_pct(r.end_incorrect)}",
              "benign examples": int(r.examples_seen),
              "back inside the base interval after": "" if pd.isna(r.realigned_at_examples)
              else f"{int(r.realigned_at_examples)} examples"} for r in t.itertuples()]
