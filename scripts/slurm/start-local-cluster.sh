@@ -94,14 +94,18 @@ wait_for() {
 node_idle() { [[ $(sinfo -h -n localhost -o %T 2>/dev/null) == idle ]]; }
 
 write_config() {
-    # CPU count and memory as slurmd itself detects them; a node configured with more than
-    # it has would be drained as invalid. Leave 10% of the memory to everything else.
+    # CPU count and memory as slurmd itself detects them (CPUs doubled below). Leave 10% of the memory to
+    # everything else.
     local detected cpus mem real_srun="" dir path_dirs
     detected=$(slurmd -C | head -n1)
     cpus=$(sed -n 's/.*\bCPUs=\([0-9]*\).*/\1/p' <<<"$detected")
     mem=$(sed -n 's/.*\bRealMemory=\([0-9]*\).*/\1/p' <<<"$detected")
     [[ -n $cpus && -n $mem ]] || fail "could not read CPUs/RealMemory from 'slurmd -C': $detected"
     mem=$((mem * 9 / 10))
+    # Twice the detected cores as CPU slots (slurm.conf's SlurmdParameters=config_overrides lets slurmd accept
+    # more than it detects): the tests' jobs are light and a job held until its time limit by the fault tests
+    # must not leave the GPU jobs a single slot between them on a 2-core machine.
+    cpus=$((cpus * 2))
     sed -e "s|@STATE@|$STATE|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" -e "s|@SLURMD_PORT@|$SLURMD_PORT|g" \
         -e "s|@CPUS@|$cpus|g" -e "s|@REAL_MEMORY@|$mem|g" -e "s|@DEF_MEM_PER_CPU@|$DEF_MEM_PER_CPU|g" \
         "$HERE/slurm.conf.in" >"$STATE/etc/slurm.conf"
