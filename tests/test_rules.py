@@ -106,3 +106,28 @@ def test_the_check_sees_a_package_an_env_lacks():
     assert "matplotlib" in command_imports("steer-sweep")
     assert "torch" in command_imports("steer-sample")
     assert "torch" not in env_packages(ROOT / "envs" / "analysis.yaml")
+
+
+def test_realignment_and_preventative_fine_tunes_take_the_fine_tunes_resources(tmp_path):
+    """A config that gives `finetune` a GPU gives the re-alignment and preventative fine-tunes one (and their
+    samplings the `sample` rule's), unless their own rule sets the key (rules/common.smk RESOURCES_LIKE)."""
+    overlay = tmp_path / "resources.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "results_dir": str(tmp_path / "results"),
+        "resources": {"rules": {"finetune": {"gpu": 1, "mem_mb": 7000}, "realign": {"mem_mb": 3000},
+                                "sample": {"gpu": 1}}}}))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--dry-run", "--cores", "2", "--configfile",
+                          str(root / "config.yaml"), str(overlay)], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    resources = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        if m := re.match(r"(?:local)?rule (\w+):", block):
+            if r := re.search(r"resources: (.*)", block):
+                resources.setdefault(m[1], r[1])
+    assert "gpu=1" in resources["finetune_prevent"] and "mem_mb=7000" in resources["finetune_prevent"]
+    assert "gpu=1" in resources["realign"] and "mem_mb=3000" in resources["realign"]  # its own key wins
+    assert "gpu=1" in resources["realign_eval"] and "gpu=1" in resources["alarm_emergence"]
+    assert "gpu=0" in resources["rl"]  # not one of them: the default

@@ -40,6 +40,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .sft import trainer_callback_base
+
 TRAJECTORY_COLUMNS = ["dataset", "step", "watch", "latent", "reading", "reading_se", "seconds"]
 EMERGENCE_COLUMNS = ["step", "misaligned", "misaligned_lo", "misaligned_hi", "n_general", "n_coherent", "n_indomain",
                      "incorrect", "incorrect_lo", "incorrect_hi"]
@@ -128,13 +130,7 @@ def build_reader(model_path: str, questions: Sequence[str], sae: Any, latents: M
     return ProbeReader(prompts, skip, sae, latents, layer, pad)
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class EveryKSteps(_callback_base()):
+class EveryKSteps(trainer_callback_base()):
     """A callback that acts on the model at step 0, every ``every`` optimizer steps and at the last step (once
     per step): the alarm's readings and the snapshots it replays are taken on this one schedule."""
 

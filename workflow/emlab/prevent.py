@@ -18,8 +18,9 @@ Outputs (``results/prevent/``):
 
     summary.csv   SUMMARY_COLUMNS: per source set, the plain fine-tune, each preventative one and (where
                   realign.models names the set) its re-aligned runs: misalignment on the general questions and the
-                  in-domain incorrect rate with intervals, the incoherent share, and the training each took (optimizer steps and examples
-                  seen), so that prevention and re-alignment are compared at their compute
+                  in-domain incorrect rate with intervals, the incoherent share, and the training each took
+                  (optimizer steps and examples seen), so that prevention and re-alignment are compared at their
+                  compute
     prevention.md the same in sentences
 and ``<model>/prevent.json`` in each preventative fine-tune's folder: the latent, strength, norm and layer.
 """
@@ -28,23 +29,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+
+from .sft import trainer_callback_base
 
 SUMMARY_COLUMNS = ["dataset", "model", "method", "latent", "alpha", "steps", "examples_seen", "misaligned",
                    "misaligned_lo", "misaligned_hi", "incoherent", "incorrect", "incorrect_lo", "incorrect_hi",
                    "base_misaligned_hi"]
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class PreventativeSteering(_callback_base()):
+class PreventativeSteering(trainer_callback_base()):
     """Adds ``vector`` (a tensor [d_model]) to the residual stream after decoder block ``layer`` at every position
     while the trainer trains: registered when training begins (also on a resumed run), removed when it ends, so the
     saved model and every later use of it run without it. Readings taken during training (the persona alarm's)

@@ -227,6 +227,14 @@ def log_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for e in log_history if "loss" in e]
 
 
+def trainer_callback_base():
+    """transformers' ``TrainerCallback``, imported when a callback class is defined (emlab's callbacks subclass it:
+    the persona alarm's, snapshots, preventative steering), not when this module is."""
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
 def kill_point_callback(stage: str):
     """Fault injection (:func:`emlab.checkpoints.kill_point`) after each optimizer step of ``stage``.
 
