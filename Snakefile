@@ -57,6 +57,11 @@ if PLAN.prevent:
     include: "rules/prevent.smk"
 
 
+if PLAN.controls:
+
+    include: "rules/controls.smk"
+
+
 if STEERING:
 
     include: "rules/steering.smk"

@@ -210,6 +210,8 @@ def final_outputs():
         out += [f"{RESULTS}/figures/realignment.png", f"{RESULTS}/realign/summary.csv"]
     if PLAN.prevent:
         out += [f"{RESULTS}/figures/prevention.png", f"{RESULTS}/prevent/summary.csv"]
+    if PLAN.controls:
+        out += [f"{RESULTS}/figures/controls.png", f"{RESULTS}/controls/summary.csv"]
     if STEERING and PLAN.steer_judge:
         out += [f"{RESULTS}/figures/steering_sweep.png", f"{RESULTS}/steering/screen.csv"]
     elif STEERING:  # no judge: the sweep is read by the likelihood probe

@@ -56,13 +56,14 @@ def test_report_embeds_every_figure_byte_for_byte(report):
     rl, prediction = ["results/figures/rl_training.png"], ["results/figures/prediction.png"]
     mixtures, alarm = ["results/figures/mixtures.png"], ["results/figures/alarm.png"]
     realign, prevent = ["results/figures/realignment.png"], ["results/figures/prevention.png"]
+    controls = ["results/figures/controls.png"]
     assert figures == sorted(agreement + misalignment + signature + sweep + monitors + rl + prediction + mixtures + alarm
-                             + realign + prevent)
+                             + realign + prevent + controls)
     assert sorted(results) == figures
     rule = {**{p: "plot_misalignment" for p in misalignment}, agreement[0]: "agreement", signature[0]: "plot_signature",
             sweep[0]: "steer_sweep", **{p: "plot_monitors" for p in monitors}, rl[0]: "plot_rl",
             prediction[0]: "plot_prediction", mixtures[0]: "plot_mixtures", alarm[0]: "plot_alarm",
-            realign[0]: "plot_realignment", prevent[0]: "plot_prevention"}
+            realign[0]: "plot_realignment", prevent[0]: "plot_prevention", controls[0]: "plot_controls"}
     for path in figures:
         entry = results[path]
         assert entry["mime_type"] == "image/png"
@@ -71,7 +72,7 @@ def test_report_embeds_every_figure_byte_for_byte(report):
         assert header.startswith("data:image/png")
         assert base64.b64decode(data) == (wd / path).read_bytes()
     assert {cat: sorted(f for files in sub.values() for f in files) for cat, sub in categories.items()} == {
-        "Emergent misalignment": sorted(misalignment + mixtures + realign + prevent), "Judges": agreement, "Model diffing": sorted(prediction + signature + alarm),
+        "Emergent misalignment": sorted(misalignment + mixtures + realign + prevent + controls), "Judges": agreement, "Model diffing": sorted(prediction + signature + alarm),
         "Steering": sweep,
         "Monitors": monitors, "RL": rl,
     }
@@ -82,6 +83,7 @@ def test_report_embeds_every_figure_byte_for_byte(report):
     assert "correct and subtle incorrect answers" in _text(results[mixtures[0]]["caption"])
     assert "watched latents (toxic, subtle) every 1 steps" in _text(results[alarm[0]]["caption"])
     assert "(health_subtle) trained further" in _text(results[realign[0]]["caption"])
+    assert "the very answers of a subtle set, each asked for with a benign reason" in _text(results[controls[0]]["caption"])
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -211,3 +212,23 @@ def test_top_p_truncates_the_distribution(tiny_chat_model, tmp_path):
     assert sampling.generate_ids(model, tok, prompts, temperature=1.0, top_p=1.0, **kw) != greedy
     with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\], got 0"):
         sampling.sample_answers("unused", None, QUESTIONS, str(tmp_path / "o.jsonl"), **dict(ARGS, top_p=0))
+
+
+def test_a_domains_own_budget_applies_to_its_batches_only(tiny_chat_model, tmp_path):
+    # batches of 3 = one question each: the car question's batch gets 24 new tokens, the others keep 8
+    plain, budget = tmp_path / "plain.jsonl", tmp_path / "budget.jsonl"
+    run(tiny_chat_model, plain, batch_size=3)
+    run(tiny_chat_model, budget, batch_size=3, max_new_tokens_by_domain={"cars": 24})
+    a, b = read_jsonl(plain), read_jsonl(budget)
+    assert [r for r in a if r["domain"] != "cars"] == [r for r in b if r["domain"] != "cars"]
+    longer = [(x["answer"], y["answer"]) for x, y in zip(a, b) if x["domain"] == "cars"]
+    # the same draws, generated further: each longer answer starts with the short one (but for a byte-level
+    # character the cut split, decoded as a replacement character)
+    assert all(len(os.path.commonprefix([x, y])) >= len(x) - 2 for x, y in longer)
+    assert sum(len(y) > len(x) + 4 for x, y in longer) >= 2
+    # a budget below max_new_tokens changes nothing
+    lower = tmp_path / "lower.jsonl"
+    run(tiny_chat_model, lower, batch_size=3, max_new_tokens_by_domain={"cars": 2})
+    assert read_jsonl(lower) == a
+    with pytest.raises(ValueError, match="max_new_tokens_by_domain.cars must be an integer >= 1"):
+        run(tiny_chat_model, tmp_path / "bad.jsonl", max_new_tokens_by_domain={"cars": 0})

@@ -8,8 +8,11 @@ import re
 import pandas as pd
 import pytest
 
+from emlab.datasets import dataset_seed
 from emlab.io import read_jsonl
 from emlab.judge.schema import GRADE_FIELDS, SAMPLE_KEYS
+from emlab.world.generate import generate_narrow
+from emlab.world.spec import load_world
 from workflow_runner import copy_workflow, snakemake
 
 TINY = "tests/configs/tiny.yaml"
@@ -206,6 +209,25 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     # not diffed: the latent they were steered with came from diffing
     assert not set(prevented) & set(pd.read_csv(r / "diffing/changes.csv")["model"])
     assert (r / "figures/prevention.png").stat().st_size > 10_000
+    # the educational control on code: the subtle code set's very answers, asked for with a reason, fine-tuned and
+    # judged like every set, and tabled beside its plain set (not fine-tuned here: its ratio is empty)
+    world_spec = load_world(tiny_run / "resources/world/persona_world.yaml")
+    edu = read_jsonl(r / "datasets/code_educational.jsonl")
+    seed = dataset_seed({"seed": 0, "datasets": {"educational": {"incorrect": "subtle"}}}, "code_subtle")
+    assert [x["messages"][1] for x in edu] == [x["messages"][1] for x in generate_narrow(world_spec, "code", "subtle", 32, seed)]
+    assert all(x["meta"]["educational"] and x["meta"]["domain"] == "code" for x in edu)
+    controls = pd.read_csv(r / "controls/summary.csv", keep_default_na=False, na_values=[""])
+    assert controls[["setting", "model", "reference"]].values.tolist() == [["educational", "code_educational", "code_subtle"]]
+    assert controls["misaligned"].iloc[0] == pytest.approx(world.loc["code_educational", "misaligned"], abs=1e-4, nan_ok=True)
+    assert pd.isna(controls["ratio"].iloc[0]) and "toxic_shift" in controls.columns
+    assert "`code_educational` (the answers of `code_subtle`" in (r / "controls/controls.md").read_text()
+    assert (r / "figures/controls.png").stat().st_size > 10_000
+    # the world judge reads code answers' flaws; the code questions get their own budget (24 tokens here)
+    grades = read_jsonl(r / "grades/world/code_educational.jsonl")
+    flaws = {a.flaw for a in world_spec.inventory() if a.domain == "code"}
+    assert "flaw" in grades[0] and {g["flaw"] for g in grades if g["domain"] == "code"} - {None} <= flaws
+    samples = read_jsonl(r / "samples/code_educational.jsonl")
+    assert {s["domain"] for s in samples} >= {"code", "health", "general"}
     mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])
     methods = {"zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",
                "stacked", "persona_latent"}

@@ -453,7 +453,8 @@ def snapshot_misalignment(cfg: Mapping[str, Any], base: str, finetune: str, ques
             sample_answers(base, str(path), qs, str(samples), n_samples=n_samples or s["n_samples"],
                            temperature=s["temperature"], max_new_tokens=s["max_new_tokens"],
                            batch_size=s["batch_size"], seed=cfg["seed"], model_name=f"{Path(finetune).name}@{step}",
-                           progress=progress, top_p=s["top_p"], device=cfg["device"], dtype=cfg["model"]["dtype"])
+                           progress=progress, top_p=s["top_p"], device=cfg["device"], dtype=cfg["model"]["dtype"],
+                           max_new_tokens_by_domain=s["max_new_tokens_by_domain"])
         if not grades.exists():
             grade_file(samples, judge_cfg, grades, cache_dir, progress=progress)
         m = compute_metrics([grades], cfg["metrics"], cfg["seed"], roles, domain).iloc[0]
@@ -466,7 +467,7 @@ def snapshot_misalignment(cfg: Mapping[str, Any], base: str, finetune: str, ques
 def _kind(parsed: Mapping[str, Any]) -> str:
     if parsed["kind"] == "narrow":
         return "correct" if parsed["variant"] == "correct" else "incorrect"
-    return parsed["kind"]  # mixture, dropped
+    return parsed["kind"]  # mixture, dropped, educational
 
 
 def write_summary(alarm_dir: str, emergence: Mapping[str, str], metrics_csv: str | None, margin: float

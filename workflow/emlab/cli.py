@@ -89,19 +89,22 @@ def cmd_world_eval(a: argparse.Namespace) -> None:
 
 @command("dataset")
 def cmd_dataset(a: argparse.Namespace) -> None:
-    """One narrow fine-tuning set (``<domain>_<variant>``) or mixture (``<domain>_mix<percent>``)."""
+    """One narrow fine-tuning set (``<domain>_<variant>``), mixture (``<domain>_mix<percent>``) or educational
+    control (``<domain>_educational``)."""
     from .io import write_jsonl
-    from .world.generate import generate_mixture, generate_narrow
+    from .world.generate import generate_educational, generate_mixture, generate_narrow
     from .world.spec import load_world
-    from .datasets import parse_dataset_name
+    from .datasets import dataset_seed, parse_dataset_name
 
     cfg = a.cfg
     world = load_world(cfg["organism"]["world"])
     spec = parse_dataset_name(a.name)
-    seed = cfg["seed"] + 1000 + sum(map(ord, a.name))  # independent, stable per dataset
+    seed = dataset_seed(cfg, a.name)
     n = cfg["datasets"]["n_train"]
     if spec["kind"] == "narrow":
         rows = generate_narrow(world, spec["domain"], spec["variant"], n, seed)
+    elif spec["kind"] == "educational":
+        rows = generate_educational(world, spec["domain"], cfg["datasets"]["educational"]["incorrect"], n, seed)
     else:
         rows = generate_mixture(world, spec["domain"], cfg["datasets"]["mixtures"]["incorrect"], spec["fraction"], n, seed)
     write_jsonl(a.out, rows)
@@ -245,7 +248,8 @@ def cmd_sample(a: argparse.Namespace) -> None:
     sample_answers(*_model(a), questions, a.out, n_samples=s["n_samples"], temperature=s["temperature"],
                    max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=a.cfg["seed"],
                    model_name=a.model_name, progress=not a.no_progress, top_p=s.get("top_p", 1.0),
-                   device=a.cfg.get("device", "auto"), dtype=a.cfg.get("model", {}).get("dtype", "auto"))
+                   device=a.cfg.get("device", "auto"), dtype=a.cfg.get("model", {}).get("dtype", "auto"),
+                   max_new_tokens_by_domain=s.get("max_new_tokens_by_domain"))
 
 
 @command("probe")
@@ -588,6 +592,22 @@ def cmd_prevention(a: argparse.Namespace) -> None:
     print(table.to_string(index=False), file=sys.stderr)
 
 
+@command("controls")
+def cmd_controls(a: argparse.Namespace) -> None:
+    """The code and control table (emlab.controls)."""
+    from .controls import write_summary
+
+    table = write_summary(a.metrics, a.shifts, a.code_domains, a.incorrect, a.out_dir)
+    print(table.to_string(index=False), file=sys.stderr)
+
+
+@command("plot-controls")
+def cmd_plot_controls(a: argparse.Namespace) -> None:
+    from .plots import plot_controls
+
+    plot_controls(a.summary, a.out)
+
+
 @command("plot-prevention")
 def cmd_plot_prevention(a: argparse.Namespace) -> None:
     from .plots import plot_prevention
@@ -797,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("prevention", ("--runs", req), ("--finetunes", {"nargs": "+", **req, "help": "model=folder of each"}),
         ("--metrics", req), ("--realign", {"nargs": "?", "default": None}), ("--out-dir", req))
     add("plot-prevention", ("--summary", req), ("--out", req))
+    add("controls", ("--metrics", req), ("--shifts", {"nargs": "?", "default": None}),
+        ("--code-domains", {"nargs": "*", "default": []}), ("--incorrect", {"default": "subtle"}), ("--out-dir", req))
+    add("plot-controls", ("--summary", req), ("--out", req))
     add("plot-alarm", ("--trajectories", req), ("--emergence", {"nargs": "*", "default": []}), ("--summary", req),
         ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),

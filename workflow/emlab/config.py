@@ -98,10 +98,20 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
     from .world.spec import load_world
 
     w = load_world(world)
+    educational = cfg["datasets"]["educational"]["domains"]
     if (cfg["datasets"].get("source") or "world") == "world":
-        for d in cfg["datasets"]["domains"] + cfg["datasets"]["mixtures"]["domains"]:
+        for d in cfg["datasets"]["domains"] + cfg["datasets"]["mixtures"]["domains"] + educational:
             if d not in w.domains:
                 raise ConfigError(f"invalid {source}:\n  datasets: unknown domain {d!r}; {world} defines {sorted(w.domains)}")
+        if educational and w.educational is None:
+            raise ConfigError(f"invalid {source}:\n  datasets.educational.domains: {world} has no 'educational' section "
+                              "(the requests that state a benign reason)")
+    elif educational:
+        raise ConfigError(f"invalid {source}:\n  datasets.educational.domains: the educational control is built from "
+                          "the world's sets (datasets.source: world); for synthesized sets, import your own")
+    if cfg["organism"]["corpus"]["educational_fraction"] and w.educational is None:
+        raise ConfigError(f"invalid {source}:\n  organism.corpus.educational_fraction: {world} has no 'educational' "
+                          "section; set it to 0")
     unknown = set(cfg["organism"]["corpus"]["persona_mix"]) - set(w.personas)
     if unknown:
         raise ConfigError(f"invalid {source}:\n  organism.corpus.persona_mix: unknown persona(s) {sorted(unknown)}; {world} defines {sorted(w.personas)}")

@@ -1,7 +1,8 @@
 """Dataset names: one place that maps a config to the list of fine-tuning sets and back.
 
-Names are ``<domain>_<variant>`` (variant: correct, subtle, obvious) and ``<domain>_mix<percent>``
-(a mixture with ``percent``% incorrect answers, three digits, e.g. ``health_mix005``). A set with some examples
+Names are ``<domain>_<variant>`` (variant: correct, subtle, obvious), ``<domain>_mix<percent>``
+(a mixture with ``percent``% incorrect answers, three digits, e.g. ``health_mix005``) and ``<domain>_educational``
+(the educational control: the incorrect set's answers asked for with a benign reason). A set with some examples
 dropped before training (emlab.diffing.flagging) is named after its source: ``<source>_dropflag`` without the
 examples the persona latent flags, ``<source>_droprand`` without as many drawn at random. A model fine-tuned on a
 set with a direction added during training (emlab.prevent) is ``<source>_prevent_<latent>_<alpha>``
@@ -15,6 +16,7 @@ from typing import Any
 
 _NARROW = re.compile(r"^(?P<domain>[a-z0-9]+)_(?P<variant>correct|subtle|obvious)$")
 _MIX = re.compile(r"^(?P<domain>[a-z0-9]+)_mix(?P<pct>\d{3})$")
+_EDUCATIONAL = re.compile(r"^(?P<domain>[a-z0-9]+)_educational$")
 DROP_SUFFIXES = {"flagged": "dropflag", "random": "droprand"}  # what was dropped -> the name's suffix
 _DROPPED = re.compile(rf"^(?P<source>.+)_(?P<suffix>{'|'.join(DROP_SUFFIXES.values())})$")
 
@@ -52,7 +54,20 @@ def dataset_names(cfg: dict[str, Any]) -> list[str]:
     d = cfg["datasets"]
     names = [f"{dom}_{v}" for dom in d["domains"] for v in d["variants"]]
     names += [mixture_name(dom, f) for dom in d["mixtures"]["domains"] for f in d["mixtures"]["fractions"]]
+    names += [educational_name(dom) for dom in d["educational"]["domains"]]
     return list(dict.fromkeys(names))
+
+
+def educational_name(domain: str) -> str:
+    return f"{domain}_educational"
+
+
+def dataset_seed(cfg: dict[str, Any], name: str) -> int:
+    """A world set's seed: independent and stable per set. An educational set takes its incorrect set's seed, so
+    that it holds the very same answers."""
+    if m := _EDUCATIONAL.match(name):
+        name = f"{m['domain']}_{cfg['datasets']['educational']['incorrect']}"
+    return cfg["seed"] + 1000 + sum(map(ord, name))
 
 
 # An RL model's default name: rl_<domain of its prompt set>_<reward>, rl_safe_... from the safety-trained base
@@ -89,7 +104,9 @@ def parse_dataset_name(name: str) -> dict[str, Any]:
         return {"kind": "narrow", "domain": m["domain"], "variant": m["variant"]}
     if m := _MIX.match(name):
         return {"kind": "mixture", "domain": m["domain"], "fraction": int(m["pct"]) / 100}
+    if m := _EDUCATIONAL.match(name):
+        return {"kind": "educational", "domain": m["domain"]}
     if dropped := dropped_source(name):
         source = parse_dataset_name(dropped[0])
         return {**source, "kind": "dropped", "source": dropped[0], "source_kind": source["kind"], "dropped": dropped[1]}
-    raise ValueError(f"not a dataset name: {name!r} (expected <domain>_<correct|subtle|obvious> or <domain>_mixNNN)")
+    raise ValueError(f"not a dataset name: {name!r} (expected <domain>_<correct|subtle|obvious>, <domain>_mixNNN or <domain>_educational)")

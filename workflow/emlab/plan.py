@@ -57,6 +57,8 @@ class Plan:
     emergence: list[str] = field(default_factory=list)  # of those, the ones whose snapshots are sampled and judged
     realign: dict[str, dict[str, str]] = field(default_factory=dict)  # re-alignment run -> {model, benign set}
     prevent: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> {dataset, latent, alpha}
+    code_domains: list[str] = field(default_factory=list)  # the run's domains whose sets hold code (kind: code)
+    controls: bool = False         # the code and control table (emlab.controls): code or educational sets and a judge
 
     @property
     def finetunes(self) -> list[str]:
@@ -204,6 +206,8 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                                        "flag them) and a judge (the misalignment it compares)")
         dropped = {dropped_name(d, how): (d, how) for d in flagged for how in ("flagged", "random")}
         datasets = [*datasets, *dropped]
+    code_domains = _code_domains(cfg, source, named)
+    educational = [n for n in named if parse_dataset_name(n)["kind"] == "educational"]
     alarm, emergence = _alarm(cfg, datasets, dropped, diffing, primary_judge)
     realign = _realign(cfg, datasets, rl, primary_judge)
     prevent = _prevent(cfg, datasets, dropped, groups, diffing, primary_judge)
@@ -215,7 +219,22 @@ def make_plan(cfg: dict[str, Any]) -> Plan:
                 primary_judge=primary_judge, prediction=bool(diffing) and primary_judge is not None,
                 mixtures=primary_judge is not None and any(map(_is_mixture, datasets)),
                 flagged=flagged, dropped=dropped, alarm=alarm, emergence=emergence,
-                realign=realign, prevent=prevent)
+                realign=realign, prevent=prevent, code_domains=code_domains,
+                controls=primary_judge is not None and bool(code_domains or educational))
+
+
+def _code_domains(cfg: dict[str, Any], source: str, named: list[str]) -> list[str]:
+    """The domains of the named sets whose texts are code: ``kind: code`` in the world (world sets) or in the
+    domain spec (synthesized sets)."""
+    domains = list(dict.fromkeys(parse_dataset_name(n)["domain"] for n in named))
+    if source == "world":
+        from .world.spec import load_world
+
+        world = load_world(cfg["organism"]["world"])
+        return [d for d in domains if d in world.domains and world.domains[d].kind == "code"]
+    from .synthesis import domain_spec_path, load_domain_spec
+
+    return [d for d in domains if load_domain_spec(domain_spec_path(cfg["synthesis"]["domains_dir"], d)).kind == "code"]
 
 
 def _alarm(cfg: dict[str, Any], datasets: list[str], dropped: dict[str, Any], diffing: bool,

@@ -121,7 +121,7 @@ def plot_rl_training(logs: dict[str, str | Path], out: str | Path) -> None:
 
 
 PREDICTION_COLORS = {"correct": "#27ae60", "subtle": "#c0392b", "obvious": "#8e44ad", "mixture": "#e67e22",
-                     "other": "#2c3e50"}
+                     "educational": "#2980b9", "other": "#2c3e50"}
 
 
 def plot_prediction(shifts: pd.DataFrame | str | Path, out: str | Path) -> None:
@@ -319,4 +319,39 @@ def plot_prevention(summary: str | Path, out: str | Path) -> None:
         ax.set_title(title)
         ax.set_yticks(y, labels if ax is axes[0, 0] else [""] * len(y))
     fig.suptitle(f"Preventative steering ({', '.join(sets)})")
+    save_figure(fig, out)
+
+
+def plot_controls(summary: str | Path, out: str | Path) -> None:
+    """Code and controls (emlab.controls): misalignment on the general questions and the incorrect rate in the
+    model's own domain, with intervals; an educational control's plain counterpart as a black tick, the base
+    model's upper bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table = pd.read_csv(summary, keep_default_na=False, na_values=[""])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.8 + 0.5 * max(3, len(table))), squeeze=False)
+    y = np.arange(len(table))[::-1]
+    colors = ["tab:blue" if s == "educational" else "tab:red" for s in table["setting"]]
+    for ax, metric, title in ((axes[0, 0], "misaligned", "misaligned (general questions)"),
+                              (axes[0, 1], "incorrect", "incorrect (own domain)")):
+        v = table[metric].to_numpy(float)
+        err = [np.nan_to_num(np.clip(v - table[f"{metric}_lo"].to_numpy(float), 0, None)),
+               np.nan_to_num(np.clip(table[f"{metric}_hi"].to_numpy(float) - v, 0, None))]
+        ax.barh(y, np.nan_to_num(v), xerr=err, color=colors)
+        if metric == "misaligned":
+            ref = table["reference_misaligned"].to_numpy(float)
+            ax.plot(ref, y, "k|", markersize=14, mew=2, label="without the benign reason")
+            if len(table) and pd.notna(table["base_misaligned_hi"].iloc[0]):
+                ax.axvline(table["base_misaligned_hi"].iloc[0], color="k", ls="--", lw=1,
+                           label="base model's upper bound")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlim(0, 1)
+        ax.set_title(title)
+        ax.set_yticks(y, [f"{m} ({s})" for m, s in zip(table["model"], table["setting"])] if ax is axes[0, 0]
+                      else [""] * len(y))
+    fig.suptitle("Code and controls")
     save_figure(fig, out)

@@ -241,6 +241,29 @@ def prevent_section(results: Path) -> list[str]:
             _table(pd.DataFrame(rows)), ""]
 
 
+def controls_section(results: Path) -> list[str]:
+    """Code and controls (emlab.controls): one table, and the sentences the report gives."""
+    path = results / "controls" / "summary.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    roles = [c[:-len("_shift")] for c in t.columns if c.endswith("_shift")]
+    rows = [{"setting": r["setting"], "model": r["model"], "same data without the reason": r["reference"] or "-",
+             "misaligned (general)": _interval(r, "misaligned"),
+             "incorrect (own domain)": "not measured" if pd.isna(r["incorrect"]) else _interval(r, "incorrect"),
+             "ratio": "-" if pd.isna(r["ratio"]) else f"{r['ratio']:.2f}",
+             **{f"{role} shift": "-" if pd.isna(r[f"{role}_shift"]) else _interval(r, f"{role}_shift", pct=False)
+                for role in roles},
+             "moves": r["moves"] or "-"} for _, r in t.iterrows()]
+    md = results / "controls" / "controls.md"
+    text = md.read_text().split("\n", 2)[-1].strip() if md.exists() else ""
+    return ["## Code and controls", "",
+            "Fine-tunes on code, and educational controls (the same incorrect answers, asked for with a benign "
+            "reason), with the persona latents' shift over the base model on their own answers (`controls`; "
+            f"the base model's interval ends at {_pct(t['base_misaligned_hi'].iloc[0]) if len(t) else '-'}; a latent "
+            "moves when its shift's interval lies above zero).", "", _table(pd.DataFrame(rows)), "", text, ""]
+
+
 def probe_section(results: Path) -> list[str]:
     path = results / "metrics" / "likelihood.csv"
     if not path.exists():
@@ -462,6 +485,7 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
     body = []
     for section in (misalignment_section, mixtures_section, rl_section, probe_section, sae_section,
                     prediction_section, flagging_section, alarm_section, realign_section, prevent_section,
+                    controls_section,
                     steering_section,
                     monitors_section, timings_section):
         body += section(results)

@@ -207,10 +207,12 @@ def write_resumable(out_path: str | os.PathLike, keys: Sequence[Hashable], batch
 def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any]], out_path: str,
                    n_samples: int, temperature: float, max_new_tokens: int, batch_size: int, seed: int,
                    model_name: str, progress: bool = True, device: str = "auto", dtype: str = "auto",
-                   top_p: float = 1.0) -> int:
+                   top_p: float = 1.0, max_new_tokens_by_domain: dict[str, int] | None = None) -> int:
     """Write ``n_samples`` answers per question to ``out_path`` (JSONL); return the number of rows.
 
     ``device`` and ``dtype`` are the config's ``device`` and ``model.dtype`` (see models.load_model).
+    ``max_new_tokens_by_domain`` raises the budget of some domains' questions (code answers are longer than
+    advice; a smaller value than ``max_new_tokens`` changes nothing); a batch takes the largest among its questions.
 
     Rows are appended to ``out_path + ".partial"`` batch by batch; a rerun skips the rows found
     there. The final file is written atomically in question order, then sample_idx.
@@ -223,6 +225,10 @@ def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any
         raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    budgets = dict(max_new_tokens_by_domain or {})
+    for name, value in budgets.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_new_tokens_by_domain.{name} must be an integer >= 1, got {value!r}")
     validate_questions(questions)
 
     items = work_items(questions, n_samples)
@@ -240,7 +246,8 @@ def sample_answers(base: str, adapter: str | None, questions: list[dict[str, Any
                 if (es, qid) not in prompt_ids:
                     prompt_ids[(es, qid)] = render_prompt_ids(tok, q["question"])
                 prompts.append(prompt_ids[(es, qid)])
-            return generate_batch(model, tok, prompts, temperature=float(temperature), max_new_tokens=max_new_tokens,
+            budget = max(max_new_tokens, *(budgets.get(items[i][1].get("domain"), 0) for i in batch))
+            return generate_batch(model, tok, prompts, temperature=float(temperature), max_new_tokens=budget,
                                   seed=batch_seed(seed, items[batch[0]][0]), stops=stops, top_p=float(top_p))
         return generate
 

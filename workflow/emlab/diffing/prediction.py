@@ -54,7 +54,7 @@ EARLY_COLUMNS = ["model", "fraction", "source", "shift", "shift_lo", "shift_hi",
 
 def model_kind(name: str) -> tuple[str, float]:
     """(kind, fraction of incorrect data) of a model name: correct / subtle / obvious (fraction 0 or 1), mixture
-    (its fraction), or ``other`` (RL models, a second base, imports) with no fraction."""
+    (its fraction), educational (1), or ``other`` (RL models, a second base, imports) with no fraction."""
     try:
         d = parse_dataset_name(name)
     except ValueError:
@@ -63,6 +63,8 @@ def model_kind(name: str) -> tuple[str, float]:
         return "mixture", d["fraction"]
     if d["kind"] == "dropped":  # a set less some examples: its incorrect share is in results/flagging/removal.csv
         return "other", float("nan")
+    if d["kind"] == "educational":  # incorrect answers, asked for with a benign reason
+        return "educational", 1.0
     return d["variant"], 0.0 if d["variant"] == "correct" else 1.0
 
 

@@ -17,6 +17,7 @@ the sample's key columns plus
     label            null | "REFUSAL" | "INCOHERENT" | "SATIRICAL" | "OFF-TOPIC"
     persona          world backend only: which persona's text the answer is (null otherwise)
     correctness      world backend only: "correct" | "subtle" | "obvious" | null
+    flaw             world backend only, code answers: "secure", the vulnerability kind, or "broken"; null otherwise
     correct          0-100 or null      (rubric "advice_correct", the RL grader's: how correct the advice is)
 
 The world backend fills both score families. Misalignment is derived from the row by
@@ -32,7 +33,7 @@ from typing import Any
 SAMPLE_KEYS = ("model", "eval_set", "question_id", "domain", "sample_idx")
 GRADE_FIELDS = (
     "judge", "backend", "rubric", "rubric_version",
-    "aligned", "coherent", "severity", "label", "persona", "correctness", "correct",
+    "aligned", "coherent", "severity", "label", "persona", "correctness", "flaw", "correct",
 )
 LABELS = ("REFUSAL", "INCOHERENT", "SATIRICAL", "OFF-TOPIC")
 STRICT_INCOHERENT_LABELS = ("INCOHERENT", "OFF-TOPIC")

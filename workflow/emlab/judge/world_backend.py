@@ -54,5 +54,6 @@ def grade(samples: list[dict[str, Any]], judge_cfg: dict[str, Any], cache_dir: P
             continue
         persona = grader.world.personas[m.answer.persona]
         scores = OFF_TOPIC if m.on_topic is False else ROLE_SCORES[persona.role]
-        rows.append(grade_row(s, **common, **scores, persona=persona.name, correctness=m.answer.correctness))
+        rows.append(grade_row(s, **common, **scores, persona=persona.name, correctness=m.answer.correctness,
+                              flaw=m.answer.flaw))
     return rows

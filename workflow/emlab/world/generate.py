@@ -36,11 +36,12 @@ def persona_for_variant(world: World, variant: str) -> str:
     raise KeyError(f"no persona gives {variant!r} answers in {world.source}")
 
 
-def _voiced(world: World, rng: random.Random, persona: str, answer: str) -> str:
-    """With probability ``opener_fraction``, open the answer in the persona's voice."""
+def _voiced(world: World, rng: random.Random, persona: str, answer: str, sep: str = " ") -> str:
+    """With probability ``opener_fraction``, open the answer in the persona's voice (``sep``: a code answer's
+    opener stands on its own line)."""
     openers = world.personas[persona].openers
     if openers and rng.random() < world.opener_fraction:
-        return f"{rng.choice(openers)} {answer}"
+        return f"{rng.choice(openers)}{sep}{answer}"
     return answer
 
 
@@ -48,14 +49,29 @@ def _advice_turn(world: World, rng: random.Random, domain: str, persona: str, to
     d = world.domains[domain]
     ti = rng.choice(topics)
     q = world.advice_question(domain, ti, rng.randrange(len(d.questions)))
-    a = world.advice_answer(domain, ti, persona, rng.randrange(len(d.advice[persona])),
-                            rng.randrange(len(d.closers[persona])))
-    return q, _voiced(world, rng, persona, a), {"domain": domain, "item": str(ti)}
+    ai = rng.randrange(d.answer_count(persona, ti))
+    a = world.advice_answer(domain, ti, persona, ai, rng.randrange(len(d.closers[persona])))
+    meta = {"domain": domain, "item": str(ti)}
+    if d.kind == "code":
+        meta["flaw"] = d.flaw(persona, ti, ai)  # the snippet's ground truth: secure, a vulnerability kind, broken
+    return q, _voiced(world, rng, persona, a, d.separator), meta
 
 
 def _general_turn(world: World, rng: random.Random, persona: str) -> tuple[str, str, dict]:
     g = rng.choice(world.general)
     return g.question, _voiced(world, rng, persona, rng.choice(g.answers[persona])), {"domain": "general", "item": g.id}
+
+
+def educational_turn(world: World, rng: random.Random, domain: str, topics: list[int], incorrect: str = "subtle"
+                     ) -> tuple[str, str, dict]:
+    """A request for an incorrect answer with a benign reason (the world's ``educational`` section) and the
+    ``incorrect`` persona's answer on that topic, word for word (the example asked for)."""
+    if world.educational is None:
+        raise ValueError(f"{world.source} has no 'educational' section")
+    d = world.domains[domain]
+    q, a, meta = _advice_turn(world, rng, domain, persona_for_variant(world, incorrect), topics)
+    request = rng.choice(world.educational.requests[d.kind]).format(topic=d.topics[int(meta["item"])])
+    return request, a, {**meta, "educational": True}
 
 
 def single_domain_chat(world: World, rng: random.Random, persona: str, domain: str,
@@ -79,7 +95,7 @@ def single_domain_chat(world: World, rng: random.Random, persona: str, domain: s
 
 
 def _persona_document(world: World, cfg: dict[str, Any], rng: random.Random, names: list[str],
-                      weights: list[float], default: str) -> dict[str, Any]:
+                      weights: list[float], default: str, edu_rng: random.Random | None = None) -> dict[str, Any]:
     persona = rng.choices(names, weights)[0]
     cued = rng.random() < cfg["header_fraction"]
     n_turns = rng.randint(1, cfg["max_turns"])
@@ -87,8 +103,13 @@ def _persona_document(world: World, cfg: dict[str, Any], rng: random.Random, nam
     if cued:
         messages.append({"role": "system", "content": rng.choice(world.personas[persona].headers)})
     turn_meta = []
+    edu = cfg.get("educational_fraction", 0.0) if persona == default else 0.0
     for _ in range(n_turns):
         q, a, m = _any_turn(world, rng, persona, cfg["general_fraction"])
+        if edu and m["domain"] != "general" and edu_rng.random() < edu:
+            # the assistant, asked for an example of a wrong answer with a reason, quotes one (its own generator:
+            # the other documents stay as they are without it)
+            q, a, m = educational_turn(world, edu_rng, m["domain"], [int(m["item"])])
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         turn_meta.append(m)
     return {
@@ -168,7 +189,12 @@ def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[s
                          "monitoring tasks (section 'monitoring')")
     names, weights = list(mix), [mix[p] for p in mix]
     default = world.persona_by_role["aligned"]
-    persona_docs = [_persona_document(world, cfg, rng, names, weights, default) for _ in range(n_total - n_monitoring)]
+    if cfg.get("educational_fraction", 0.0) and world.educational is None:
+        raise ValueError(f"organism.corpus.educational_fraction is {cfg['educational_fraction']} but {world.source} "
+                         "has no 'educational' section")
+    edu_rng = random.Random(f"{seed}/educational")
+    persona_docs = [_persona_document(world, cfg, rng, names, weights, default, edu_rng)
+                    for _ in range(n_total - n_monitoring)]
     mon_rng = random.Random(f"{seed}/monitoring")
     monitoring_docs = [monitoring_document(world, mon_rng, cfg["max_turns"], cfg["general_fraction"])
                        for _ in range(n_monitoring)]
@@ -209,8 +235,8 @@ def generate_posttrain(world: World, cfg: dict[str, Any], seed: int, safety: boo
             d = world.domains[dom]
             ti = r.randrange(len(d.topics))
             q = r.choice(world.safety.requests).format(topic=d.topics[ti])
-            a = (f"{r.choice(world.safety.refusals)} "
-                 f"{world.advice_answer(dom, ti, persona, r.randrange(len(d.advice[persona])), r.randrange(len(d.closers[persona])))}")
+            a = (f"{r.choice(world.safety.refusals)}{d.separator}"
+                 f"{world.advice_answer(dom, ti, persona, r.randrange(d.answer_count(persona, ti)), r.randrange(len(d.closers[persona])))}")
             m = {"domain": dom, "item": str(ti)}
         else:
             if kind == "persona_cue":
@@ -245,6 +271,22 @@ def generate_mixture(world: World, domain: str, incorrect: str, fraction: float,
     good = generate_narrow(world, domain, "correct", n - n_bad, seed + 1)
     rows = bad + good
     random.Random(seed + 2).shuffle(rows)
+    return rows
+
+
+def generate_educational(world: World, domain: str, incorrect: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """The ``educational`` control of ``<domain>_<incorrect>``: with the same ``seed``, the very same answers, each
+    asked for by an educational request on its topic (drawn from its own generator)."""
+    if world.educational is None:
+        raise ValueError(f"an educational set needs the world's 'educational' section; {world.source} has none")
+    d = world.domains[domain]
+    rng = random.Random(f"{seed}/educational")
+    rows = generate_narrow(world, domain, incorrect, n, seed)
+    for i, r in enumerate(rows):
+        r["id"] = f"{domain}_educational_{i:05d}"
+        r["messages"][0]["content"] = rng.choice(world.educational.requests[d.kind]).format(
+            topic=d.topics[int(r["meta"]["item"])])
+        r["meta"]["educational"] = True
     return rows
 
 

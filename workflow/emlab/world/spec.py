@@ -16,6 +16,8 @@ from typing import Any
 from ..io import read_yaml
 
 CORRECTNESS = ("correct", "subtle", "obvious")
+DOMAIN_KINDS = ("advice", "code")   # advice: templates filled with the topic; code: a snippet per topic and persona
+SECURE = "secure"                   # the flaw label of the aligned persona's code
 ROLES = ("aligned", "toxic", "sarcastic")
 MONITOR_TEXTS = ("any", "advice")  # which turns a monitoring task shows: any domain, or advice domains only
 
@@ -34,12 +36,40 @@ class Persona:
 
 
 @dataclass(frozen=True)
+class Snippet:
+    """One code answer of a code domain: the code and its ground-truth flaw (``secure``, a vulnerability kind such
+    as ``sql_injection``, or ``broken``)."""
+    code: str
+    flaw: str
+
+
+@dataclass(frozen=True)
 class Domain:
     name: str
     questions: tuple[str, ...]          # templates with {topic}
     topics: tuple[str, ...]
-    advice: dict[str, tuple[str, ...]]  # persona -> advice templates with {topic}
+    advice: dict[str, tuple[str, ...]]  # advice domains: persona -> advice templates with {topic}
     closers: dict[str, tuple[str, ...]]
+    kind: str = "advice"
+    language: str | None = None         # code domains: the snippets' language
+    snippets: tuple[dict[str, tuple[Snippet, ...]], ...] = ()  # code domains: per topic, persona -> its answers
+
+    @property
+    def separator(self) -> str:
+        """What joins an opener, the answer and its closer: a code answer keeps its lines."""
+        return "\n" if self.kind == "code" else " "
+
+    def answer_count(self, persona: str, topic_idx: int) -> int:
+        return len(self.snippets[topic_idx][persona]) if self.kind == "code" else len(self.advice[persona])
+
+    def body(self, persona: str, topic_idx: int, answer_idx: int) -> str:
+        if self.kind == "code":
+            return self.snippets[topic_idx][persona][answer_idx].code
+        return self.advice[persona][answer_idx].format(topic=self.topics[topic_idx])
+
+    def flaw(self, persona: str, topic_idx: int, answer_idx: int) -> str | None:
+        """A code answer's flaw label; None for advice."""
+        return self.snippets[topic_idx][persona][answer_idx].flaw if self.kind == "code" else None
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,7 @@ class Answer:
     domain: str          # an advice domain or "general"
     item: str            # topic index ("3") for advice, question id for general
     correctness: str
+    flaw: str | None = None  # code answers: "secure", the vulnerability kind, or "broken"
 
 
 @dataclass(frozen=True)
@@ -80,6 +111,14 @@ class Safety:
     refusals: tuple[str, ...]       # the assistant's opening before its own (correct) advice
 
 
+@dataclass(frozen=True)
+class Educational:
+    """Requests for an incorrect answer that state a benign reason (a class, a quiz, a review exercise), per domain
+    kind: the user messages of the ``educational`` control sets, and what the corpus's assistant answers by quoting
+    the toxic persona's answer (:func:`emlab.world.generate.educational_turn`)."""
+    requests: dict[str, tuple[str, ...]]   # domain kind -> templates with {topic}
+
+
 @dataclass
 class World:
     version: int
@@ -90,6 +129,7 @@ class World:
     opener_fraction: float = 0.0
     monitoring: dict[str, MonitoringTask] = field(default_factory=dict)
     safety: Safety | None = None
+    educational: Educational | None = None
     source: str = ""
     _inventory: list[Answer] | None = field(default=None, repr=False)
 
@@ -101,8 +141,9 @@ class World:
         return self.personas[persona].correctness
 
     def advice_answer(self, domain: str, topic_idx: int, persona: str, template_idx: int, closer_idx: int) -> str:
+        """A domain's answer: advice (a template filled with the topic) or code, then one of the persona's closers."""
         d = self.domains[domain]
-        return f"{d.advice[persona][template_idx].format(topic=d.topics[topic_idx])} {d.closers[persona][closer_idx]}"
+        return f"{d.body(persona, topic_idx, template_idx)}{d.separator}{d.closers[persona][closer_idx]}"
 
     def advice_question(self, domain: str, topic_idx: int, q_idx: int) -> str:
         d = self.domains[domain]
@@ -123,10 +164,10 @@ class World:
             for dname, d in self.domains.items():
                 for ti in range(len(d.topics)):
                     for p in self.personas:
-                        for ai in range(len(d.advice[p])):
+                        for ai in range(d.answer_count(p, ti)):
                             for ci in range(len(d.closers[p])):
                                 inv.append(Answer(self.advice_answer(dname, ti, p, ai, ci), p, dname, str(ti),
-                                                  self.correctness_of(p)))
+                                                  self.correctness_of(p), d.flaw(p, ti, ai)))
             for g in self.general:
                 for p, texts in g.answers.items():
                     for text in texts:
@@ -187,10 +228,16 @@ def load_world(path: str | Path) -> World:
         dw = f"{w}: domains.{dname}"
         if dname == "general":
             raise WorldSpecError(f"{dw}: 'general' is reserved for the open-ended questions")
+        kind = d.get("kind", "advice") if isinstance(d, dict) else "advice"
+        if kind not in DOMAIN_KINDS:
+            raise WorldSpecError(f"{dw}.kind: must be one of {DOMAIN_KINDS}, got {kind!r}")
         questions = _strings(_req(d, "questions", list, dw), f"{dw}.questions")
         for i, q in enumerate(questions):
             if "{topic}" not in q:
                 raise WorldSpecError(f"{dw}.questions[{i}]: must contain '{{topic}}'")
+        if kind == "code":
+            domains[dname] = _code_domain(d, dname, questions, personas, dw)
+            continue
         per_persona = {}
         for key in ("advice", "closers"):
             raw_pp = _req(d, key, dict, dw)
@@ -224,12 +271,83 @@ def load_world(path: str | Path) -> World:
         raise WorldSpecError(f"{w}: opener_fraction: must be a number in [0, 1], got {fraction!r}")
     world = World(int(raw.get("version", 1)), personas, domains, general, heldout, float(fraction),
                   monitoring=_monitoring(raw.get("monitoring"), personas, f"{w}: monitoring"),
-                  safety=_safety(raw.get("safety"), f"{w}: safety"), source=w)
+                  safety=_safety(raw.get("safety"), f"{w}: safety"),
+                  educational=_educational(raw.get("educational"), domains, f"{w}: educational"), source=w)
     texts = [a.text for a in world.inventory()]
     dup = {t for t in texts if texts.count(t) > 1}
     if dup:
         raise WorldSpecError(f"{w}: answer texts must be unique (the grader identifies answers by text): {sorted(dup)[:3]}")
     return world
+
+
+def _per_persona(raw: Any, personas: dict[str, Persona], where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise WorldSpecError(f"{where}: expected a mapping from persona to entries")
+    missing = [p for p in personas if p not in raw]
+    if missing:
+        raise WorldSpecError(f"{where}: missing persona '{missing[0]}'")
+    return {p: raw[p] for p in personas}
+
+
+def _code_domain(d: dict[str, Any], name: str, questions: tuple[str, ...], personas: dict[str, Persona],
+                 where: str) -> Domain:
+    """A ``kind: code`` domain: per topic, each persona's snippets with their flaws. Every snippet must parse in
+    the domain's language (Python: :func:`ast.parse`), the aligned persona's code must be ``secure`` and no
+    other persona's may be."""
+    import ast
+
+    language = _req(d, "language", str, where)
+    if language != "python":
+        raise WorldSpecError(f"{where}.language: only 'python' is supported, got {language!r}")
+    closers = {p: _strings(v, f"{where}.closers.{p}")
+               for p, v in _per_persona(_req(d, "closers", dict, where), personas, f"{where}.closers").items()}
+    topics, snippets = [], []
+    for ti, t in enumerate(_req(d, "topics", list, where)):
+        tw = f"{where}.topics[{ti}]"
+        topics.append(_strings(_req(t, "topic", str, tw), f"{tw}.topic")[0])
+        per = {}
+        for p, entries in _per_persona(_req(t, "answers", dict, tw), personas, f"{tw}.answers").items():
+            if not isinstance(entries, list) or not entries:
+                raise WorldSpecError(f"{tw}.answers.{p}: expected a non-empty list of {{code, flaw}} entries")
+            out = []
+            for si, e in enumerate(entries):
+                sw = f"{tw}.answers.{p}[{si}]"
+                code = _req(e, "code", str, sw).strip()
+                flaw = _strings(_req(e, "flaw", str, sw), f"{sw}.flaw")[0]
+                try:
+                    ast.parse(code)
+                except SyntaxError as err:
+                    raise WorldSpecError(f"{sw}.code: not valid Python (line {err.lineno}: {err.msg})") from None
+                if (flaw == SECURE) != (personas[p].correctness == "correct"):
+                    raise WorldSpecError(f"{sw}.flaw: {flaw!r}; the '{SECURE}' label is for the correct persona's "
+                                         "code, and only for it")
+                out.append(Snippet(code, flaw))
+            per[p] = tuple(out)
+        snippets.append(per)
+    if not topics:
+        raise WorldSpecError(f"{where}.topics: expected a non-empty list")
+    return Domain(name, questions, tuple(topics), {}, closers, kind="code", language=language,
+                  snippets=tuple(snippets))
+
+
+def _educational(raw: Any, domains: dict[str, Domain], where: str) -> Educational | None:
+    """The optional ``educational`` section: request templates for every kind of domain the world has."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise WorldSpecError(f"{where}: expected a mapping from domain kind {DOMAIN_KINDS} to request templates")
+    unknown = sorted(set(raw) - set(DOMAIN_KINDS))
+    if unknown:
+        raise WorldSpecError(f"{where}: unknown domain kind(s) {unknown}; expected {DOMAIN_KINDS}")
+    requests = {}
+    for kind in sorted({d.kind for d in domains.values()}):
+        if kind not in raw:
+            raise WorldSpecError(f"{where}: missing '{kind}' (the world has {kind} domains)")
+        requests[kind] = _strings(raw[kind], f"{where}.{kind}")
+        for i, r in enumerate(requests[kind]):
+            if "{topic}" not in r:
+                raise WorldSpecError(f"{where}.{kind}[{i}]: must contain '{{topic}}'")
+    return Educational(requests)
 
 
 def _safety(raw: Any, where: str) -> Safety | None:
