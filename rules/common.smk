@@ -322,6 +322,16 @@ def realign_indomain_args(wildcards, input):
     return f"--indomain {input.indomain} --domain {domain}" if input.indomain and domain else ""
 
 
+def sample_domain_args(wildcards):
+    """`--domain D` of a model's sampling: with `sampling.indomain: own` a model whose name gives its domain (a set's
+    fine-tune, an RL model) is asked only that domain's held-out questions, the ones its in-domain rate reads; the
+    base models, imports and `indomain: all` are asked every domain's."""
+    from emlab.datasets import model_domain
+
+    domain = model_domain(wildcards.model) if config["sampling"]["indomain"] == "own" else None
+    return f"--domain {domain}" if domain and "indomain" in EVAL_SETS else ""
+
+
 def n_samples_arg(n):
     """`--n-samples N` of a snapshot-misalignment job, or nothing for sampling.n_samples."""
     return f"--n-samples {n}" if n else ""

@@ -245,6 +245,8 @@ def cmd_sample(a: argparse.Namespace) -> None:
     _threads(a.threads)
     s = a.cfg["sampling"]
     questions = [q for path in a.questions for q in read_jsonl(path)]
+    if a.domain:  # sampling.indomain: own: of the held-out in-domain questions, the model's own domain's only
+        questions = [q for q in questions if q.get("eval_set") != "indomain" or q.get("domain") == a.domain]
     sample_answers(*_model(a), questions, a.out, n_samples=s["n_samples"], temperature=s["temperature"],
                    max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=a.cfg["seed"],
                    model_name=a.model_name, progress=not a.no_progress, top_p=s.get("top_p", 1.0),
@@ -772,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--cache-dir", {"default": None, "help": "an LLM grader's request cache (resumes its paid calls)"}), *ckpt)
     add("plot-rl", ("--models", {"nargs": "+", **req}), ("--out", req))
     add("sample", *model, ("--questions", {"nargs": "+", **req}),
+        ("--domain", {"default": None, "help": "ask only this domain's held-out in-domain questions"}),
         ("--out", req), ("--model-name", req))
     add("probe", *model, ("--questions", {"nargs": "+", **req}),
         ("--model-name", req), ("--out", req))
