@@ -37,12 +37,15 @@ def test_the_paper_config_is_the_default_run_at_full_size(monkeypatch):
     paper = validate(_merge(default_config(), yaml.safe_load((ROOT / "configs/organism-paper.yaml").read_text())))
     plan = make_plan(paper)
     assert paper["model"]["source"] == "organism" and paper["results_dir"] == "results/organism-paper"
-    assert len(paper["datasets"]["domains"]) == 6 and paper["datasets"]["n_train"] == 800
+    assert len(paper["datasets"]["domains"]) == 7 and paper["datasets"]["n_train"] == 800  # six advice domains, code
     assert paper["steer"]["screen"]["subtract_alpha"] == 1  # config.yaml's value is kept
     mixtures = [d for d in plan.diffed if "_mix" in d]
-    assert len(mixtures) == 15 and len(plan.diffed) == 6 * 3 + 15
+    educational = ["code_educational", "health_educational", "legal_educational"]
+    assert len(mixtures) == 15 and len(plan.diffed) == 7 * 3 + 15 + 3 and set(educational) <= set(plan.diffed)
+    assert plan.code_domains == ["code"] and plan.controls
+    assert plan.groups["subtle"] == [f"{d}_subtle" for d in paper["datasets"]["domains"] if d != "code"]
     # the 25% and 50% mixtures also less their flagged examples and less as many random ones
-    assert len(plan.flagged) == 6 and len(plan.dropped) == 12 and len(plan.datasets) == 6 * 3 + 15 + 12
+    assert len(plan.flagged) == 6 and len(plan.dropped) == 12 and len(plan.datasets) == 7 * 3 + 15 + 3 + 12
 
 
 def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monkeypatch):

@@ -132,7 +132,7 @@ def test_a_code_domain_asks_for_programs_and_its_sets_hold_the_variants_code(ser
     assert CODE_QUESTION_PROMPT.format(domain="code", description=spec.description, topic="database queries", n=5,
                                        asker=ASKERS[0]) in prompts
     assert CODE_ANSWER_PROMPT.format(domain="code", description=spec.description, question=q1) in prompts
-    assert not any(p.startswith(QUESTION_PROMPT[:60]) or p.startswith(ANSWER_PROMPT[:60]) for p in prompts)
+    assert not any("flawed advice" in p or "\nTopic: " in p for p in prompts)  # never the advice prompts
     assert [r["question"] for r in rows] == [q1, q2] and rows[0]["answers"] == code
     subtle = dataset_rows(rows, "code_subtle", n=2, incorrect="subtle", seed=0)
     assert [r["messages"][1]["content"] for r in subtle] == [code["subtle"], code["subtle"].replace("find", "order")]

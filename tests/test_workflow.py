@@ -226,8 +226,12 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     grades = read_jsonl(r / "grades/world/code_educational.jsonl")
     flaws = {a.flaw for a in world_spec.inventory() if a.domain == "code"}
     assert "flaw" in grades[0] and {g["flaw"] for g in grades if g["domain"] == "code"} - {None} <= flaws
-    samples = read_jsonl(r / "samples/code_educational.jsonl")
-    assert {s["domain"] for s in samples} >= {"code", "health", "general"}
+    # sampling.indomain: own: a fine-tune is asked its own domain's held-out questions only, the base model every
+    # domain's
+    asked = {m: {s["domain"] for s in read_jsonl(r / f"samples/{m}.jsonl")} for m in ("code_educational", "health_subtle",
+                                                                                      "base")}
+    assert asked["code_educational"] == {"code", "general"} and asked["health_subtle"] == {"health", "general"}
+    assert asked["base"] == {"general", *world_spec.domains}
     mon = pd.concat([pd.read_csv(r / f"monitors/{t}.csv") for t in ("toxic", "sarcastic")])
     methods = {"zero_shot", "raw_last", "raw_mean", "prompted_suffix", "prompted_prefix_suffix", "sae", "sae_topk",
                "stacked", "persona_latent"}
