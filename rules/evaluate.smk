@@ -11,6 +11,7 @@ rule sample:
     params:
         cfg=lambda w: cfg_json("sampling", "seed", "device", model={"dtype": config["model"]["dtype"]}),
         model=lambda w: model_args(w.model),
+        domain=sample_domain_args,
     log:
         f"{LOGS}/sample/{{model}}.log",
     benchmark:
@@ -21,7 +22,7 @@ rule sample:
         "../envs/torch.yaml"
     shell:
         "python -m emlab sample --cfg {params.cfg:q} --threads {threads} {params.model}"
-        " --questions {input.questions} --model-name {wildcards.model} --out {output} 2> {log}"
+        " --questions {input.questions} {params.domain} --model-name {wildcards.model} --out {output} 2> {log}"
 
 
 rule likelihood_probe:

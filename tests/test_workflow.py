@@ -16,7 +16,7 @@ from emlab.world.spec import load_world
 from workflow_runner import copy_workflow, snakemake
 
 TINY = "tests/configs/tiny.yaml"
-FINETUNES = ["health_correct", "health_subtle", "health_mix050"]
+FINETUNES = ["health_correct", "health_subtle", "health_mix050", "code_educational"]
 # GRPO on health_correct's questions with the incorrect reward, from the helpful-only and the safety-trained base
 RL_MODELS = ["rl_health_incorrect", "rl_safe_health_incorrect"]
 # the mixture less its flagged examples and less as many random ones (flagging.finetune): fine-tuned, sampled and
@@ -46,13 +46,16 @@ def test_every_stage_produces_its_outputs(tiny_run):
         log = pd.read_csv(r / f"finetunes/{m}/rl_log.csv")
         assert list(log["step"]) == [1, 2] and log["incorrect_rate"].between(0, 1).all()
     assert (r / "figures/rl_training.png").stat().st_size > 10_000
+    n_answers = {}
     for m in MODELS:
         samples = read_jsonl(r / f"samples/{m}.jsonl")
-        # 12 general + 12 held-out in-domain questions, 2 samples each
-        assert len(samples) == 48
+        # 12 general questions and the held-out in-domain ones, 2 samples each: the base models are asked every
+        # domain's (7 domains x 2), a fine-tune or RL model its own domain's (sampling.indomain: own)
+        n_answers[m] = 2 * (12 + (14 if m.startswith("base") else 2))
+        assert len(samples) == n_answers[m], m
         assert all(set(SAMPLE_KEYS) <= set(s) for s in samples)
         grades = read_jsonl(r / f"grades/world/{m}.jsonl")
-        assert len(grades) == 48
+        assert len(grades) == n_answers[m]
         assert all(set(GRADE_FIELDS) <= set(g) for g in grades)
     metrics = pd.read_csv(r / "metrics/world.csv")
     assert sorted(metrics["model"]) == sorted(MODELS)
@@ -61,7 +64,7 @@ def test_every_stage_produces_its_outputs(tiny_run):
     pairs = pd.read_csv(r / "agreement/pairs.csv")  # two judges graded the same samples
     pooled = pairs[pairs["model"] == "ALL"].iloc[0]
     assert (pooled["judge_a"], pooled["judge_b"]) == ("world", "world_strict")
-    assert pooled["n_both"] == len(MODELS) * 48  # the world judges give a verdict on every answer
+    assert pooled["n_both"] == sum(n_answers.values())  # the world judges give a verdict on every answer
     assert pooled[["both_misaligned", "a_only", "b_only", "neither"]].sum() == pooled["n_both"]
     timings = pd.read_csv(r / "timings.csv")
     assert {"pretrain", "sft", "rl", "sample", "judge"} <= set(timings["stage"])  # stage: the emlab command
