@@ -222,7 +222,9 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     controls = pd.read_csv(r / "controls/summary.csv", keep_default_na=False, na_values=[""])
     assert controls[["setting", "model", "reference"]].values.tolist() == [["educational", "code_educational", "code_subtle"]]
     assert controls["misaligned"].iloc[0] == pytest.approx(world.loc["code_educational", "misaligned"], abs=1e-4, nan_ok=True)
-    assert pd.isna(controls["ratio"].iloc[0]) and "toxic_shift" in controls.columns
+    # no ratio (code_subtle is not a set here); the shift columns are those of the persona latents the tiny SAE names
+    roles = set(pd.read_csv(r / "prediction/shifts.csv")["role"])
+    assert pd.isna(controls["ratio"].iloc[0]) and {f"{x}_shift" for x in roles} <= set(controls.columns)
     assert "`code_educational` (the answers of `code_subtle`" in (r / "controls/controls.md").read_text()
     assert (r / "figures/controls.png").stat().st_size > 10_000
     # the world judge reads code answers' flaws; the code questions get their own budget (24 tokens here)
