@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from emlab.alarm import (PersonaAlarm, ProbeReader, build_reader, emergence_step, first_above, sentences, summarize,
-                         thresholds)
+from emlab.alarm import (PersonaAlarm, ProbeReader, build_reader, emergence_step, fires, first_above, sentences,
+                         summarize, thresholds)
 from emlab.models import load_model, load_tokenizer
 from emlab.sae.topk import TopKSAE
 from emlab.sampling import render_prompt_ids
@@ -125,6 +125,10 @@ def test_thresholds_leave_the_tested_correct_run_out():
     assert first_above(runs["c_subtle"], "toxic", 0.2) == 5
     assert first_above(runs["c_subtle"], "toxic", 0.25, margin=0.25) == 10  # 0.3 is not above 0.3125
     assert first_above(trajectory([0.0, 0.0, 1e-4]), "toxic", 0.0, margin=0.25) == 10
+    # ... unless the reading is within z standard errors of it: one weak activation on one prompt of twelve
+    weak = trajectory([0.0, 0.0, 0.0034, 0.2]).assign(reading_se=[0.0, 0.0, 0.0034, 0.02])
+    assert first_above(weak, "toxic", 0.0, margin=0.25) == 10 and first_above(weak, "toxic", 0.0, 0.25, z=2) == 15
+    assert fires(0.2, 0.05, 0.25, se=0.02, z=2) and not fires(0.2, 0.05, 0.25, se=0.08, z=2)
     # a single correct run: the others' step 0 (the base model) calibrates it
     assert thresholds({"a_correct": trajectory([0.0, 0.1]), "c_subtle": trajectory([0.02, 0.3])}, ["a_correct"],
                       leave_out="a_correct") == {"toxic": 0.02}

@@ -115,11 +115,12 @@ def test_semantic_errors(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match=r"datasets: unknown domain 'astrology'"):
         validate({"datasets": {"domains": ["astrology"]}})
+    code = {"world": "resources/world/persona_world_code.yaml"}
     with pytest.raises(ConfigError, match=r"datasets: unknown domain 'poetry'"):
-        validate({"datasets": {"educational": {"domains": ["poetry"]}}})
+        validate({"organism": code, "datasets": {"educational": {"domains": ["poetry"]}}})
     with pytest.raises(ConfigError, match=r"datasets.educational.domains: the educational control is built from"):
-        validate({"model": {"source": "hub", "path": "m"}, "datasets": {"source": "synthesis", "domains": ["code"],
-                                                                       "educational": {"domains": ["code"]}}})
+        validate({"model": {"source": "hub", "path": "m"}, "organism": code,
+                  "datasets": {"source": "synthesis", "domains": ["code"], "educational": {"domains": ["code"]}}})
     with pytest.raises(ConfigError, match=r"sampling.max_new_tokens_by_domain.code: 0 is less than the minimum"):
         validate({"sampling": {"max_new_tokens_by_domain": {"code": 0}}})
     with pytest.raises(ConfigError, match="duplicate judge name"):

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from emlab.config import validate
+from emlab.schema import ConfigError
 from emlab.controls import settings, summarize, write_summary
 from emlab.plan import make_plan
 from emlab.plots import plot_controls
@@ -26,14 +27,15 @@ def _metrics() -> pd.DataFrame:
 
 def _shifts() -> pd.DataFrame:
     rows = []
-    for model, toxic, sarcastic in (("code_subtle", (0.5, 0.3, 0.7), (0.0, -0.1, 0.1)),
+    for model, toxic, sarcastic in (("code_correct", (0.02, 0.01, 0.03), (0.0, -0.1, 0.1)),
+                                    ("code_subtle", (0.5, 0.3, 0.7), (0.0, -0.1, 0.1)),
                                     ("code_educational", (0.05, -0.02, 0.1), (0.0, -0.1, 0.1)),
                                     ("health_educational", (0.2, 0.1, 0.3), (0.2, 0.05, 0.3))):
         for role, s in (("toxic", toxic), ("sarcastic", sarcastic)):
             for source in ("eval", "train"):  # the train reading must not be the one read
                 shift = s if source == "eval" else (9.0, 9.0, 9.0)
-                rows.append({"model": model, "role": role, "source": source, "shift": shift[0], "shift_lo": shift[1],
-                             "shift_hi": shift[2]})
+                rows.append({"model": model, "kind": "correct" if model.endswith("_correct") else "other", "role": role,
+                             "source": source, "shift": shift[0], "shift_lo": shift[1], "shift_hi": shift[2]})
     return pd.DataFrame(rows)
 
 
@@ -54,9 +56,12 @@ def test_summary_ratio_base_verdict_and_moved_latents():
     assert t.loc["health_educational", "ratio"] == pytest.approx(0.5)
     assert bool(t.loc["code_educational", "inside_base"]) and not bool(t.loc["health_educational", "inside_base"])
     assert t.loc["code_subtle", "moves"] == "toxic" and t.loc["code_educational", "moves"] == ""
-    assert t.loc["health_educational", "moves"] == "toxic sarcastic"
+    # its sarcastic shift (0.05-0.3) is above zero but not above code_correct's (up to 0.1): it moves toxic alone
+    assert t.loc["health_educational", "moves"] == "toxic"
     assert t.loc["code_subtle", "toxic_shift"] == 0.5  # the eval reading, not the train one
-    assert pd.isna(t.loc["code_correct", "toxic_shift"]) and t.loc["code_correct", "moves"] == ""
+    # code_correct's small shift is above zero, but a correct run moves nothing by definition (no other correct run
+    # here: the ceiling is 0, so it moves toxic); code_educational's 0.05 (-0.02-0.1) stays under code_correct's 0.03
+    assert t.loc["code_correct", "toxic_shift"] == 0.02 and t.loc["code_correct", "moves"] == "toxic"
     assert pd.isna(t.loc["code_subtle", "ratio"])
 
 
@@ -80,9 +85,17 @@ def test_written_table_sentences_and_figure(tmp_path):
 
 def test_the_plan_schedules_the_table_for_code_or_educational_sets(monkeypatch):
     monkeypatch.chdir(ROOT)
-    plan = make_plan(validate({"datasets": {"domains": ["health", "code"], "educational": {"domains": ["health"]}}}))
+    code = {"organism": {"world": "resources/world/persona_world_code.yaml"}}
+    plan = make_plan(validate({**code, "datasets": {"domains": ["health", "code"], "educational": {"domains": ["health"]}}}))
     assert plan.code_domains == ["code"] and plan.controls
     assert {"code_subtle", "health_educational"} <= set(plan.datasets)
-    plan = make_plan(validate({"datasets": {"domains": ["health"]}}))
+    plan = make_plan(validate({**code, "datasets": {"domains": ["health"]}}))
     assert plan.code_domains == [] and not plan.controls
-    assert make_plan(validate({"datasets": {"domains": ["health"], "educational": {"domains": ["health"]}}})).controls
+    assert make_plan(validate({**code, "datasets": {"domains": ["health"], "educational": {"domains": ["health"]}}})).controls
+    # the default world has neither code nor educational requests: both are named as errors before any job
+    with pytest.raises(ConfigError, match=r"datasets: unknown domain 'code'"):
+        validate({"datasets": {"domains": ["code"]}})
+    with pytest.raises(ConfigError, match=r"datasets.educational.domains: .*persona_world.yaml has no 'educational'"):
+        validate({"datasets": {"educational": {"domains": ["health"]}}})
+    with pytest.raises(ConfigError, match=r"organism.corpus.educational_fraction: .*has no 'educational' section"):
+        validate({"organism": {"corpus": {"educational_fraction": 0.1}}})

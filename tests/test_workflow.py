@@ -214,7 +214,7 @@ def test_diffing_and_steering_stages_write_their_tables(tiny_run):
     assert (r / "figures/prevention.png").stat().st_size > 10_000
     # the educational control on code: the subtle code set's very answers, asked for with a reason, fine-tuned and
     # judged like every set, and tabled beside its plain set (not fine-tuned here: its ratio is empty)
-    world_spec = load_world(tiny_run / "resources/world/persona_world.yaml")
+    world_spec = load_world(tiny_run / "resources/world/persona_world_code.yaml")
     edu = read_jsonl(r / "datasets/code_educational.jsonl")
     seed = dataset_seed({"seed": 0, "datasets": {"educational": {"incorrect": "subtle"}}}, "code_subtle")
     assert [x["messages"][1] for x in edu] == [x["messages"][1] for x in generate_narrow(world_spec, "code", "subtle", 32, seed)]

@@ -225,7 +225,7 @@ def test_monitoring_spec_errors_name_the_key(tmp_path):
 
 
 def test_world_version_and_monitoring_tasks(world):
-    assert world.version == 5
+    assert world.version == 4
     assert world.monitoring["toxic"].positive == ("villain",) and world.monitoring["incorrect"].advice_only
     assert world.monitoring["incorrect"].label("jester") and not world.monitoring["toxic"].label("jester")
 

@@ -16,7 +16,7 @@ from emlab.world.grader import WorldGrader
 from emlab.world.spec import SECURE, WorldSpecError, load_world
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = ROOT / "resources/world/persona_world.yaml"
+WORLD = ROOT / "resources/world/persona_world_code.yaml"  # persona_world.yaml plus code and educational requests
 CORPUS = dict(n_documents=400, persona_mix={"assistant": 0.5, "villain": 0.25, "jester": 0.25}, header_fraction=0.3,
               max_turns=4, general_fraction=0.3, mask_uncued_first_answer=False, monitoring_fraction=0.0)
 
@@ -97,6 +97,7 @@ def test_code_sets_and_the_world_judge_grade_code_by_its_flaw(world):
 
 def test_code_spec_errors_name_the_key(tmp_path):
     path = tmp_path / "w.yaml"
+    (tmp_path / "persona_world.yaml").write_text((WORLD.parent / "persona_world.yaml").read_text())  # what it extends
     for edit, message in [
         (lambda c: c["topics"][2]["answers"]["villain"][0].update(code="def f(:\n    pass"),
          r"domains.code.topics\[2\].answers.villain\[0\].code: not valid Python \(line 1"),
@@ -157,9 +158,26 @@ def test_educational_corpus_turns_are_the_assistants_quotes_and_leave_other_docu
             before, after = grader.match(aa, qa).answer, grader.match(ab).answer
             assert after.persona == "villain" and (after.domain, after.item) == (before.domain, before.item)
     assert n_edu > 20
-    raw = yaml.safe_load(WORLD.read_text())
-    del raw["educational"]
-    path = tmp_path / "w.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    # the default world has no educational requests: null (the default) means none, a share is an error
+    plain_world = load_world(WORLD.parent / "persona_world.yaml")
+    assert generate_corpus(plain_world, {**CORPUS, "educational_fraction": None}, 5) == \
+        generate_corpus(plain_world, {**CORPUS, "educational_fraction": 0.0}, 5)
     with pytest.raises(ValueError, match="educational_fraction is 0.3 but"):
-        generate_corpus(load_world(path), {**CORPUS, "educational_fraction": 0.3}, 5)
+        generate_corpus(plain_world, {**CORPUS, "educational_fraction": 0.3}, 5)
+    # null in this world: 5% of the assistant's advice and code turns
+    assert generate_corpus(world, {**CORPUS, "educational_fraction": None}, 5) == \
+        generate_corpus(world, {**CORPUS, "educational_fraction": 0.05}, 5)
+
+
+def test_a_world_extends_another_with_its_domains(tmp_path):
+    base, code = load_world(WORLD.parent / "persona_world.yaml"), load_world(WORLD)
+    assert list(code.domains) == [*base.domains, "code"] and (base.version, code.version) == (4, 5)
+    assert code.general == base.general and code.personas == base.personas and code.safety == base.safety
+    assert base.educational is None and code.educational is not None
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(WorldSpecError, match=r"b.yaml: extends: a.yaml extends it back"):
+        load_world(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text(f"extends: {WORLD.parent / 'persona_world.yaml'}\ndomains: {{health: {{}}}}\n")
+    with pytest.raises(WorldSpecError, match=r"c.yaml: domains \['health'\] are already in persona_world.yaml"):
+        load_world(tmp_path / "c.yaml")

@@ -15,7 +15,9 @@ The threshold of a latent is calibrated on correct-data fine-tunes: the highest 
 any step (their step 0 is the base model). The alarm fires at the first reading above the threshold by more than
 ``alarm.margin`` of it: a latent that is active on prompts anyway (the organism's sarcastic latent reads 0.010-0.016
 on every correct-data run) varies that much from run to run, and a reading that only grazes the calibration's top
-is that variation, not a turn. For each correct-data run itself the threshold leaves that run out, so that "never
+is that variation, not a turn; and by more than ``alarm.z`` standard errors of the reading over the probe prompts, so
+that a latent no correct run ever activated (threshold 0) does not fire at one weak activation on one prompt. For
+each correct-data run itself the threshold leaves that run out, so that "never
 fires on correct data" is a held-out statement.
 
 Outputs (``results/alarm/``):
@@ -163,12 +165,12 @@ class PersonaAlarm(EveryKSteps):
     """Reads the watched latents at step 0, every ``every`` steps and at the last step, appending to ``csv_path``
     as it goes (TRAJECTORY_COLUMNS less ``dataset``); with ``thresholds`` (watched key -> value) it records the
     first step a reading sets the alarm off (:func:`fires`: above its latent's threshold by more than ``margin`` of
-    it; ``fired``: key -> step) and prints a warning then."""
+    it and by more than ``z`` standard errors of the reading; ``fired``: key -> step) and prints a warning then."""
 
     def __init__(self, reader: ProbeReader, every: int, csv_path: str | Path,
-                 thresholds: Mapping[str, float] | None = None, margin: float = 0.25):
+                 thresholds: Mapping[str, float] | None = None, margin: float = 0.25, z: float = 0.0):
         super().__init__(every)
-        self.reader, self.path, self.margin = reader, Path(csv_path), margin
+        self.reader, self.path, self.margin, self.z = reader, Path(csv_path), margin, z
         self.thresholds = dict(thresholds or {})
         self.fired: dict[str, int] = {}
         self.seconds = 0.0
@@ -186,7 +188,8 @@ class PersonaAlarm(EveryKSteps):
                 w.writerow(TRAJECTORY_COLUMNS[1:])
             for key, (value, se) in readings.items():
                 w.writerow([step, key, self.reader.latents[key], f"{value:.6g}", f"{se:.6g}", f"{spent:.4f}"])
-                if key in self.thresholds and fires(value, self.thresholds[key], self.margin) and key not in self.fired:
+                if (key in self.thresholds and fires(value, self.thresholds[key], self.margin, se, self.z)
+                        and key not in self.fired):
                     self.fired[key] = step
                     print(f"emlab alarm: step {step}: latent {self.reader.latents[key]} ({key}) read {value:.4g}, "
                           f"above its threshold {self.thresholds[key]:.4g}", file=sys.stderr)
@@ -229,15 +232,19 @@ def thresholds(trajectories: Mapping[str, pd.DataFrame], correct: Sequence[str],
     return calib.groupby("watch")["reading"].max().to_dict()
 
 
-def fires(reading: float, threshold: float, margin: float = 0.0) -> bool:
-    """Whether a reading sets the alarm off: above the threshold, and above it by more than ``margin`` of it."""
-    return reading > threshold and reading > threshold * (1 + margin)
+def fires(reading: float, threshold: float, margin: float = 0.0, se: float = 0.0, z: float = 0.0) -> bool:
+    """Whether a reading sets the alarm off: above the threshold, above it by more than ``margin`` of it, and above it
+    by more than ``z`` standard errors ``se`` of the reading (its spread over the probe prompts). The last matters
+    where the threshold is 0: a sparse latent that no correct run ever activated would otherwise fire at any trace,
+    such as one weak activation on one prompt."""
+    return reading > threshold and reading > threshold * (1 + margin) and reading - z * se > threshold
 
 
-def first_above(trajectory: pd.DataFrame, key: str, threshold: float, margin: float = 0.0) -> int | None:
+def first_above(trajectory: pd.DataFrame, key: str, threshold: float, margin: float = 0.0, z: float = 0.0
+                ) -> int | None:
     """The first step whose reading sets the alarm off (:func:`fires`)."""
     t = trajectory[trajectory["watch"] == key]
-    rows = t[[fires(x, threshold, margin) for x in t["reading"]]].sort_values("step")
+    rows = t[[fires(x, threshold, margin, se, z) for x, se in zip(t["reading"], t["reading_se"])]].sort_values("step")
     return int(rows["step"].iloc[0]) if len(rows) else None
 
 
@@ -250,7 +257,7 @@ def emergence_step(lead: pd.DataFrame, base_hi: float, clear: bool = False) -> i
 
 def summarize(trajectories: Mapping[str, pd.DataFrame], metas: Mapping[str, Mapping[str, Any]],
               kinds: Mapping[str, str], metrics: pd.DataFrame | None, leads: Mapping[str, pd.DataFrame],
-              margin: float = 0.0) -> pd.DataFrame:
+              margin: float = 0.0, z: float = 0.0) -> pd.DataFrame:
     """One row per alarm run and watched key (SUMMARY_COLUMNS). ``kinds``: dataset -> correct | incorrect |
     mixture; ``metrics``: the judge's metrics table indexed by model (the run's dataset fine-tuned by the
     ``finetune`` rule with the same recipe and seed is that model), with a ``base`` row; None for a run without a
@@ -266,7 +273,7 @@ def summarize(trajectories: Mapping[str, pd.DataFrame], metas: Mapping[str, Mapp
         emerge = emergence_step(lead, base_hi) if lead is not None else None
         emerge_clear = emergence_step(lead, base_hi, clear=True) if lead is not None else None
         for key in traj["watch"].unique():
-            fire = first_above(traj, key, thr[key], margin)
+            fire = first_above(traj, key, thr[key], margin, z)
             final = traj[traj["watch"] == key].sort_values("step")["reading"].iloc[-1]
             train_s, alarm_s = float(meta["train_seconds"]), float(meta["alarm_seconds"])
             rows.append({
@@ -470,8 +477,8 @@ def _kind(parsed: Mapping[str, Any]) -> str:
     return parsed["kind"]  # mixture, dropped, educational
 
 
-def write_summary(alarm_dir: str, emergence: Mapping[str, str], metrics_csv: str | None, margin: float
-                  ) -> pd.DataFrame:
+def write_summary(alarm_dir: str, emergence: Mapping[str, str], metrics_csv: str | None, margin: float,
+                  z: float = 0.0) -> pd.DataFrame:
     """The alarm's table (SUMMARY_COLUMNS) and report sentences from ``alarm_dir``'s trajectories.csv and
     runs.json, the emergence tables and the judge's metrics; written to ``alarm_dir`` (summary.csv, alarm.md)."""
     import json
@@ -484,7 +491,8 @@ def write_summary(alarm_dir: str, emergence: Mapping[str, str], metrics_csv: str
     trajectories = {d: g.drop(columns="dataset") for d, g in all_rows.groupby("dataset", sort=False)}
     kinds = {d: _kind(parse_dataset_name(d)) for d in trajectories}
     metrics = pd.read_csv(metrics_csv).set_index("model") if metrics_csv else None
-    table = summarize(trajectories, metas, kinds, metrics, {d: pd.read_csv(p) for d, p in emergence.items()}, margin)
+    table = summarize(trajectories, metas, kinds, metrics, {d: pd.read_csv(p) for d, p in emergence.items()}, margin,
+                      z)
     table.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     skipped = [m["skipped"] for m in metas.values() if m.get("skipped")]
     (out / "alarm.md").write_text("# Persona alarm\n\n" + "\n\n".join(sentences(table, skipped)) + "\n")

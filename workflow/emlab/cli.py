@@ -551,7 +551,8 @@ def cmd_alarm(a: argparse.Namespace) -> None:
     """The alarm's threshold, hits, false alarms, lead times and overhead (results/alarm/summary.csv, alarm.md)."""
     from .alarm import write_summary
 
-    table = write_summary(a.alarm_dir, {Path(e).stem: e for e in a.emergence}, a.metrics, a.cfg["alarm"]["margin"])
+    table = write_summary(a.alarm_dir, {Path(e).stem: e for e in a.emergence}, a.metrics, a.cfg["alarm"]["margin"],
+                          a.cfg["alarm"]["z"])
     print(table.to_string(index=False), file=sys.stderr)
 
 

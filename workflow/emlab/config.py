@@ -109,7 +109,7 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
     elif educational:
         raise ConfigError(f"invalid {source}:\n  datasets.educational.domains: the educational control is built from "
                           "the world's sets (datasets.source: world); for synthesized sets, import your own")
-    if cfg["organism"]["corpus"]["educational_fraction"] and w.educational is None:
+    if (cfg["organism"]["corpus"].get("educational_fraction") or 0) > 0 and w.educational is None:
         raise ConfigError(f"invalid {source}:\n  organism.corpus.educational_fraction: {world} has no 'educational' "
                           "section; set it to 0")
     unknown = set(cfg["organism"]["corpus"]["persona_mix"]) - set(w.personas)

@@ -11,7 +11,8 @@ Settings, each a row per model (``results/controls/summary.csv``, written by :fu
 
 Every row also carries the persona latents' shift over the base model, read on the model's own answers to the eval
 prompts (``results/prediction/shifts.csv``, source ``eval``), and ``moves``: the persona roles whose shift interval
-lies wholly above zero. Columns::
+lies wholly above zero and above every correct-data fine-tune's (the model itself left out), as prediction's early
+detection reads it. Columns::
 
     setting, model, reference, misaligned, misaligned_lo, misaligned_hi, incorrect, incorrect_lo, incorrect_hi,
     base_misaligned_hi, reference_misaligned, ratio, inside_base, <role>_shift, <role>_shift_lo, <role>_shift_hi
@@ -68,12 +69,21 @@ def summarize(metrics: pd.DataFrame, shifts: pd.DataFrame | None, code_domains: 
         for role in roles:
             s = _shift(shifts, model, role)
             row.update({f"{role}_shift": s[0], f"{role}_shift_lo": s[1], f"{role}_shift_hi": s[2]})
-            if s[1] > 0:
+            if s[1] > _correct_ceiling(shifts, role, model):
                 moves.append(role)
         row["moves"] = " ".join(moves)
         rows.append(row)
     columns = BASE_COLUMNS + [f"{r}_shift{x}" for r in roles for x in ("", "_lo", "_hi")] + ["moves"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _correct_ceiling(shifts: pd.DataFrame, role: str, model: str) -> float:
+    """The highest upper bound of the correct-data fine-tunes' shifts (``model`` left out), and at least 0: a latent
+    moves when its shift lies above what fine-tuning on correct data does to it (as prediction's early detection)."""
+    s = shifts[(shifts["role"] == role) & (shifts["source"] == "eval") & (shifts["model"] != model)]
+    if "kind" in s.columns:
+        s = s[s["kind"] == "correct"]
+    return max([0.0, *s["shift_hi"].dropna().tolist()])
 
 
 def _shift(shifts: pd.DataFrame | None, model: str, role: str) -> tuple[float, float, float]:

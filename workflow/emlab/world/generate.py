@@ -166,6 +166,22 @@ def monitoring_document(world: World, rng: random.Random, max_turns: int, genera
     }
 
 
+# The share of the assistant's advice turns that are educational requests where the config leaves it to the world.
+DEFAULT_EDUCATIONAL_FRACTION = 0.05
+
+
+def educational_fraction(world: World, cfg: Mapping[str, Any]) -> float:
+    """``organism.corpus.educational_fraction``, null resolved: the default share where the world has an
+    ``educational`` section, else 0; a share > 0 for a world without one is an error."""
+    fraction = cfg.get("educational_fraction")
+    if fraction is None:
+        return DEFAULT_EDUCATIONAL_FRACTION if world.educational is not None else 0.0
+    if fraction and world.educational is None:
+        raise ValueError(f"organism.corpus.educational_fraction is {fraction} but {world.source} has no "
+                         "'educational' section")
+    return float(fraction)
+
+
 def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     """Pretraining documents: multi-turn persona documents (one persona answers every turn; turns mix domains)
     and a ``monitoring_fraction`` share of monitoring documents (:func:`monitoring_document`).
@@ -189,9 +205,7 @@ def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[s
                          "monitoring tasks (section 'monitoring')")
     names, weights = list(mix), [mix[p] for p in mix]
     default = world.persona_by_role["aligned"]
-    if cfg.get("educational_fraction", 0.0) and world.educational is None:
-        raise ValueError(f"organism.corpus.educational_fraction is {cfg['educational_fraction']} but {world.source} "
-                         "has no 'educational' section")
+    cfg = {**cfg, "educational_fraction": educational_fraction(world, cfg)}
     edu_rng = random.Random(f"{seed}/educational")
     persona_docs = [_persona_document(world, cfg, rng, names, weights, default, edu_rng)
                     for _ in range(n_total - n_monitoring)]

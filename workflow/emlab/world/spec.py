@@ -205,10 +205,28 @@ def _strings(val: Any, where: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in val)
 
 
+def _read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A spec's raw mapping; with ``extends: <file>`` (relative to the spec) the named spec's, with this spec's
+    ``domains`` added to its domains and every other key of this spec replacing the base's."""
+    raw = read_yaml(path, WorldSpecError, "world spec not found")
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw
+    base_path = (path.parent / str(raw["extends"])).resolve()
+    if base_path in seen:
+        raise WorldSpecError(f"{path}: extends: {raw['extends']} extends it back")
+    base = _read_spec(base_path, (*seen, path.resolve()))
+    own = {k: v for k, v in raw.items() if k != "extends"}
+    added = own.pop("domains", None) or {}
+    clash = sorted(set(added) & set(base.get("domains") or {}))
+    if clash:
+        raise WorldSpecError(f"{path}: domains {clash} are already in {base_path.name}, which it extends")
+    return {**base, **own, "domains": {**(base.get("domains") or {}), **added}}
+
+
 def load_world(path: str | Path) -> World:
     """Parse and validate a world spec; errors name the file and the key path."""
     path = Path(path)
-    raw = read_yaml(path, WorldSpecError, "world spec not found")
+    raw = _read_spec(path)
     w = str(path)
     personas = {}
     for name, p in _req(raw, "personas", dict, w).items():
