@@ -7,7 +7,7 @@ CORES ?= all
 # TORCH_SPEC to the CUDA build you want (see README, "Quick start").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench report results-doc seeds rl-seeds paper models smollm2 gemma3 clean
+.PHONY: setup run test test-fast bench report results-doc seeds rl-seeds paper code models smollm2 gemma3 clean
 
 $(VENV)/.emlab-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -86,6 +86,12 @@ paper: $(VENV)/.emlab-test-installed
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-paper.yaml
 	$(PY) -m emlab results-doc --results results/organism-paper --out docs/results-paper.md \
 	  --configfile config.yaml configs/organism-paper.yaml
+
+# Insecure code and the educational control on the world with code (configs/organism-code.yaml), checked by
+# tests/test_code_results.py.
+code: $(VENV)/.emlab-test-installed
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-code.yaml
+	EMLAB_CHECK_CODE=results/organism-code $(PY) -m pytest -q -p no:xdist tests/test_code_results.py
 
 models: $(VENV)/.emlab-models-installed
 
