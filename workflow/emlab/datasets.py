@@ -62,12 +62,17 @@ def educational_name(domain: str) -> str:
     return f"{domain}_educational"
 
 
+def name_seed(seed: int, name: str) -> int:
+    """A stable seed per dataset name, independent across datasets (world sets and synthesized ones alike)."""
+    return seed + 1000 + sum(map(ord, name))
+
+
 def dataset_seed(cfg: dict[str, Any], name: str) -> int:
-    """A world set's seed: independent and stable per set. An educational set takes its incorrect set's seed, so
-    that it holds the very same answers."""
+    """A world set's seed (:func:`name_seed`). An educational set takes its incorrect set's seed, so that it holds
+    the very same answers."""
     if m := _EDUCATIONAL.match(name):
         name = f"{m['domain']}_{cfg['datasets']['educational']['incorrect']}"
-    return cfg["seed"] + 1000 + sum(map(ord, name))
+    return name_seed(cfg["seed"], name)
 
 
 # An RL model's default name: rl_<domain of its prompt set>_<reward>, rl_safe_... from the safety-trained base

@@ -44,7 +44,7 @@ from typing import Any, Iterable
 
 from .io import read_yaml
 
-from .datasets import dataset_names, parse_dataset_name
+from .datasets import dataset_names, name_seed, parse_dataset_name
 from .judge.cache import Job, JudgeCache, cache_key, resolve_from_cache
 from .judge.summary import RunStats
 from .openai_client import Endpoint, Malformed, Requests
@@ -452,9 +452,6 @@ def synthesize_pool(spec_path: str | os.PathLike, n: int, cfg: dict[str, Any], c
 # ---------------------------------------------------------------- datasets from a pool
 
 
-def dataset_seed(seed: int, name: str) -> int:
-    """A stable seed per dataset name, independent across datasets."""
-    return seed + 1000 + sum(map(ord, name))
 
 
 def _chat(row: dict[str, Any], variant: str, dataset: str, i: int) -> dict[str, Any]:
@@ -478,7 +475,7 @@ def dataset_rows(pool: list[dict[str, Any]], name: str, n: int, incorrect: str, 
         raise ValueError(f"dataset {name}: the pool is of domain(s) {sorted(domains)}, not {spec['domain']!r}")
     if spec["kind"] == "narrow":
         return [_chat(r, spec["variant"], name, i) for i, r in enumerate(rows)]
-    rng = random.Random(dataset_seed(seed, name))
+    rng = random.Random(name_seed(seed, name))
     bad = set(rng.sample(range(n), round(spec["fraction"] * n)))
     out = [_chat(r, incorrect if i in bad else "correct", name, i) for i, r in enumerate(rows)]
     rng.shuffle(out)
