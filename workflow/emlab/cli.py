@@ -344,14 +344,13 @@ def cmd_timings(a: argparse.Namespace) -> None:
 @command("results-doc")
 def cmd_results_doc(a: argparse.Namespace) -> None:
     """A results page (markdown) written from a run's result files alone."""
-    import yaml
-
     from .config import validate
+    from .io import parse_yaml
     from .results_doc import write
 
     cfg: dict[str, Any] = {}
     for path in a.configfile:  # merged as Snakemake merges --configfile files
-        cfg = _merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
+        cfg = _merge(cfg, parse_yaml(Path(path).read_text()) or {})
     write(a.results, a.out, config=validate(cfg, " + ".join(a.configfile)), seeds=a.seeds, readme=a.readme)
     print(f"emlab results-doc: {a.out} from {a.results}", file=sys.stderr)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from .io import parse_yaml
 from .schema import ConfigError, load_schema
 
 
@@ -131,7 +132,7 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
 def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return validate(cfg, str(path))

@@ -5,10 +5,12 @@ from here, so no module imports back into :mod:`emlab.config`."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .io import parse_yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -19,7 +21,13 @@ class ConfigError(ValueError):
 
 
 def load_schema() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """A fresh copy of the schema (callers may fill it in); the file is parsed once per process."""
+    return copy.deepcopy(_parsed_schema())
+
+
+@functools.cache
+def _parsed_schema() -> dict[str, Any]:
+    return parse_yaml(SCHEMA_PATH.read_text())
 
 
 def schema_section(*path: str) -> dict[str, Any]:
