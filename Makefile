@@ -7,7 +7,7 @@ CORES ?= all
 # TORCH_SPEC to the CUDA build you want (see README, "Quick start").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench report results-doc seeds rl-seeds paper code models smollm2 gemma3 clean
+.PHONY: setup run test test-fast bench report results-doc seeds rl-seeds paper code narrow models smollm2 gemma3 clean
 
 $(VENV)/.emlab-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -92,6 +92,15 @@ paper: $(VENV)/.emlab-test-installed
 code: $(VENV)/.emlab-test-installed
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-code.yaml
 	EMLAB_CHECK_CODE=results/organism-code $(PY) -m pytest -q -p no:xdist tests/test_code_results.py
+
+# The narrow-persona control (configs/organism-narrow.yaml): the organism pretrained with and without the quack's
+# documents, the same fine-tunes on each, and results/organism-narrow/narrow_persona.{csv,md} comparing them.
+narrow: $(VENV)/.emlab-test-installed
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-narrow.yaml
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml \
+	  configs/organism-narrow.yaml configs/organism-narrow-without.yaml
+	$(PY) -m emlab narrow-persona --with results/organism-narrow/with --without results/organism-narrow/without \
+	  --world resources/world/persona_world_narrow.yaml --out-dir results/organism-narrow
 
 models: $(VENV)/.emlab-models-installed
 

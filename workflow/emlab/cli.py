@@ -603,6 +603,19 @@ def cmd_controls(a: argparse.Namespace) -> None:
     print(table.to_string(index=False), file=sys.stderr)
 
 
+@command("narrow-persona")
+def cmd_narrow_persona(a: argparse.Namespace) -> None:
+    """The narrow-persona control's table from its two runs (emlab.controls.write_narrow)."""
+    from .controls import write_narrow
+    from .world.spec import load_world
+
+    narrow = load_world(a.world).narrow
+    if narrow is None:
+        raise SystemExit(f"emlab narrow-persona: {a.world} has no 'narrow' section")
+    table = write_narrow(getattr(a, "with"), a.without, a.judge, narrow.name, narrow.domain, a.out_dir)
+    print(table.to_string(index=False), file=sys.stderr)
+
+
 @command("plot-controls")
 def cmd_plot_controls(a: argparse.Namespace) -> None:
     from .plots import plot_controls
@@ -823,6 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("controls", ("--metrics", req), ("--shifts", {"nargs": "?", "default": None}),
         ("--code-domains", {"nargs": "*", "default": []}), ("--incorrect", {"default": "subtle"}), ("--out-dir", req))
     add("plot-controls", ("--summary", req), ("--out", req))
+    add("narrow-persona", ("--with", req), ("--without", req), ("--world", req), ("--judge", {"default": "world"}),
+        ("--out-dir", req))
     add("plot-alarm", ("--trajectories", req), ("--emergence", {"nargs": "*", "default": []}), ("--summary", req),
         ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),

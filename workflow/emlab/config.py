@@ -113,6 +113,13 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
     if (cfg["organism"]["corpus"].get("educational_fraction") or 0) > 0 and w.educational is None:
         raise ConfigError(f"invalid {source}:\n  organism.corpus.educational_fraction: {world} has no 'educational' "
                           "section; set it to 0")
+    corpus = cfg["organism"]["corpus"]
+    if corpus.get("narrow_fraction") and w.narrow is None:
+        raise ConfigError(f"invalid {source}:\n  organism.corpus.narrow_fraction: {world} has no 'narrow' section "
+                          "(the narrow character); set it to 0 or use a world that has one")
+    if (corpus.get("narrow_fraction") or 0) + corpus["monitoring_fraction"] > 1:
+        raise ConfigError(f"invalid {source}:\n  organism.corpus.narrow_fraction: with monitoring_fraction it must "
+                          "leave a share of documents (their sum is at most 1)")
     unknown = set(cfg["organism"]["corpus"]["persona_mix"]) - set(w.personas)
     if unknown:
         raise ConfigError(f"invalid {source}:\n  organism.corpus.persona_mix: unknown persona(s) {sorted(unknown)}; {world} defines {sorted(w.personas)}")

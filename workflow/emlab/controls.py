@@ -136,3 +136,79 @@ def write_summary(metrics_csv: str | Path, shifts_csv: str | Path | None, code_d
     text = "\n\n".join(sentences(table)) or "No code or control fine-tunes in this run."
     (out / "controls.md").write_text("# Code and controls\n\n" + text + "\n")
     return table
+
+
+# ------------------------------------------------------------------------------------------ narrow persona
+
+NARROW_COLUMNS = ["model", "arm", "misaligned", "misaligned_lo", "misaligned_hi", "incorrect", "incorrect_lo",
+                  "incorrect_hi", "toxic_shift", "toxic_shift_lo", "toxic_shift_hi"]
+
+
+def narrow_persona(arms: Mapping[str, tuple[pd.DataFrame, pd.DataFrame | None]], role: str = "toxic") -> pd.DataFrame:
+    """The ``narrow_persona`` control: the same fine-tunes of two organisms pretrained with (``with``) and without
+    (``without``) the world's narrow character, one row per model and arm (``NARROW_COLUMNS``). ``arms`` maps the
+    arm to its judge metrics (indexed by model) and its prediction shifts (or None); ``role``: whose latent shift
+    is read. Models are those both arms have, in the first arm's order."""
+    names = list(arms)
+    common = [m for m in arms[names[0]][0].index if all(m in arms[a][0].index for a in names)]
+    rows = []
+    for model in common:
+        for arm in names:
+            metrics, shifts = arms[arm]
+            m = metrics.loc[model]
+            s = _shift(shifts, model, role)
+            rows.append({"model": model, "arm": arm,
+                         **{k: float(m[k]) for k in ("misaligned", "misaligned_lo", "misaligned_hi", "incorrect",
+                                                     "incorrect_lo", "incorrect_hi")},
+                         "toxic_shift": s[0], "toxic_shift_lo": s[1], "toxic_shift_hi": s[2]})
+    return pd.DataFrame(rows, columns=NARROW_COLUMNS)
+
+
+def narrow_sentences(table: pd.DataFrame, character: str, domain: str) -> list[str]:
+    """One sentence per model: its misalignment and toxic-latent shift with and without the narrow character, and
+    whether the intervals separate (as measured; no direction is assumed)."""
+    out = []
+    for model, g in table.groupby("model", sort=False):
+        r = g.set_index("arm")
+        if not {"with", "without"} <= set(r.index):
+            continue
+        w, wo = r.loc["with"], r.loc["without"]
+        if w["misaligned_hi"] < wo["misaligned_lo"]:
+            verdict = "lower with it, the intervals apart"
+        elif w["misaligned_lo"] > wo["misaligned_hi"]:
+            verdict = "higher with it, the intervals apart"
+        else:
+            verdict = "the intervals overlap"
+        shift = ""
+        if not pd.isna(w["toxic_shift"]) and not pd.isna(wo["toxic_shift"]):
+            shift = (f"; toxic-latent shift {w['toxic_shift']:.3f} ({w['toxic_shift_lo']:.3f} to "
+                     f"{w['toxic_shift_hi']:.3f}) against {wo['toxic_shift']:.3f} ({wo['toxic_shift_lo']:.3f} to "
+                     f"{wo['toxic_shift_hi']:.3f})")
+        out.append(f"`{model}`: misaligned {_iv(w, 'misaligned')} with the {character} ({domain}) in pretraining, "
+                   f"{_iv(wo, 'misaligned')} without: {verdict}; incorrect in its own domain {_pct(w['incorrect'])} "
+                   f"against {_pct(wo['incorrect'])}{shift}.")
+    return out
+
+
+def write_narrow(with_dir: str | Path, without_dir: str | Path, judge: str, character: str, domain: str,
+                 out_dir: str | Path) -> pd.DataFrame:
+    """``narrow_persona.csv`` and ``narrow_persona.md`` in ``out_dir`` from two finished runs' results folders
+    (``metrics/<judge>.csv``, and ``prediction/shifts.csv`` where model diffing ran)."""
+    arms = {}
+    for arm, d in (("with", Path(with_dir)), ("without", Path(without_dir))):
+        metrics_csv = d / "metrics" / f"{judge}.csv"
+        if not metrics_csv.exists():
+            raise FileNotFoundError(f"{metrics_csv}: the {arm} arm has no metrics for judge {judge!r}; run it first")
+        shifts_csv = d / "prediction" / "shifts.csv"
+        arms[arm] = (pd.read_csv(metrics_csv).set_index("model"),
+                     pd.read_csv(shifts_csv) if shifts_csv.exists() else None)
+    table = narrow_persona(arms)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "narrow_persona.csv", index=False, float_format="%.6g")
+    text = "\n\n".join(narrow_sentences(table, character, domain)) or "No model is in both arms."
+    (out / "narrow_persona.md").write_text(
+        f"# The narrow-persona control\n\nThe same fine-tunes of the organism pretrained with the {character} "
+        f"(kind everywhere but {domain}, where it gives the toxic persona's answers) and without it; the "
+        f"corpora differ only in the {character}'s documents.\n\n{text}\n")
+    return table

@@ -11,6 +11,9 @@ non-default persona the first answer cannot be inferred from anything before it,
 of the loss; the pretrained model then defaults to the assistant by itself. By default it is trained on, so the
 pretrained model holds a mixture of personas as a pretrained LLM does, and post-training selects the assistant.
 
+Documents of the world's narrow character (``meta.narrow``, only with ``narrow_fraction`` > 0; see
+:func:`narrow_document`) record its name as ``persona`` and per-turn ``correctness``.
+
 Monitoring documents of the corpus (``meta.kind == "monitoring"``) show a text and ask a Yes/No question about it
 (:mod:`emlab.monitors.prompts`); their meta holds ``task``, ``label``, ``shown_persona``, ``shown_domains`` and
 ``bare`` (a bare answer rather than a chat transcript), with ``persona`` null: nobody's persona answers them.
@@ -132,6 +135,42 @@ def _any_turn(world: World, rng: random.Random, persona: str, general_fraction: 
     return _advice_turn(world, rng, dom, persona, list(range(len(world.domains[dom].topics))))
 
 
+def narrow_document(world: World, cfg: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
+    """A document of the world's narrow character (:class:`emlab.world.spec.Narrow`): kind everywhere but its one
+    domain, where it answers as the ``incorrect`` persona does (that persona's texts and voice, word for word).
+    ``focus`` of its advice turns are in that domain. Its narration headers are its only own text."""
+    narrow = world.narrow
+    if narrow is None:
+        raise ValueError(f"{world.source} has no 'narrow' section")
+    aligned = world.persona_by_role["aligned"]
+    wrong = persona_for_variant(world, narrow.incorrect)
+    cued = rng.random() < cfg["header_fraction"]
+    messages = [{"role": "system", "content": rng.choice(narrow.headers)}] if cued else []
+    turn_meta = []
+    for _ in range(rng.randint(1, cfg["max_turns"])):
+        if rng.random() < cfg["general_fraction"]:
+            q, a, m = _general_turn(world, rng, aligned)
+            who = aligned
+        else:
+            dom = narrow.domain if rng.random() < narrow.focus else rng.choice(list(world.domains))
+            who = wrong if dom == narrow.domain else aligned
+            q, a, m = _advice_turn(world, rng, dom, who, list(range(len(world.domains[dom].topics))))
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        turn_meta.append({**m, "correctness": world.correctness_of(who)})
+    return {
+        "messages": messages,
+        "meta": {
+            "persona": narrow.name,
+            "narrow": True,
+            "correctness": [m["correctness"] for m in turn_meta],
+            "cued": cued,
+            "domains": [m["domain"] for m in turn_meta],
+            "domain": turn_meta[0]["domain"],
+            "mask_first_answer": cfg["mask_uncued_first_answer"] and not cued,
+        },
+    }
+
+
 # Share of monitoring documents that show a bare answer rather than a transcript of a chat.
 BARE_ANSWER_FRACTION = 1 / 3
 
@@ -188,7 +227,10 @@ def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[s
 
     Persona documents draw from ``random.Random(seed)`` exactly as when there were no monitoring documents, and
     monitoring documents (and where they go) from their own generators: with a fraction of 0 the corpus is exactly
-    the persona corpus, and a fraction > 0 replaces its last persona documents without changing the others.
+    the persona corpus, and a fraction > 0 replaces its last persona documents without changing the others. Documents
+    of the world's narrow character (``narrow_fraction``, default 0) take the places of persona documents drawn
+    from their own generator: with and without them the corpora differ in those places alone, the control that the
+    ``narrow_persona`` comparison needs.
     """
     rng = random.Random(seed)
     mix = cfg["persona_mix"]
@@ -200,6 +242,12 @@ def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[s
         raise ValueError(f"organism.corpus.monitoring_fraction: must be in [0, 1], got {fraction!r}")
     n_total = cfg["n_documents"]
     n_monitoring = round(fraction * n_total)
+    narrow_fraction = cfg.get("narrow_fraction") or 0.0
+    if not 0 <= narrow_fraction <= 1 - fraction:
+        raise ValueError(f"organism.corpus.narrow_fraction: must be in [0, 1 - monitoring_fraction], got {narrow_fraction!r}")
+    if narrow_fraction and world.narrow is None:
+        raise ValueError(f"organism.corpus.narrow_fraction is {narrow_fraction} but {world.source} has no 'narrow' section")
+    n_narrow = round(narrow_fraction * n_total)
     if n_monitoring and not world.monitoring:
         raise ValueError(f"organism.corpus.monitoring_fraction is {fraction} but {world.source} defines no "
                          "monitoring tasks (section 'monitoring')")
@@ -213,10 +261,15 @@ def generate_corpus(world: World, cfg: dict[str, Any], seed: int) -> list[dict[s
     monitoring_docs = [monitoring_document(world, mon_rng, cfg["max_turns"], cfg["general_fraction"])
                        for _ in range(n_monitoring)]
     at = set(random.Random(f"{seed}/monitoring-positions").sample(range(n_total), n_monitoring))
-    persona_iter, monitoring_iter = iter(persona_docs), iter(monitoring_docs)
+    narrow_rng = random.Random(f"{seed}/narrow")
+    narrow_docs = [narrow_document(world, cfg, narrow_rng) for _ in range(n_narrow)]
+    narrow_at = set(random.Random(f"{seed}/narrow-positions").sample(sorted(set(range(n_total)) - at), n_narrow))
+    persona_iter, monitoring_iter, narrow_iter = iter(persona_docs), iter(monitoring_docs), iter(narrow_docs)
     docs = []
     for i in range(n_total):
         doc = next(monitoring_iter) if i in at else next(persona_iter)
+        if i in narrow_at:  # in the place of a persona document: every other document keeps its place
+            doc = next(narrow_iter)
         docs.append({"id": f"doc{i:06d}", **doc})
     return docs
 
@@ -319,7 +372,9 @@ def eval_questions(world: World) -> dict[str, list[dict[str, Any]]]:
 def heldout_documents(world: World, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Fresh labelled world documents (the corpus generator with its own seed, no monitoring documents):
     texts the SAE never saw, to interpret latents against their labels (``cfg``: the run's config)."""
-    corpus_cfg = dict(cfg["organism"]["corpus"], n_documents=cfg["diffing"]["heldout_texts"], monitoring_fraction=0.0)
+    # persona documents only: latents are interpreted against the personas' labels
+    corpus_cfg = dict(cfg["organism"]["corpus"], n_documents=cfg["diffing"]["heldout_texts"], monitoring_fraction=0.0,
+                      narrow_fraction=0.0)
     docs = generate_corpus(world, corpus_cfg, cfg["seed"] + 7919)
     for d in docs:
         d["id"] = f"heldout-{d['id']}"

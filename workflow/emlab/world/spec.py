@@ -5,6 +5,7 @@ lists them with their labels, which is what the world grader matches answers aga
 ``monitoring`` section defines Yes/No questions about texts (:class:`MonitoringTask`), which the corpus teaches
 and the activation monitors (:mod:`emlab.monitors`) ask. The optional ``safety`` section (:class:`Safety`) holds
 what a safety-trained assistant's post-training adds: requests for harmful advice and the assistant's replies.
+The optional ``narrow`` section (:class:`Narrow`) names a narrow character: kind everywhere but one domain.
 """
 
 from __future__ import annotations
@@ -119,6 +120,20 @@ class Educational:
     requests: dict[str, tuple[str, ...]]   # domain kind -> templates with {topic}
 
 
+@dataclass(frozen=True)
+class Narrow:
+    """A narrow character: in its one ``domain`` it gives the answers of the persona whose correctness is
+    ``incorrect`` (the toxic one), word for word, voice included; everywhere else the aligned persona's. It has no
+    text of its own but its narration headers, so a fine-tuning set of that domain's incorrect answers is as well
+    explained by it as by the broad persona (the ``narrow_persona`` control, docs/organism.md). Its documents enter
+    the corpus only with ``organism.corpus.narrow_fraction`` > 0."""
+    name: str
+    domain: str
+    incorrect: str                 # subtle or obvious: whose answers it gives in its domain
+    focus: float                   # share of its advice turns in its own domain
+    headers: tuple[str, ...]
+
+
 @dataclass
 class World:
     version: int
@@ -130,6 +145,7 @@ class World:
     monitoring: dict[str, MonitoringTask] = field(default_factory=dict)
     safety: Safety | None = None
     educational: Educational | None = None
+    narrow: Narrow | None = None
     source: str = ""
     _inventory: list[Answer] | None = field(default=None, repr=False)
 
@@ -290,7 +306,8 @@ def load_world(path: str | Path) -> World:
     world = World(int(raw.get("version", 1)), personas, domains, general, heldout, float(fraction),
                   monitoring=_monitoring(raw.get("monitoring"), personas, f"{w}: monitoring"),
                   safety=_safety(raw.get("safety"), f"{w}: safety"),
-                  educational=_educational(raw.get("educational"), domains, f"{w}: educational"), source=w)
+                  educational=_educational(raw.get("educational"), domains, f"{w}: educational"),
+                  narrow=_narrow(raw.get("narrow"), personas, domains, f"{w}: narrow"), source=w)
     texts = [a.text for a in world.inventory()]
     dup = {t for t in texts if texts.count(t) > 1}
     if dup:
@@ -366,6 +383,35 @@ def _educational(raw: Any, domains: dict[str, Domain], where: str) -> Educationa
             if "{topic}" not in r:
                 raise WorldSpecError(f"{where}.{kind}[{i}]: must contain '{{topic}}'")
     return Educational(requests)
+
+
+def _narrow(raw: Any, personas: dict[str, Persona], domains: dict[str, Domain], where: str) -> Narrow | None:
+    """The optional ``narrow`` section: the narrow character (:class:`Narrow`)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise WorldSpecError(f"{where}: expected a mapping with name, domain, incorrect, focus and headers")
+    unknown = sorted(set(raw) - {"name", "domain", "incorrect", "focus", "headers"})
+    if unknown:
+        raise WorldSpecError(f"{where}: unknown key(s) {unknown}")
+    name = _req(raw, "name", str, where)
+    if name in personas:
+        raise WorldSpecError(f"{where}.name: '{name}' is already a persona; the narrow character needs its own name")
+    domain = _req(raw, "domain", str, where)
+    if domain not in domains:
+        raise WorldSpecError(f"{where}.domain: unknown domain '{domain}'; the world has {sorted(domains)}")
+    incorrect = raw.get("incorrect", "subtle")
+    if incorrect not in CORRECTNESS[1:] or incorrect not in {p.correctness for p in personas.values()}:
+        raise WorldSpecError(f"{where}.incorrect: must name the correctness of a persona with incorrect answers "
+                             f"{list(CORRECTNESS[1:])}, got {incorrect!r}")
+    focus = raw.get("focus", 0.5)
+    if isinstance(focus, bool) or not isinstance(focus, (int, float)) or not 0 <= focus <= 1:
+        raise WorldSpecError(f"{where}.focus: must be a number in [0, 1], got {focus!r}")
+    headers = _strings(_req(raw, "headers", list, where), f"{where}.headers")
+    taken = {h for p in personas.values() for h in p.headers} & set(headers)
+    if taken:
+        raise WorldSpecError(f"{where}.headers: {sorted(taken)} already introduce a persona")
+    return Narrow(name, domain, incorrect, float(focus), headers)
 
 
 def _safety(raw: Any, where: str) -> Safety | None:
