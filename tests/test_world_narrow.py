@@ -144,3 +144,20 @@ def test_written_from_two_results_folders(tmp_path):
     assert "lower with it" in (tmp_path / "out/narrow_persona.md").read_text()
     with pytest.raises(FileNotFoundError, match="without2/metrics/world.csv: the without arm has no metrics"):
         write_narrow(tmp_path / "with", tmp_path / "without2", "world", "quack", "health", tmp_path / "out")
+
+
+def test_the_two_arms_of_make_narrow_differ_in_the_narrow_fraction_and_results_folder_alone(monkeypatch):
+    """configs/organism-narrow.yaml and its control arm, merged over config.yaml as `make narrow` passes them."""
+    from emlab.cli import _merge
+
+    monkeypatch.chdir(ROOT)
+    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    with_ = _merge(default, yaml.safe_load((ROOT / "configs/organism-narrow.yaml").read_text()))
+    without = _merge(with_, yaml.safe_load((ROOT / "configs/organism-narrow-without.yaml").read_text()))
+    a, b = validate(with_, "with"), validate(without, "without")
+    assert a["organism"]["corpus"]["narrow_fraction"] > 0 == b["organism"]["corpus"]["narrow_fraction"]
+    assert a["results_dir"] != b["results_dir"]
+    for cfg in (a, b):
+        cfg.pop("results_dir")
+        cfg["organism"]["corpus"].pop("narrow_fraction")
+    assert a == b and load_world(a["organism"]["world"]).narrow is not None
