@@ -24,9 +24,12 @@ if _XDIST_WORKERS > 1:
 SHARED_RUN_FILES = {"tests/test_report.py": "tests/test_workflow.py"}
 # The files with the longest runs, handed out first and in this order (xdist's own order is by number of tests,
 # which sent the default run, the suite's longest test, out after a few minutes of other files): the default run
-# takes one worker from the start; the other builds the SmolLM2 DAG while the default run's pretraining holds one
-# core, then waits on the SLURM test's scheduler while the default run's later jobs use the core it leaves idle.
-LONGEST_FIRST = ("tests/test_emergent_misalignment.py", "tests/test_real_models.py", "tests/test_slurm.py")
+# takes one worker from the start; the other builds the SmolLM2 DAG and then the tiny DAG (test_workflow.py's)
+# while the default run's serial pretraining (~700 s at one thread) holds one core, and only then waits on the
+# SLURM test's scheduler, while the default run's later jobs use the core it leaves idle. (With the SLURM test
+# right after the SmolLM2 DAG, its waiting began ~150 s before the pretraining ended, with one core idle.)
+LONGEST_FIRST = ("tests/test_emergent_misalignment.py", "tests/test_real_models.py", "tests/test_workflow.py",
+                 "tests/test_slurm.py")
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: a run without xdist (-p no:xdist) does not know it
