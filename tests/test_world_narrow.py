@@ -18,8 +18,8 @@ from emlab.world.spec import WorldSpecError, load_world
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = ROOT / "resources/world/persona_world_narrow.yaml"
 BASE_WORLD = ROOT / "resources/world/persona_world.yaml"
-CORPUS = dict(n_documents=1000, persona_mix={"assistant": 0.5, "villain": 0.25, "jester": 0.25}, header_fraction=0.3,
-              max_turns=4, general_fraction=0.3, mask_uncued_first_answer=False, monitoring_fraction=0.1)
+# the schema's corpus defaults (monitoring documents included), at a test's size
+CORPUS = dict(validate({}, "defaults")["organism"]["corpus"], n_documents=1000)
 
 
 @pytest.fixture(scope="module")
