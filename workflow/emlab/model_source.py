@@ -15,7 +15,10 @@ weights dequantized to float32, the tokenizer, the chat template. Everything dow
 
 :func:`check` runs when the workflow is planned (dry run included): it finds the model's config and its decoder
 blocks (:func:`emlab.arch.find_spec`, on the meta device: no weights are read), so a missing file, an uninstalled
-package or an unsupported architecture fails before any job, naming ``model.path``.
+package or an unsupported architecture fails before any job, naming ``model.path``. Reading a GGUF file's config
+parses the whole file's metadata (its tokenizer included: seconds), and every Snakemake process plans again (each
+dry run, and each SLURM job), so a GGUF file's check is remembered in ``$EMLAB_CACHE`` (default
+``~/.cache/emlab``), keyed on the file's path, size and modification time and the transformers and emlab versions.
 """
 
 from __future__ import annotations
@@ -132,10 +135,77 @@ def _has_chat_template(folder: Path) -> bool:
     return False
 
 
+def cache_dir() -> Path:
+    """Where emlab keeps what it may recompute: ``$EMLAB_CACHE``, else ``$XDG_CACHE_HOME/emlab``, else
+    ``~/.cache/emlab``."""
+    if os.environ.get("EMLAB_CACHE"):
+        return Path(os.environ["EMLAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emlab"
+
+
+def _gguf_check_key(source: ModelSource) -> str | None:
+    """A GGUF file's identity for the check cache (None: not a GGUF file, or unreadable)."""
+    if source.kind != "gguf":
+        return None
+    from importlib.metadata import version
+
+    from . import __version__
+
+    try:
+        st = Path(source.ref).stat()
+    except OSError:
+        return None
+    return (f"{Path(source.ref).resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {version('transformers')}"
+            f"|emlab {__version__}")
+
+
+def _remembered_checks() -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads((cache_dir() / "model-checks.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_check(key: str, found: dict[str, Any]) -> None:
+    """Add a passed check to the cache; a cache that cannot be written only costs the next plan the time."""
+    import json
+    import tempfile
+
+    checks = {**_remembered_checks(), key: found}
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
+            json.dump(checks, f, indent=1)
+        os.replace(f.name, folder / "model-checks.json")  # atomic: a parallel plan never reads half a file
+    except OSError:
+        pass
+
+
 def check(model_cfg: dict[str, Any]) -> str:
     """Plan-time check of a hub model: the source exists, its config loads, its decoder blocks are found.
     Returns a one-line description; raises ModelSourceError naming the config key."""
     source = resolve(model_cfg)
+    key = _gguf_check_key(source)
+    found = _remembered_checks().get(key) if key else None
+    if not (isinstance(found, dict) and isinstance(found.get("layers"), int) and found.get("description")):
+        found = _inspect(source, model_cfg)
+        if key and found.get("layers") is not None:
+            _remember_check(key, found)
+    n = found.get("layers")
+    if n is None:
+        return found["description"]
+    layer = model_cfg.get("layer", 0)
+    if not -n <= layer < n:
+        raise ModelSourceError(f"model.layer: {layer} is out of range for {model_cfg['path']} ({n} layers)")
+    return found["description"]
+
+
+def _inspect(source: ModelSource, model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The check's reading of the model: ``description`` and ``layers`` (None where it was not read)."""
     try:
         config = load_config(source)
     except ModelSourceError:
@@ -148,10 +218,10 @@ def check(model_cfg: dict[str, Any]) -> str:
 
             warnings.warn(f"model.path: {model_cfg['path']} is not in the HF cache and the hub is not reachable "
                           f"from here ({why}); its architecture is checked when a job loads it")
-            return f"hub id {source.ref} (not checked)"
+            return {"description": f"hub id {source.ref} (not checked)", "layers": None}
         raise ModelSourceError(f"model.path: cannot read the model config of {model_cfg['path']!r} ({why})") from None
     if config is None:
-        return f"{source.kind} {source.ref}"
+        return {"description": f"{source.kind} {source.ref}", "layers": None}
     folder = Path(source.ref)
     if source.kind == "hf" and folder.is_dir() and not source.chat_template and not _has_chat_template(folder):
         raise ModelSourceError(
@@ -170,10 +240,8 @@ def check(model_cfg: dict[str, Any]) -> str:
     except (UnsupportedArchitecture, ValueError, KeyError) as e:
         raise ModelSourceError(f"model.path: {model_cfg['path']}: {e}") from None
     n = text_config(config).num_hidden_layers
-    layer = model_cfg.get("layer", 0)
-    if not -n <= layer < n:
-        raise ModelSourceError(f"model.layer: {layer} is out of range for {model_cfg['path']} ({n} layers)")
-    return f"{type(model).__name__}: {n} blocks at {spec.layers}, final norm {spec.final_norm}"
+    return {"description": f"{type(model).__name__}: {n} blocks at {spec.layers}, final norm {spec.final_norm}",
+            "layers": n}
 
 
 def convert(model_cfg: dict[str, Any], out_dir: str | os.PathLike, work_dir: str | os.PathLike) -> dict[str, Any]:
