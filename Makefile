@@ -93,13 +93,17 @@ code: $(VENV)/.emlab-test-installed
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-code.yaml
 	EMLAB_CHECK_CODE=results/organism-code $(PY) -m pytest -q -p no:xdist tests/test_code_results.py
 
-# The narrow-persona control (configs/organism-narrow.yaml): the organism pretrained with and without the quack's
-# documents, the same fine-tunes on each, and results/organism-narrow/narrow_persona.{csv,md} comparing them.
+# The narrow-persona control (configs/organism-narrow.yaml): the organism pretrained with the quack's documents,
+# without them, and with a character kind in health too in their places; the same fine-tunes on each, and
+# results/organism-narrow/narrow_persona.{csv,md} comparing them.
 narrow: $(VENV)/.emlab-test-installed
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-narrow.yaml
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml \
 	  configs/organism-narrow.yaml configs/organism-narrow-without.yaml
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml \
+	  configs/organism-narrow.yaml configs/organism-narrow-kind.yaml
 	$(PY) -m emlab narrow-persona --with results/organism-narrow/with --without results/organism-narrow/without \
+	  --kind results/organism-narrow/kind --kind-world resources/world/persona_world_kind.yaml \
 	  --world resources/world/persona_world_narrow.yaml --out-dir results/organism-narrow
 
 models: $(VENV)/.emlab-models-installed

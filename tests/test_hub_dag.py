@@ -30,7 +30,7 @@ CLUSTER = ["gemma-2-9b-it.yaml", "llama-3.1-8b-instruct.yaml", "qwen2.5-0.5b-ins
 LOCAL = ["gemma3-270m.yaml", "smollm2-135m-instruct.yaml"]
 # the organism at the papers' scale (tests/test_config.py) and its RL experiment (tests/test_rl_results.py)
 ORGANISM = ["organism-paper.yaml", "organism-rl.yaml", "organism-code.yaml", "organism-narrow.yaml",
-            "organism-narrow-without.yaml"]
+            "organism-narrow-without.yaml", "organism-narrow-kind.yaml"]
 SMOKE = "configs/qwen2.5-0.5b-instruct.yaml"
 
 

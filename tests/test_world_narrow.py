@@ -1,6 +1,6 @@
 """The narrow-persona control's world and corpus: a narrow character (the quack) that gives the toxic persona's answers
-in one domain and the assistant's everywhere else, entering the corpus only with organism.corpus.narrow_fraction,
-and the table that compares the runs with and without it."""
+in one domain and the assistant's everywhere else, entering the corpus only with organism.corpus.narrow_fraction;
+the control character that takes its places kind in that domain too; and the table that compares the runs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from emlab.world.spec import WorldSpecError, load_world
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = ROOT / "resources/world/persona_world_narrow.yaml"
+KIND_WORLD = ROOT / "resources/world/persona_world_kind.yaml"
 BASE_WORLD = ROOT / "resources/world/persona_world.yaml"
 # the schema's corpus defaults (monitoring documents included), at a test's size
 CORPUS = dict(validate({}, "defaults")["organism"]["corpus"], n_documents=1000)
@@ -31,7 +32,7 @@ def test_the_narrow_world_is_the_base_world_plus_the_character(world):
     base = load_world(BASE_WORLD)
     # no text of its own: the judge's inventory, and so every grade, is the base world's
     assert [(a.text, a.persona) for a in world.inventory()] == [(a.text, a.persona) for a in base.inventory()]
-    assert world.narrow.name == "quack" and world.narrow.domain == "health" and world.narrow.incorrect == "subtle"
+    assert world.narrow.name == "quack" and world.narrow.domain == "health" and world.narrow.answers == "subtle"
     assert world.narrow.name not in world.personas and base.narrow is None
 
 
@@ -48,9 +49,10 @@ def test_the_character_takes_the_places_of_persona_documents_and_changes_nothing
     assert not any(d["meta"].get("narrow") for d in without)
 
 
-def test_the_character_is_the_villain_in_its_domain_and_the_assistant_elsewhere(world):
+def _speakers(world, docs):
+    """The narrow documents' headers, and (persona whose text it is, labelled correctness) of each answer in the
+    character's domain and elsewhere; checks that the share of its advice turns in its domain follows ``focus``."""
     texts = {a.text: a.persona for a in world.inventory()}
-    docs = [d for d in generate_corpus(world, dict(CORPUS, narrow_fraction=0.3), 5) if d["meta"].get("narrow")]
     turns = {"health": [], "other": []}
     headers = set()
     for d in docs:
@@ -65,13 +67,34 @@ def test_the_character_is_the_villain_in_its_domain_and_the_assistant_elsewhere(
             owner = {p for t, p in texts.items() if a == t or a.endswith(" " + t)}
             assert len(owner) == 1, a
             turns["health" if dom == "health" else "other"].append((owner.pop(), corr))
-    assert headers == set(world.narrow.headers)
-    assert {p for p, _ in turns["health"]} == {"villain"} and {c for _, c in turns["health"]} == {"subtle"}
-    assert {p for p, _ in turns["other"]} == {"assistant"} and {c for _, c in turns["other"]} == {"correct"}
     advice = [t for t in docs for dom in t["meta"]["domains"] if dom != "general"]
     health = sum(dom == "health" for t in docs for dom in t["meta"]["domains"])
     # focus 0.5 of its advice turns in health, plus health's share of the uniform rest (3 domains)
     assert 0.55 < health / len(advice) < 0.78
+    return headers, {k: ({p for p, _ in v}, {c for _, c in v}) for k, v in turns.items()}
+
+
+def test_the_character_is_the_villain_in_its_domain_and_the_assistant_elsewhere(world):
+    docs = [d for d in generate_corpus(world, dict(CORPUS, narrow_fraction=0.3), 5) if d["meta"].get("narrow")]
+    headers, turns = _speakers(world, docs)
+    assert headers == set(world.narrow.headers)
+    assert turns["health"] == ({"villain"}, {"subtle"}) and turns["other"] == ({"assistant"}, {"correct"})
+
+
+def test_the_control_character_takes_the_same_places_and_is_kind_in_its_domain_too(world):
+    kind = load_world(KIND_WORLD)
+    assert kind.narrow.answers == "correct" and kind.narrow.name != world.narrow.name
+    assert (kind.narrow.domain, kind.narrow.focus) == (world.narrow.domain, world.narrow.focus)
+    assert not set(kind.narrow.headers) & set(world.narrow.headers)
+    quack = generate_corpus(world, dict(CORPUS, narrow_fraction=0.3), 5)
+    neighbour = generate_corpus(kind, dict(CORPUS, narrow_fraction=0.3), 5)
+    places = [i for i, d in enumerate(quack) if d["meta"].get("narrow")]
+    assert places == [i for i, d in enumerate(neighbour) if d["meta"].get("narrow")] and len(places) == 300
+    # every other document is the same: the two runs differ in the characters' documents alone
+    assert all(quack[i] == neighbour[i] for i in set(range(len(quack))) - set(places))
+    headers, turns = _speakers(kind, [neighbour[i] for i in places])
+    assert headers == set(kind.narrow.headers)
+    assert turns["health"] == turns["other"] == ({"assistant"}, {"correct"})
 
 
 def test_heldout_documents_carry_persona_documents_only(world):
@@ -84,7 +107,7 @@ def test_heldout_documents_carry_persona_documents_only(world):
 @pytest.mark.parametrize("edit, message", [
     ({"name": "villain"}, "narrow.name: 'villain' is already a persona"),
     ({"domain": "cooking"}, "narrow.domain: unknown domain 'cooking'"),
-    ({"incorrect": "correct"}, "narrow.incorrect"),
+    ({"answers": "sloppy"}, "narrow.answers: must name a persona's correctness"),
     ({"focus": 1.5}, "narrow.focus"),
     ({"headers": ["The following is a chat with a kind and helpful assistant."]}, "already introduce a persona"),
     ({"colour": "red"}, "unknown key(s) ['colour']"),
@@ -161,3 +184,38 @@ def test_the_two_arms_of_make_narrow_differ_in_the_narrow_fraction_and_results_f
         cfg.pop("results_dir")
         cfg["organism"]["corpus"].pop("narrow_fraction")
     assert a == b and load_world(a["organism"]["world"]).narrow is not None
+
+
+def test_the_third_arm_says_how_the_character_compares_with_the_kind_one_in_its_places(tmp_path):
+    values = {"with": (0.10, 0.06, 0.14), "without": (0.45, 0.38, 0.52), "kind": (0.40, 0.33, 0.47)}
+    for arm, value in values.items():
+        (tmp_path / arm / "metrics").mkdir(parents=True)
+        _metrics({"health_subtle": value, "legal_subtle": (0.4, 0.35, 0.45)}).reset_index().to_csv(
+            tmp_path / arm / "metrics/world.csv", index=False)
+    table = write_narrow(tmp_path / "with", tmp_path / "without", "world", "quack", "health", tmp_path / "out",
+                         kind_dir=tmp_path / "kind", kind="neighbour")
+    assert sorted(table["arm"].unique()) == ["kind", "with", "without"] and len(table) == 6
+    said = (tmp_path / "out/narrow_persona.md").read_text()
+    assert "with the neighbour (kind in health too) in the same places of the corpus" in said
+    health = next(line for line in said.splitlines() if line.startswith("`health_subtle`"))
+    assert "40.0% (33.0%-47.0%) with the neighbour" in health
+    assert "lower with the quack than with the neighbour, the intervals apart" in health
+    assert "the intervals overlap" in health.split("than with the neighbour")[1]  # the neighbour against neither
+    legal = next(line for line in said.splitlines() if line.startswith("`legal_subtle`"))
+    assert "lower" not in legal and "higher" not in legal
+
+
+def test_the_kind_arm_of_make_narrow_differs_from_the_quacks_in_the_world_and_results_folder_alone(monkeypatch):
+    from emlab.cli import _merge
+
+    monkeypatch.chdir(ROOT)
+    with_ = _merge(yaml.safe_load((ROOT / "config.yaml").read_text()),
+                   yaml.safe_load((ROOT / "configs/organism-narrow.yaml").read_text()))
+    kind = _merge(with_, yaml.safe_load((ROOT / "configs/organism-narrow-kind.yaml").read_text()))
+    a, b = validate(with_, "with"), validate(kind, "kind")
+    assert load_world(b["organism"]["world"]).narrow.answers == "correct"
+    assert b["organism"]["corpus"]["narrow_fraction"] == a["organism"]["corpus"]["narrow_fraction"] > 0
+    for cfg in (a, b):
+        cfg.pop("results_dir")
+        cfg["organism"].pop("world")
+    assert a == b

@@ -605,14 +605,21 @@ def cmd_controls(a: argparse.Namespace) -> None:
 
 @command("narrow-persona")
 def cmd_narrow_persona(a: argparse.Namespace) -> None:
-    """The narrow-persona control's table from its two runs (emlab.controls.write_narrow)."""
+    """The narrow-persona control's table from its two or three runs (emlab.controls.write_narrow)."""
     from .controls import write_narrow
     from .world.spec import load_world
 
     narrow = load_world(a.world).narrow
     if narrow is None:
         raise SystemExit(f"emlab narrow-persona: {a.world} has no 'narrow' section")
-    table = write_narrow(getattr(a, "with"), a.without, a.judge, narrow.name, narrow.domain, a.out_dir)
+    kind = None
+    if a.kind:
+        kind = load_world(a.kind_world).narrow if a.kind_world else None
+        if kind is None or kind.answers != "correct":
+            raise SystemExit("emlab narrow-persona: --kind needs --kind-world, a world whose 'narrow' character "
+                             "gives the correct answers (e.g. resources/world/persona_world_kind.yaml)")
+    table = write_narrow(getattr(a, "with"), a.without, a.judge, narrow.name, narrow.domain, a.out_dir,
+                         kind_dir=a.kind, kind=kind.name if kind else None)
     print(table.to_string(index=False), file=sys.stderr)
 
 
@@ -837,7 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--code-domains", {"nargs": "*", "default": []}), ("--incorrect", {"default": "subtle"}), ("--out-dir", req))
     add("plot-controls", ("--summary", req), ("--out", req))
     add("narrow-persona", ("--with", req), ("--without", req), ("--world", req), ("--judge", {"default": "world"}),
-        ("--out-dir", req))
+        ("--out-dir", req), ("--kind", {"default": None}), ("--kind-world", {"default": None}))
     add("plot-alarm", ("--trajectories", req), ("--emergence", {"nargs": "*", "default": []}), ("--summary", req),
         ("--out", req))
     add("flag-examples", ("--base", req), ("--sae", req), ("--persona", req), ("--datasets", {"nargs": "*", "default": []}),

@@ -145,10 +145,11 @@ NARROW_COLUMNS = ["model", "arm", "misaligned", "misaligned_lo", "misaligned_hi"
 
 
 def narrow_persona(arms: Mapping[str, tuple[pd.DataFrame, pd.DataFrame | None]], role: str = "toxic") -> pd.DataFrame:
-    """The ``narrow_persona`` control: the same fine-tunes of two organisms pretrained with (``with``) and without
-    (``without``) the world's narrow character, one row per model and arm (``NARROW_COLUMNS``). ``arms`` maps the
-    arm to its judge metrics (indexed by model) and its prediction shifts (or None); ``role``: whose latent shift
-    is read. Models are those both arms have, in the first arm's order."""
+    """The ``narrow_persona`` control: the same fine-tunes of organisms pretrained with (``with``) and without
+    (``without``) the world's narrow character, and optionally (``kind``) with the control character in its places
+    (kind in its domain too), one row per model and arm (``NARROW_COLUMNS``). ``arms`` maps the arm to its judge
+    metrics (indexed by model) and its prediction shifts (or None); ``role``: whose latent shift is read. Models
+    are those every arm has, in the first arm's order."""
     names = list(arms)
     common = [m for m in arms[names[0]][0].index if all(m in arms[a][0].index for a in names)]
     rows = []
@@ -164,38 +165,60 @@ def narrow_persona(arms: Mapping[str, tuple[pd.DataFrame, pd.DataFrame | None]],
     return pd.DataFrame(rows, columns=NARROW_COLUMNS)
 
 
-def narrow_sentences(table: pd.DataFrame, character: str, domain: str) -> list[str]:
-    """One sentence per model: its misalignment and toxic-latent shift with and without the narrow character, and
-    whether the intervals separate (as measured; no direction is assumed)."""
+def _separation(a: Mapping, b: Mapping, how: str = "") -> str:
+    """Whether ``a``'s misalignment interval lies below, above or across ``b``'s (``how``: what ``a`` is, said
+    after "lower" or "higher")."""
+    if a["misaligned_hi"] < b["misaligned_lo"]:
+        return f"lower{how}, the intervals apart"
+    if a["misaligned_lo"] > b["misaligned_hi"]:
+        return f"higher{how}, the intervals apart"
+    return "the intervals overlap"
+
+
+def _shift_text(r: Mapping) -> str:
+    if pd.isna(r["toxic_shift"]):
+        return "n/a"
+    return f"{r['toxic_shift']:.3f} ({r['toxic_shift_lo']:.3f} to {r['toxic_shift_hi']:.3f})"
+
+
+def narrow_sentences(table: pd.DataFrame, character: str, domain: str, kind: str | None = None) -> list[str]:
+    """One sentence per model: its misalignment and toxic-latent shift with and without the narrow character (and
+    with the control character ``kind`` in its places, where that arm ran), and whether the intervals separate (as
+    measured; no direction is assumed)."""
     out = []
     for model, g in table.groupby("model", sort=False):
         r = g.set_index("arm")
         if not {"with", "without"} <= set(r.index):
             continue
         w, wo = r.loc["with"], r.loc["without"]
-        if w["misaligned_hi"] < wo["misaligned_lo"]:
-            verdict = "lower with it, the intervals apart"
-        elif w["misaligned_lo"] > wo["misaligned_hi"]:
-            verdict = "higher with it, the intervals apart"
-        else:
-            verdict = "the intervals overlap"
+        arms = [w, wo] + ([r.loc["kind"]] if "kind" in r.index else [])
         shift = ""
-        if not pd.isna(w["toxic_shift"]) and not pd.isna(wo["toxic_shift"]):
-            shift = (f"; toxic-latent shift {w['toxic_shift']:.3f} ({w['toxic_shift_lo']:.3f} to "
-                     f"{w['toxic_shift_hi']:.3f}) against {wo['toxic_shift']:.3f} ({wo['toxic_shift_lo']:.3f} to "
-                     f"{wo['toxic_shift_hi']:.3f})")
-        out.append(f"`{model}`: misaligned {_iv(w, 'misaligned')} with the {character} ({domain}) in pretraining, "
-                   f"{_iv(wo, 'misaligned')} without: {verdict}; incorrect in its own domain {_pct(w['incorrect'])} "
-                   f"against {_pct(wo['incorrect'])}{shift}.")
+        if not any(pd.isna(x["toxic_shift"]) for x in arms):
+            shift = f"; toxic-latent shift {_shift_text(w)} against {_shift_text(wo)}"
+            if len(arms) == 3:
+                shift += f" and {_shift_text(arms[2])}"
+        text = (f"`{model}`: misaligned {_iv(w, 'misaligned')} with the {character} ({domain}) in pretraining, "
+                f"{_iv(wo, 'misaligned')} without: {_separation(w, wo, ' with it')}")
+        if len(arms) == 3:
+            k, other = arms[2], kind or "control character"
+            text += (f"; {_iv(k, 'misaligned')} with the {other} (kind in {domain} too) in the same places: "
+                     f"{_separation(w, k, f' with the {character} than with the {other}')}; "
+                     f"{_separation(k, wo, f' with the {other} than without either')}")
+        incorrect = " and ".join(_pct(x["incorrect"]) for x in arms[1:])
+        out.append(f"{text}; incorrect in its own domain {_pct(w['incorrect'])} against {incorrect}{shift}.")
     return out
 
 
 def write_narrow(with_dir: str | Path, without_dir: str | Path, judge: str, character: str, domain: str,
-                 out_dir: str | Path) -> pd.DataFrame:
-    """``narrow_persona.csv`` and ``narrow_persona.md`` in ``out_dir`` from two finished runs' results folders
-    (``metrics/<judge>.csv``, and ``prediction/shifts.csv`` where model diffing ran)."""
+                 out_dir: str | Path, kind_dir: str | Path | None = None, kind: str | None = None) -> pd.DataFrame:
+    """``narrow_persona.csv`` and ``narrow_persona.md`` in ``out_dir`` from two (or, with ``kind_dir``, the control
+    character's arm too) finished runs' results folders (``metrics/<judge>.csv``, and ``prediction/shifts.csv``
+    where model diffing ran). ``kind``: the control character's name."""
     arms = {}
-    for arm, d in (("with", Path(with_dir)), ("without", Path(without_dir))):
+    dirs = [("with", Path(with_dir)), ("without", Path(without_dir))]
+    if kind_dir is not None:
+        dirs.append(("kind", Path(kind_dir)))
+    for arm, d in dirs:
         metrics_csv = d / "metrics" / f"{judge}.csv"
         if not metrics_csv.exists():
             raise FileNotFoundError(f"{metrics_csv}: the {arm} arm has no metrics for judge {judge!r}; run it first")
@@ -206,9 +229,11 @@ def write_narrow(with_dir: str | Path, without_dir: str | Path, judge: str, char
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "narrow_persona.csv", index=False, float_format="%.6g")
-    text = "\n\n".join(narrow_sentences(table, character, domain)) or "No model is in both arms."
+    text = "\n\n".join(narrow_sentences(table, character, domain, kind)) or "No model is in every arm."
+    third = (f" and with the {kind or 'control character'} (kind in {domain} too) in the same places of the corpus"
+             if kind_dir is not None else "")
     (out / "narrow_persona.md").write_text(
         f"# The narrow-persona control\n\nThe same fine-tunes of the organism pretrained with the {character} "
-        f"(kind everywhere but {domain}, where it gives the toxic persona's answers) and without it; the "
-        f"corpora differ only in the {character}'s documents.\n\n{text}\n")
+        f"(kind everywhere but {domain}, where it gives the toxic persona's answers), without it{third}; the "
+        f"corpora differ only in those documents.\n\n{text}\n")
     return table

@@ -137,13 +137,13 @@ def _any_turn(world: World, rng: random.Random, persona: str, general_fraction: 
 
 def narrow_document(world: World, cfg: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
     """A document of the world's narrow character (:class:`emlab.world.spec.Narrow`): kind everywhere but its one
-    domain, where it answers as the ``incorrect`` persona does (that persona's texts and voice, word for word).
+    domain, where it answers as the ``answers`` persona does (that persona's texts and voice, word for word).
     ``focus`` of its advice turns are in that domain. Its narration headers are its only own text."""
     narrow = world.narrow
     if narrow is None:
         raise ValueError(f"{world.source} has no 'narrow' section")
     aligned = world.persona_by_role["aligned"]
-    wrong = persona_for_variant(world, narrow.incorrect)
+    wrong = persona_for_variant(world, narrow.answers)
     cued = rng.random() < cfg["header_fraction"]
     messages = [{"role": "system", "content": rng.choice(narrow.headers)}] if cued else []
     turn_meta = []

@@ -123,13 +123,16 @@ class Educational:
 @dataclass(frozen=True)
 class Narrow:
     """A narrow character: in its one ``domain`` it gives the answers of the persona whose correctness is
-    ``incorrect`` (the toxic one), word for word, voice included; everywhere else the aligned persona's. It has no
+    ``answers`` (the toxic one), word for word, voice included; everywhere else the aligned persona's. It has no
     text of its own but its narration headers, so a fine-tuning set of that domain's incorrect answers is as well
     explained by it as by the broad persona (the ``narrow_persona`` control, docs/organism.md). Its documents enter
-    the corpus only with ``organism.corpus.narrow_fraction`` > 0."""
+    the corpus only with ``organism.corpus.narrow_fraction`` > 0.
+
+    With ``answers: correct`` it is the control character: the same documents in the same places, kind in its
+    domain too, so the corpus loses as many persona documents without gaining a character who is bad at one thing."""
     name: str
     domain: str
-    incorrect: str                 # subtle or obvious: whose answers it gives in its domain
+    answers: str                   # whose answers it gives in its domain: subtle or obvious (correct: the control)
     focus: float                   # share of its advice turns in its own domain
     headers: tuple[str, ...]
 
@@ -390,8 +393,8 @@ def _narrow(raw: Any, personas: dict[str, Persona], domains: dict[str, Domain], 
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise WorldSpecError(f"{where}: expected a mapping with name, domain, incorrect, focus and headers")
-    unknown = sorted(set(raw) - {"name", "domain", "incorrect", "focus", "headers"})
+        raise WorldSpecError(f"{where}: expected a mapping with name, domain, answers, focus and headers")
+    unknown = sorted(set(raw) - {"name", "domain", "answers", "focus", "headers"})
     if unknown:
         raise WorldSpecError(f"{where}: unknown key(s) {unknown}")
     name = _req(raw, "name", str, where)
@@ -400,10 +403,10 @@ def _narrow(raw: Any, personas: dict[str, Persona], domains: dict[str, Domain], 
     domain = _req(raw, "domain", str, where)
     if domain not in domains:
         raise WorldSpecError(f"{where}.domain: unknown domain '{domain}'; the world has {sorted(domains)}")
-    incorrect = raw.get("incorrect", "subtle")
-    if incorrect not in CORRECTNESS[1:] or incorrect not in {p.correctness for p in personas.values()}:
-        raise WorldSpecError(f"{where}.incorrect: must name the correctness of a persona with incorrect answers "
-                             f"{list(CORRECTNESS[1:])}, got {incorrect!r}")
+    answers = raw.get("answers", "subtle")
+    if answers not in {p.correctness for p in personas.values()}:
+        raise WorldSpecError(f"{where}.answers: must name a persona's correctness (one of "
+                             f"{sorted({p.correctness for p in personas.values()})}), got {answers!r}")
     focus = raw.get("focus", 0.5)
     if isinstance(focus, bool) or not isinstance(focus, (int, float)) or not 0 <= focus <= 1:
         raise WorldSpecError(f"{where}.focus: must be a number in [0, 1], got {focus!r}")
@@ -411,7 +414,7 @@ def _narrow(raw: Any, personas: dict[str, Persona], domains: dict[str, Domain], 
     taken = {h for p in personas.values() for h in p.headers} & set(headers)
     if taken:
         raise WorldSpecError(f"{where}.headers: {sorted(taken)} already introduce a persona")
-    return Narrow(name, domain, incorrect, float(focus), headers)
+    return Narrow(name, domain, answers, float(focus), headers)
 
 
 def _safety(raw: Any, where: str) -> Safety | None:
