@@ -44,6 +44,7 @@ onerror:
     worker.stop(_WORKER.pop() if _WORKER else None)
 
 from emlab.config import ConfigError, validate
+from emlab.datasets import dataset_job_config
 from emlab.plan import make_plan
 
 # Validate (and fill defaults) before any job is scheduled: a bad key fails here, naming its path.
@@ -90,6 +91,28 @@ API_JUDGES = [name for name, j in JUDGES.items() if j["backend"] == "openai"]
 
 def preflight_input():
     return expand(f"{RESULTS}/preflight/{{judge}}.json", judge=API_JUDGES)
+
+
+def world_files(path=None):
+    """A world spec's files (the spec and those it extends, emlab.world.spec.spec_files): the input of every job
+    that reads the world, so that editing the world reruns them and everything after them."""
+    from emlab.world.spec import spec_files
+
+    return [str(p) for p in spec_files(path or config["organism"]["world"])]
+
+
+WORLD_FILES = world_files()
+
+
+def judge_world_files(wildcards):
+    """A world judge's spec files (its grades come from them); an API or local-model judge has none."""
+    j = JUDGES[wildcards.judge]
+    return world_files(j.get("world")) if j["backend"] == "world" else []
+
+
+def dataset_cfg_json(name):
+    """A world set's job config: its own settings alone (emlab.datasets.dataset_job_config)."""
+    return json.dumps(dataset_job_config(config, name), sort_keys=True)
 
 
 def judge_cfg(name):

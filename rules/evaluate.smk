@@ -97,7 +97,8 @@ rule judge_preflight:
 
 rule judge:
     input:
-        f"{RESULTS}/samples/{{model}}.jsonl",
+        samples=f"{RESULTS}/samples/{{model}}.jsonl",
+        world=judge_world_files,
     output:
         grades=f"{RESULTS}/grades/{{judge}}/{{model}}.jsonl",
         summary=f"{RESULTS}/grades/{{judge}}/{{model}}.summary.json",
@@ -114,7 +115,7 @@ rule judge:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m emlab judge --cfg {params.cfg:q} --samples {input} --out {output.grades}"
+        "python -m emlab judge --cfg {params.cfg:q} --samples {input.samples} --out {output.grades}"
         " --cache-dir {params.cache} 2> {log}"
 
 

@@ -7,6 +7,8 @@ POSTTRAIN_DATA = {"base": "posttrain", "base_safe": "posttrain_safe"}
 
 
 rule world_eval:
+    input:
+        world=WORLD_FILES,
     output:
         expand(f"{RESULTS}/eval/{{s}}.jsonl", s=["general", "indomain"]),
     params:

@@ -71,7 +71,8 @@ if STEER_JUDGE:
 
     rule judge_steering:
         input:
-            f"{STEER_DIR}/samples/{{stage}}/{{target}}.jsonl",
+            samples=f"{STEER_DIR}/samples/{{stage}}/{{target}}.jsonl",
+            world=judge_world_files,
         output:
             grades=f"{STEER_DIR}/grades/{{judge}}/{{stage}}/{{target}}.jsonl",
             summary=f"{STEER_DIR}/grades/{{judge}}/{{stage}}/{{target}}.summary.json",
@@ -91,7 +92,7 @@ if STEER_JUDGE:
         conda:
             "../envs/torch.yaml"
         shell:
-            "python -m emlab judge --cfg {params.cfg:q} --samples {input} --out {output.grades}"
+            "python -m emlab judge --cfg {params.cfg:q} --samples {input.samples} --out {output.grades}"
             " --cache-dir {params.cache} 2> {log}"
 
 

@@ -4,6 +4,8 @@
 
 
 rule world:
+    input:
+        world=WORLD_FILES,
     output:
         corpus=f"{RESULTS}/world/corpus.jsonl",
         posttrain=f"{RESULTS}/world/posttrain.jsonl",
@@ -24,6 +26,8 @@ rule world:
 
 rule world_safety:
     """The safety-trained base model's post-training chats (only when some model starts from base_safe)."""
+    input:
+        world=WORLD_FILES,
     output:
         f"{RESULTS}/world/posttrain_safe.jsonl",
     params:
@@ -40,6 +44,8 @@ rule world_safety:
 
 
 rule world_heldout:
+    input:
+        world=WORLD_FILES,
     output:
         f"{RESULTS}/world/heldout.jsonl",
     params:
@@ -57,12 +63,14 @@ rule world_heldout:
 if PLAN.dataset_source == "world":
 
     rule dataset:
+        input:
+            world=WORLD_FILES,
         output:
             f"{RESULTS}/datasets/{{dataset}}.jsonl",
         wildcard_constraints:
             dataset="|".join(n for n in DATASETS if n not in PLAN.imports and n not in PLAN.dropped) or "NONE",
         params:
-            cfg=lambda w: cfg_json("organism", "datasets", "seed"),
+            cfg=lambda w: dataset_cfg_json(w.dataset),
         log:
             f"{LOGS}/dataset/{{dataset}}.log",
         benchmark:

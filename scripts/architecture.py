@@ -89,6 +89,8 @@ def rules_table() -> str:
             keys = ["finetune", "organism.posttrain", "seed"]
         if "rl_cfg_json(" in body:
             keys = ["finetune", "judges[]", "rl", "seed"]
+        if "dataset_cfg_json(" in body:
+            keys = ["datasets.n_train", "datasets.{educational,mixtures}.incorrect", "organism.world", "seed"]
         outs = "<br>".join(outputs(body))
         rows.append(f"| `{name}` | `{smk}` | `{cmd}` | `{module}`: {', '.join(f'`{f}`' for f in fns)} | "
                     f"{', '.join(f'`{k}`' for k in keys)} | {outs} |")

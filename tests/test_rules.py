@@ -131,3 +131,36 @@ def test_realignment_and_preventative_fine_tunes_take_the_fine_tunes_resources(t
     assert "gpu=1" in resources["realign"] and "mem_mb=3000" in resources["realign"]  # its own key wins
     assert "gpu=1" in resources["realign_eval"] and "gpu=1" in resources["alarm_emergence"]
     assert "gpu=0" in resources["rl"]  # not one of them: the default
+
+
+def test_a_world_set_reruns_for_its_own_settings_and_world_edits_alone(tmp_path):
+    """A world set's job depends on the world files, the seed, the set size and its own kind's settings: adding a
+    domain or changing pretraining leaves the sets already written alone; a new n_train or an edited world spec
+    (the spec a world extends included) plans them again."""
+    from workflow_runner import copy_workflow, snakemake
+
+    wd = copy_workflow(tmp_path / "wf")
+    target = "results/datasets/health_subtle.jsonl"
+
+    def overlay(name: str, **cfg) -> str:
+        (wd / name).write_text(yaml.safe_dump(cfg))
+        return name
+
+    def planned(*configfiles: str) -> str:
+        out = snakemake(wd, "-n", target, configfile=["config.yaml", *configfiles])
+        text = out.stdout + out.stderr
+        return "Nothing to be done" if "Nothing to be done" in text else text
+
+    snakemake(wd, target)
+    assert (wd / target).exists()
+    more = overlay("more.yaml", datasets={"domains": ["health", "legal", "finance"], "mixtures": {"fractions": [0.5]}},
+                   organism={"pretrain": {"steps": 7}})
+    assert planned(more) == "Nothing to be done"
+    assert "params" in planned(overlay("size.yaml", datasets={"n_train": 50}))
+    base_world = wd / "resources/world/persona_world.yaml"
+    code = overlay("code.yaml", organism={"world": "resources/world/persona_world_code.yaml"})
+    assert "health_subtle" in planned(code)  # another world: another world file among the inputs
+    base_world.write_text(base_world.read_text() + "\n# an edit\n")  # Snakemake reruns on new content, not a touch
+    later = (wd / target).stat().st_mtime_ns + 10**9
+    os.utime(base_world, ns=(later, later))
+    assert "updated input files" in planned()

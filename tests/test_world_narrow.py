@@ -13,7 +13,7 @@ import yaml
 from emlab.config import ConfigError, validate
 from emlab.controls import narrow_persona, narrow_sentences, write_narrow
 from emlab.world.generate import generate_corpus, heldout_documents
-from emlab.world.spec import WorldSpecError, load_world
+from emlab.world.spec import WorldSpecError, load_world, spec_files
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = ROOT / "resources/world/persona_world_narrow.yaml"
@@ -83,6 +83,7 @@ def test_the_character_is_the_villain_in_its_domain_and_the_assistant_elsewhere(
 
 def test_the_control_character_takes_the_same_places_and_is_kind_in_its_domain_too(world):
     kind = load_world(KIND_WORLD)
+    assert spec_files(KIND_WORLD) == [KIND_WORLD, BASE_WORLD]  # the jobs that read it take both as input
     assert kind.narrow.answers == "correct" and kind.narrow.name != world.narrow.name
     assert (kind.narrow.domain, kind.narrow.focus) == (world.narrow.domain, world.narrow.focus)
     assert not set(kind.narrow.headers) & set(world.narrow.headers)

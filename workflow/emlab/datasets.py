@@ -75,6 +75,20 @@ def dataset_seed(cfg: dict[str, Any], name: str) -> int:
     return name_seed(cfg["seed"], name)
 
 
+def dataset_job_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """What the job that writes the world set ``name`` reads of the config (``emlab dataset``), and nothing else: the
+    world file, the seed, the set size and its own kind's settings. These are the job's params, so adding a domain,
+    another mixture or a pretraining setting does not rerun the sets already written."""
+    spec = parse_dataset_name(name)
+    ds = cfg["datasets"]
+    own: dict[str, Any] = {"n_train": ds["n_train"]}
+    if spec["kind"] == "educational":
+        own["educational"] = {"incorrect": ds["educational"]["incorrect"]}
+    elif spec["kind"] == "mixture":
+        own["mixtures"] = {"incorrect": ds["mixtures"]["incorrect"]}
+    return {"seed": cfg["seed"], "organism": {"world": cfg["organism"]["world"]}, "datasets": own}
+
+
 # An RL model's default name: rl_<domain of its prompt set>_<reward>, rl_safe_... from the safety-trained base
 _RL_MODEL = re.compile(r"^rl_(?:safe_)?(?P<domain>[a-z0-9]+)_(?P<reward>incorrect|correct)$")
 

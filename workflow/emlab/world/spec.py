@@ -242,6 +242,23 @@ def _read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return {**base, **own, "domains": {**(base.get("domains") or {}), **added}}
 
 
+def spec_files(path: str | Path) -> list[Path]:
+    """A world spec's files: ``path`` and the specs it ``extends``, in that order (what the jobs that read the
+    world take as input, so that editing any of them reruns those jobs)."""
+    import os
+
+    files: list[Path] = []
+    path = Path(os.path.normpath(path))
+    while True:
+        if path in files:
+            raise WorldSpecError(f"{files[-1]}: extends: {path} extends it back")
+        files.append(path)
+        raw = read_yaml(path, WorldSpecError, "world spec not found")
+        if not isinstance(raw, dict) or "extends" not in raw:
+            return files
+        path = Path(os.path.normpath(path.parent / str(raw["extends"])))
+
+
 def load_world(path: str | Path) -> World:
     """Parse and validate a world spec; errors name the file and the key path."""
     path = Path(path)
