@@ -293,3 +293,31 @@ def test_safety_spec_is_optional_and_its_errors_name_the_key(tmp_path, world):
         bare.write_text(yaml.safe_dump(raw))
         with pytest.raises(WorldSpecError, match=message):
             load_world(bare)
+
+
+# The default world's texts at a test's size, pinned: every measured finding in the docs was made on the corpus,
+# post-training chats and fine-tuning sets these generators write, so a change to a generator or to the default
+# world that alters a single draw fails here, not silently in the organism. When the change is meant, rerun the
+# measurements the docs quote and copy the new digests from this test's failure.
+PINNED = {"corpus": "ae4c3cd2329d1d27", "posttrain": "57b20bf42af2cb21", "health_subtle": "ae703ea05935668a"}
+
+
+def digests() -> dict[str, str]:
+    import hashlib
+    import json
+
+    from emlab.config import validate
+
+    cfg = validate({}, "defaults")
+    w = load_world(ROOT / cfg["organism"]["world"])
+
+    def digest(rows) -> str:
+        return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {"corpus": digest(generate_corpus(w, dict(cfg["organism"]["corpus"], n_documents=2000), 0)),
+            "posttrain": digest(generate_posttrain(w, cfg["organism"]["posttrain"], 1)),
+            "health_subtle": digest(generate_narrow(w, "health", "subtle", 100, 7))}
+
+
+def test_the_default_worlds_texts_are_the_ones_the_findings_were_measured_on():
+    assert digests() == PINNED
