@@ -80,7 +80,7 @@ rl-seeds: $(VENV)/.emlab-test-installed
 	  EMLAB_CHECK_RL=results/organism-rl/seed$$s $(PY) -m pytest -q -s -p no:xdist tests/test_rl_results.py; \
 	done
 
-# The organism at the papers' scale (configs/organism-paper.yaml; about 30 minutes on 2 cores) and
+# The organism at the papers' scale (configs/organism-paper.yaml; about 44 minutes on 2 cores) and
 # docs/results-paper.md written from it.
 paper: $(VENV)/.emlab-test-installed
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-paper.yaml

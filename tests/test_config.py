@@ -46,6 +46,10 @@ def test_the_paper_config_is_the_default_run_at_full_size(monkeypatch):
     assert plan.groups["subtle"] == [f"{d}_subtle" for d in paper["datasets"]["domains"] if d != "code"]
     # the 25% and 50% mixtures also less their flagged examples and less as many random ones
     assert len(plan.flagged) == 6 and len(plan.dropped) == 12 and len(plan.datasets) == 7 * 3 + 15 + 3 + 12
+    # re-alignment as its comment says: three models on both benign sets, measured every 5 steps of 4 (not
+    # config.yaml's one set every 10, which a paper run once kept by leaving the keys out)
+    assert paper["realign"]["benign"] == ["same", "other"] and paper["realign"]["every"] == 5
+    assert len(paper["realign"]["models"]) == 3
 
 
 def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monkeypatch):
