@@ -201,9 +201,9 @@ def narrow_sentences(table: pd.DataFrame, character: str, domain: str, kind: str
                 f"{_iv(wo, 'misaligned')} without: {_separation(w, wo, ' with it')}")
         if len(arms) == 3:
             k, other = arms[2], kind or "control character"
-            text += (f"; {_iv(k, 'misaligned')} with the {other} (kind in {domain} too) in the same places: "
-                     f"{_separation(w, k, f' with the {character} than with the {other}')}; "
-                     f"{_separation(k, wo, f' with the {other} than without either')}")
+            text += (f"; {_iv(k, 'misaligned')} with the {other} (kind in {domain} too) in the same places (the "
+                     f"{character} against the {other}: {_separation(w, k)}; the {other} against no character: "
+                     f"{_separation(k, wo)})")
         incorrect = " and ".join(_pct(x["incorrect"]) for x in arms[1:])
         out.append(f"{text}; incorrect in its own domain {_pct(w['incorrect'])} against {incorrect}{shift}.")
     return out
