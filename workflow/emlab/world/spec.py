@@ -10,6 +10,7 @@ The optional ``narrow`` section (:class:`Narrow`) names a narrow character: kind
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,39 +225,42 @@ def _strings(val: Any, where: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in val)
 
 
-def _read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _spec_chain(path: str | Path) -> list[tuple[Path, Any]]:
+    """A spec and the specs it ``extends`` (each relative to the one naming it), nearest first, each with its raw
+    mapping: what :func:`_read_spec` merges and :func:`spec_files` lists. A spec extending itself back is an error."""
+    chain: list[tuple[Path, Any]] = []
+    seen: set[Path] = set()
+    path = Path(os.path.normpath(path))
+    while True:
+        if path.resolve() in seen:
+            raise WorldSpecError(f"{chain[-1][0]}: extends: {chain[-1][1]['extends']} extends it back")
+        seen.add(path.resolve())
+        raw = read_yaml(path, WorldSpecError, "world spec not found")
+        chain.append((path, raw))
+        if not isinstance(raw, dict) or "extends" not in raw:
+            return chain
+        path = Path(os.path.normpath(path.parent / str(raw["extends"])))
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
     """A spec's raw mapping; with ``extends: <file>`` (relative to the spec) the named spec's, with this spec's
     ``domains`` added to its domains and every other key of this spec replacing the base's."""
-    raw = read_yaml(path, WorldSpecError, "world spec not found")
-    if not isinstance(raw, dict) or "extends" not in raw:
-        return raw
-    base_path = (path.parent / str(raw["extends"])).resolve()
-    if base_path in seen:
-        raise WorldSpecError(f"{path}: extends: {raw['extends']} extends it back")
-    base = _read_spec(base_path, (*seen, path.resolve()))
-    own = {k: v for k, v in raw.items() if k != "extends"}
-    added = own.pop("domains", None) or {}
-    clash = sorted(set(added) & set(base.get("domains") or {}))
-    if clash:
-        raise WorldSpecError(f"{path}: domains {clash} are already in {base_path.name}, which it extends")
-    return {**base, **own, "domains": {**(base.get("domains") or {}), **added}}
+    chain = _spec_chain(path)
+    merged = chain[-1][1]
+    for (spec, raw), (base, _) in zip(reversed(chain[:-1]), reversed(chain[1:])):  # each over the spec it extends
+        own = {k: v for k, v in raw.items() if k != "extends"}
+        added = own.pop("domains", None) or {}
+        clash = sorted(set(added) & set(merged.get("domains") or {}))
+        if clash:
+            raise WorldSpecError(f"{spec}: domains {clash} are already in {base.name}, which it extends")
+        merged = {**merged, **own, "domains": {**(merged.get("domains") or {}), **added}}
+    return merged
 
 
 def spec_files(path: str | Path) -> list[Path]:
     """A world spec's files: ``path`` and the specs it ``extends``, in that order (what the jobs that read the
     world take as input, so that editing any of them reruns those jobs)."""
-    import os
-
-    files: list[Path] = []
-    path = Path(os.path.normpath(path))
-    while True:
-        if path in files:
-            raise WorldSpecError(f"{files[-1]}: extends: {path} extends it back")
-        files.append(path)
-        raw = read_yaml(path, WorldSpecError, "world spec not found")
-        if not isinstance(raw, dict) or "extends" not in raw:
-            return files
-        path = Path(os.path.normpath(path.parent / str(raw["extends"])))
+    return [spec for spec, _ in _spec_chain(path)]
 
 
 def load_world(path: str | Path) -> World:
