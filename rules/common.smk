@@ -1,5 +1,6 @@
 # Shared helpers of the rules: config validation, model and dataset lists, paths, resources.
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -93,21 +94,22 @@ def preflight_input():
     return expand(f"{RESULTS}/preflight/{{judge}}.json", judge=API_JUDGES)
 
 
+@functools.cache  # asked once per judge job while the DAG is built: each spec is read once
 def world_files(path=None):
     """A world spec's files (the spec and those it extends, emlab.world.spec.spec_files): the input of every job
     that reads the world, so that editing the world reruns them and everything after them."""
     from emlab.world.spec import spec_files
 
-    return [str(p) for p in spec_files(path or config["organism"]["world"])]
+    return tuple(str(p) for p in spec_files(path or config["organism"]["world"]))
 
 
-WORLD_FILES = world_files()
+WORLD_FILES = list(world_files())
 
 
 def judge_world_files(wildcards):
     """A world judge's spec files (its grades come from them); an API or local-model judge has none."""
     j = JUDGES[wildcards.judge]
-    return world_files(j.get("world")) if j["backend"] == "world" else []
+    return list(world_files(j.get("world"))) if j["backend"] == "world" else []
 
 
 def dataset_cfg_json(name):
