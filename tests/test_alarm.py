@@ -157,6 +157,14 @@ def test_summary_fires_leads_and_overhead():
     text = " ".join(sentences(table.reset_index()))
     assert "fired on 1 of 1 misaligned fine-tunes (1 of the 1 whose interval lies above the base model's) and on 0 of 2" in text
     assert "health_mix005 (2.0%, fired at step 15)" in text and "(lead: 5 steps)" in text
+    # a latent that never fires: no lead, and no step called "none"
+    quiet = summarize(dict(runs, health_subtle=trajectory([0.0, 0.0, 0.0, 0.0]),
+                           health_mix005=trajectory([0.0, 0.0, 0.0, 0.0])), metas, kinds, metrics,
+                      {"health_subtle": lead})
+    text = " ".join(sentences(quiet))
+    assert ("health_subtle: the alarm did not fire; misalignment first left the base model's interval at step 10, "
+            "with its whole interval at step 15.") in text
+    assert "health_mix005 (2.0%, did not fire)" in text and "none" not in text and "lead" not in text
     # without a judge: the fire steps alone
     bare = summarize(runs, metas, kinds, None, {})
     assert bare["misaligned"].isna().all() and not bare["is_misaligned"].any()

@@ -320,17 +320,18 @@ def sentences(summary: pd.DataFrame, skipped: Sequence[str] = ()) -> list[str]:
         if len(early):
             out.append(f"It fired on {int(early['fired'].sum())} of {len(early)} fine-tunes on incorrect data whose "
                        "misalignment stayed inside the base model's interval: "
-                       + ", ".join(f"{r.dataset} ({r.misaligned:.1%}, fired at step {_step(r.fire_step)})"
+                       + ", ".join(f"{r.dataset} ({r.misaligned:.1%}, {_fired(r.fire_step)})"
                                    for r in early.itertuples()) + ".")
         for r in g[g["emergence_measured"]].itertuples():
             if pd.isna(r.emergence_step):
-                out.append(f"{r.dataset}: the alarm fired at step {_step(r.fire_step)}; no snapshot's misalignment "
-                           "left the base model's interval.")
-            else:
-                out.append(f"{r.dataset}: the alarm fired at step {_step(r.fire_step)}; misalignment first left the "
-                           f"base model's interval at step {_step(r.emergence_step)} (lead: {_step(r.lead_steps)} "
-                           f"steps), with its whole interval at step {_step(r.emergence_clear_step)} (lead: "
-                           f"{_step(r.lead_clear_steps)} steps).")
+                out.append(f"{r.dataset}: the alarm {_fired(r.fire_step)}; no snapshot's misalignment left the base "
+                           "model's interval.")
+                continue
+            whole = ("its whole interval never did" if pd.isna(r.emergence_clear_step)
+                     else f"with its whole interval at step {_step(r.emergence_clear_step)}"
+                     + _lead(r.fire_step, r.lead_clear_steps))
+            out.append(f"{r.dataset}: the alarm {_fired(r.fire_step)}; misalignment first left the base model's "
+                       f"interval at step {_step(r.emergence_step)}{_lead(r.fire_step, r.lead_steps)}, {whole}.")
         out.append(f"The reads cost {g['overhead'].median():.1%} of training time (median over runs; "
                    f"largest {g['overhead'].max():.1%}).")
     return out
@@ -338,6 +339,15 @@ def sentences(summary: pd.DataFrame, skipped: Sequence[str] = ()) -> list[str]:
 
 def _step(value: Any) -> str:
     return "none" if value is None or pd.isna(value) else str(int(value))
+
+
+def _fired(fire_step: Any) -> str:
+    return "did not fire" if fire_step is None or pd.isna(fire_step) else f"fired at step {int(fire_step)}"
+
+
+def _lead(fire_step: Any, lead: Any) -> str:
+    """' (lead: N steps)' where the alarm fired, else nothing: a lead needs an alarm."""
+    return "" if fire_step is None or pd.isna(fire_step) or pd.isna(lead) else f" (lead: {int(lead)} steps)"
 
 
 # ---------------------------------------------------------------- the stage's jobs
