@@ -327,7 +327,7 @@ def sentences(summary: pd.DataFrame, skipped: Sequence[str] = ()) -> list[str]:
                 out.append(f"{r.dataset}: the alarm {_fired(r.fire_step)}; no snapshot's misalignment left the base "
                            "model's interval.")
                 continue
-            whole = ("its whole interval never did" if pd.isna(r.emergence_clear_step)
+            whole = ("and its whole interval never did" if pd.isna(r.emergence_clear_step)
                      else f"with its whole interval at step {_step(r.emergence_clear_step)}"
                      + _lead(r.fire_step, r.lead_clear_steps))
             out.append(f"{r.dataset}: the alarm {_fired(r.fire_step)}; misalignment first left the base model's "
