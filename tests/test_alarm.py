@@ -165,6 +165,10 @@ def test_summary_fires_leads_and_overhead():
     assert ("health_subtle: the alarm did not fire; misalignment first left the base model's interval at step 10, "
             "with its whole interval at step 15.") in text
     assert "health_mix005 (2.0%, did not fire)" in text and "none" not in text and "lead" not in text
+    grazing = lead.assign(misaligned_lo=[0.0, 0.0, 0.01, 0.02])  # above the base interval, never wholly
+    text = " ".join(sentences(summarize(runs, metas, kinds, metrics, {"health_subtle": grazing})))
+    assert ("health_subtle: the alarm fired at step 5; misalignment first left the base model's interval at step 10 "
+            "(lead: 5 steps), and its whole interval never did.") in text
     # without a judge: the fire steps alone
     bare = summarize(runs, metas, kinds, None, {})
     assert bare["misaligned"].isna().all() and not bare["is_misaligned"].any()
