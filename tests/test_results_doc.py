@@ -94,3 +94,15 @@ def test_preventative_steering_is_written_from_its_table(tmp_path):
     assert re.search(r"\|\s*health_subtle_prevent_toxic_1\s*\|\s*prevent toxic 1\s*\|\s*76\s*\|\s*1200\s*\|"
                      r"\s*8\.0% \(5\.0%–12\.0%\)\s*\|\s*54\.0% \(40\.0%–68\.0%\)\s*\|", section), section
     assert re.search(r"realign \(health_correct\)\s*\|\s*126\s*\|\s*1400\s*\|.*\|\s*not measured\s*\|", section), section
+
+
+def test_tables_leave_missing_cells_empty():
+    """A latent outside one ranking's top has no rank there: an empty cell, not the word nan, and the numbers
+    around it keep their format."""
+    from emlab.results_doc import _table
+
+    text = _table(pd.DataFrame({"latent": [184, 274], "rank_subtle": [float("nan"), 3.0], "auroc": [0.978, 0.61],
+                                "name": ["jester", None]}))
+    assert "nan" not in text.lower() and "None" not in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    assert rows == [["184", "", "0.978", "jester"], ["274", "3", "0.61", ""]]

@@ -31,7 +31,9 @@ def _interval(row: pd.Series, key: str, pct: bool = True) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
-    return df.to_markdown(index=False)
+    """A Markdown table whose missing cells are empty (a latent outside a ranking's top, a strength not swept),
+    not the word nan: tabulate blanks only None, so NaN becomes None first."""
+    return df.astype(object).where(df.notna(), None).to_markdown(index=False, missingval="")
 
 
 def _commit(root: Path) -> str:
@@ -113,7 +115,7 @@ def mixtures_section(results: Path) -> list[str]:
             f"Misalignment on the general questions (judge `{curve['judge'].iloc[0]}`, 95% intervals) by the share of "
             "incorrect examples in a fine-tuning set of fixed size (0%: the correct-data fine-tune; 100%: the fully "
             f"incorrect one). The base model's interval ends at {_pct(curve['base_misaligned_hi'].iloc[0])}.", "",
-            grid.rename_axis("incorrect data").reset_index().to_markdown(index=False), "",
+            _table(grid.rename_axis("incorrect data").reset_index()), "",
             "The smallest share whose misalignment lies above the base model's interval (`onset`), and above it "
             "with its whole interval (`onset_clear`); empty: none did.", "",
             _table(onsets[["domain", "n_fractions", "onset", "onset_clear"]]), ""]
@@ -311,14 +313,14 @@ def steering_section(results: Path) -> list[str]:
         wide = t.assign(cell=t.apply(lambda r: _pct(r["misaligned"]), axis=1)).pivot_table(
             index=["target", "direction"], columns="alpha", values="cell", aggfunc="first")
         lines += ["### Sweep: misaligned share of coherent answers by strength", "",
-                  wide.reset_index().to_markdown(index=False), ""]
+                  _table(wide.reset_index()), ""]
     if (s / "probe_sweep.csv").exists():
         t = pd.read_csv(s / "probe_sweep.csv")
         t = t[t["direction"] != "none"]
         wide = t.assign(cell=t.apply(lambda r: f"{r['shift']:+.3f} ({r['shift_lo']:+.3f}–{r['shift_hi']:+.3f})", axis=1)
                         ).pivot_table(index=["target", "direction"], columns="alpha", values="cell", aggfunc="first")
         lines += ["### Sweep read by the likelihood probe: change of the margin by strength", "",
-                  wide.reset_index().to_markdown(index=False), ""]
+                  _table(wide.reset_index()), ""]
     return ["## Steering", "", *lines] if lines else []
 
 
@@ -417,7 +419,7 @@ def seeds_section(runs: list[Path]) -> list[str]:
             f"The same config run with {len(runs)} master seeds ({', '.join(f'`{r}`' for r in runs)}); every stage "
             "draws its seed from it (the world's texts, pretraining, fine-tuning, sampling, the SAE). Misalignment "
             "on the general questions (world judge):", "",
-            table.reset_index().to_markdown(index=False), "",
+            _table(table.reset_index()), "",
             "Diffing, steering and monitors per seed (the toxic latent's index is arbitrary: each seed trains "
             "another SAE):", "", _table(pd.DataFrame(rows)), ""]
 
