@@ -329,9 +329,9 @@ def sentences(summary: pd.DataFrame, skipped: Sequence[str] = ()) -> list[str]:
                 continue
             whole = ("and its whole interval never did" if pd.isna(r.emergence_clear_step)
                      else f"with its whole interval at step {_step(r.emergence_clear_step)}"
-                     + _lead(r.fire_step, r.lead_clear_steps))
+                     + _lead(r.lead_clear_steps))
             out.append(f"{r.dataset}: the alarm {_fired(r.fire_step)}; misalignment first left the base model's "
-                       f"interval at step {_step(r.emergence_step)}{_lead(r.fire_step, r.lead_steps)}, {whole}.")
+                       f"interval at step {_step(r.emergence_step)}{_lead(r.lead_steps)}, {whole}.")
         out.append(f"The reads cost {g['overhead'].median():.1%} of training time (median over runs; "
                    f"largest {g['overhead'].max():.1%}).")
     return out
@@ -342,12 +342,12 @@ def _step(value: Any) -> str:
 
 
 def _fired(fire_step: Any) -> str:
-    return "did not fire" if fire_step is None or pd.isna(fire_step) else f"fired at step {int(fire_step)}"
+    return "did not fire" if pd.isna(fire_step) else f"fired at step {int(fire_step)}"
 
 
-def _lead(fire_step: Any, lead: Any) -> str:
-    """' (lead: N steps)' where the alarm fired, else nothing: a lead needs an alarm."""
-    return "" if fire_step is None or pd.isna(fire_step) or pd.isna(lead) else f" (lead: {int(lead)} steps)"
+def _lead(lead: Any) -> str:
+    """' (lead: N steps)', or nothing where there is no lead (the alarm did not fire: summarize leaves it empty)."""
+    return "" if pd.isna(lead) else f" (lead: {int(lead)} steps)"
 
 
 # ---------------------------------------------------------------- the stage's jobs
