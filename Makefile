@@ -7,7 +7,7 @@ CORES ?= all
 # TORCH_SPEC to the CUDA build you want (see README, "Quick start").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench report results-doc seeds rl-seeds paper code narrow models smollm2 gemma3 clean
+.PHONY: setup run test test-fast bench report results-doc findings seeds rl-seeds paper code narrow models smollm2 gemma3 clean
 
 $(VENV)/.emlab-installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,17 +52,26 @@ test: $(VENV)/.emlab-test-installed
 test-fast: $(VENV)/.emlab-test-installed
 	$(PY) -m pytest -ra -m "not slow and not slurm"
 
-# The default run with SEEDS master seeds (results/seed<N>/), each checked by the default-run tests, and
-# docs/results.md with the spread over them.
+# The organism at the size where the findings show (configs/organism-findings.yaml: the default run with the full
+# pretraining; about 13 minutes on 2 cores), checked by the tests that hold it to them.
+FINDINGS := --configfile config.yaml configs/organism-findings.yaml
+findings: $(VENV)/.emlab-test-installed
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) $(FINDINGS)
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores 1 $(FINDINGS) --report results/organism-findings/report.html
+	EMLAB_CHECK_RESULTS=results/organism-findings $(PY) -m pytest -q -p no:xdist tests/test_emergent_misalignment.py
+
+# The findings config with SEEDS master seeds (results/organism-findings/seed<N>/), each checked by the findings
+# tests, and docs/results.md with the spread over them.
 SEEDS ?= 0 1 2
 seeds: $(VENV)/.emlab-test-installed
 	set -e; for s in $(SEEDS); do \
-	  $(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --config seed=$$s results_dir=results/seed$$s; \
+	  $(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) $(FINDINGS) \
+	    --config seed=$$s results_dir=results/organism-findings/seed$$s; \
 	done
-	$(PY) -m emlab results-doc --results results/seed$(firstword $(SEEDS)) --out docs/results.md --configfile config.yaml \
-	  --seeds $(foreach s,$(SEEDS),results/seed$(s)) --readme README.md
+	$(PY) -m emlab results-doc --results results/organism-findings/seed$(firstword $(SEEDS)) --out docs/results.md \
+	  $(FINDINGS) --seeds $(foreach s,$(SEEDS),results/organism-findings/seed$(s)) --readme README.md
 	set -e; for s in $(SEEDS); do \
-	  EMLAB_CHECK_RESULTS=results/seed$$s $(PY) -m pytest -q tests/test_emergent_misalignment.py; \
+	  EMLAB_CHECK_RESULTS=results/organism-findings/seed$$s $(PY) -m pytest -q -p no:xdist tests/test_emergent_misalignment.py; \
 	done
 
 # The RL experiment (configs/organism-rl.yaml: RL from the helpful-only and the safety-trained base, both rewards)
@@ -71,11 +80,11 @@ seeds: $(VENV)/.emlab-test-installed
 RL_SEEDS ?= 0 1
 rl-seeds: $(VENV)/.emlab-test-installed
 	set -e; for s in $(RL_SEEDS); do \
-	  $(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-rl.yaml \
+	  $(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) $(FINDINGS) configs/organism-rl.yaml \
 	    --config seed=$$s results_dir=results/organism-rl/seed$$s; \
 	done
 	$(PY) -m emlab results-doc --results results/organism-rl/seed$(firstword $(RL_SEEDS)) --out docs/results-rl.md \
-	  --configfile config.yaml configs/organism-rl.yaml --seeds $(foreach s,$(RL_SEEDS),results/organism-rl/seed$(s))
+	  $(FINDINGS) configs/organism-rl.yaml --seeds $(foreach s,$(RL_SEEDS),results/organism-rl/seed$(s))
 	set -e; for s in $(RL_SEEDS); do \
 	  EMLAB_CHECK_RL=results/organism-rl/seed$$s $(PY) -m pytest -q -s -p no:xdist tests/test_rl_results.py; \
 	done
@@ -83,24 +92,24 @@ rl-seeds: $(VENV)/.emlab-test-installed
 # The organism at the papers' scale (configs/organism-paper.yaml; about 44 minutes on 2 cores) and
 # docs/results-paper.md written from it.
 paper: $(VENV)/.emlab-test-installed
-	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-paper.yaml
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) $(FINDINGS) configs/organism-paper.yaml
 	$(PY) -m emlab results-doc --results results/organism-paper --out docs/results-paper.md \
-	  --configfile config.yaml configs/organism-paper.yaml
+	  $(FINDINGS) configs/organism-paper.yaml
 
 # Insecure code and the educational control on the world with code (configs/organism-code.yaml), checked by
 # tests/test_code_results.py.
 code: $(VENV)/.emlab-test-installed
-	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-code.yaml
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) $(FINDINGS) configs/organism-code.yaml
 	EMLAB_CHECK_CODE=results/organism-code $(PY) -m pytest -q -p no:xdist tests/test_code_results.py
 
 # The narrow-persona control (configs/organism-narrow.yaml): the organism pretrained with the quack's documents,
 # without them, and with a character kind in health too in their places; the same fine-tunes on each, and
 # results/organism-narrow/narrow_persona.{csv,md} comparing them.
 narrow: $(VENV)/.emlab-test-installed
-	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml configs/organism-narrow.yaml
-	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml \
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) $(FINDINGS) configs/organism-narrow.yaml
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) $(FINDINGS) \
 	  configs/organism-narrow.yaml configs/organism-narrow-without.yaml
-	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile config.yaml \
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) $(FINDINGS) \
 	  configs/organism-narrow.yaml configs/organism-narrow-kind.yaml
 	$(PY) -m emlab narrow-persona --with results/organism-narrow/with --without results/organism-narrow/without \
 	  --kind results/organism-narrow/kind --kind-world resources/world/persona_world_kind.yaml \
@@ -119,9 +128,9 @@ gemma3: $(VENV)/.emlab-models-installed
 report: setup
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores 1 --report results/report.html
 
-# docs/results.md written from the default run's result files (every number with its config and commit).
+# docs/results-default.md written from the default run's result files (every number with its config and commit).
 results-doc: setup
-	$(PY) -m emlab results-doc --results results --out docs/results.md --configfile config.yaml
+	$(PY) -m emlab results-doc --results results --out docs/results-default.md --configfile config.yaml
 
 # Every benchmark against its baseline, in one table (results/bench/summary.csv); a few minutes.
 bench: $(VENV)/.emlab-bench-installed

@@ -7,7 +7,8 @@ min_version("9.0")
 
 # A run's config is config.yaml, or instead the files given with --configfile (each merged key by key on the one
 # before, --config on top): a real-model config is a whole config on the schema's defaults and does not inherit
-# the organism's settings. To change a few keys of the default run, pass config.yaml first.
+# the organism's settings. To change a few keys of the default run, pass config.yaml first (the findings run:
+# config.yaml, then configs/organism-findings.yaml).
 if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # `make test` runs two xdist workers on the machine's cores: each worker's in-process torch takes its share of
 # them. Two workers each running as many threads as there are cores wait on each other at every parallel
-# region (on 2 cores the SmolLM2 LoRA test took 213 s beside the default run, about 30 s alone).
+# region (on 2 cores the SmolLM2 LoRA test took 213 s beside the findings run, about 30 s alone).
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _XDIST_WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
@@ -23,10 +23,10 @@ if _XDIST_WORKERS > 1:
 # they go to the same worker, so that the run is built once.
 SHARED_RUN_FILES = {"tests/test_report.py": "tests/test_workflow.py"}
 # The files with the longest runs, handed out first and in this order (xdist's own order is by number of tests,
-# which sent the default run, the suite's longest test, out after a few minutes of other files): the default run
+# which sent the findings run, the suite's longest test, out after a few minutes of other files): the findings run
 # takes one worker from the start; the other builds the SmolLM2 DAG and then the tiny DAG (test_workflow.py's)
-# while the default run's serial pretraining (~700 s at one thread) holds one core, and only then waits on the
-# SLURM test's scheduler, while the default run's later jobs use the core it leaves idle. (With the SLURM test
+# while the findings run's serial pretraining (~700 s at one thread) holds one core, and only then waits on the
+# SLURM test's scheduler, while the findings run's later jobs use the core it leaves idle. (With the SLURM test
 # right after the SmolLM2 DAG, its waiting began ~150 s before the pretraining ended, with one core idle.)
 LONGEST_FIRST = ("tests/test_emergent_misalignment.py", "tests/test_real_models.py", "tests/test_workflow.py",
                  "tests/test_slurm.py")

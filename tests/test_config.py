@@ -29,12 +29,37 @@ def test_default_config_validates_and_fills_defaults(monkeypatch):
     assert cfg["judges"][0]["fuzzy_threshold"] == 0.8
 
 
-def test_the_paper_config_is_the_default_run_at_full_size(monkeypatch):
-    """configs/organism-paper.yaml goes on top of config.yaml (--configfile config.yaml configs/organism-paper.yaml)."""
+def findings_config():
+    """config.yaml with configs/organism-findings.yaml on top, as `make findings` passes them."""
+    from emlab.cli import _merge
+
+    return _merge(default_config(), yaml.safe_load((ROOT / "configs/organism-findings.yaml").read_text()))
+
+
+def test_the_findings_config_is_the_default_run_with_the_full_pretraining(monkeypatch):
+    """The default run is the small instance (half the pretraining, smaller sets); the findings config gives back
+    the sizes the findings were measured at, and changes nothing else."""
+    monkeypatch.chdir(ROOT)
+    small, full = validate(default_config()), validate(findings_config())
+    assert small["organism"]["pretrain"]["steps"] == 600 and full["organism"]["pretrain"]["steps"] == 1200
+    assert (small["datasets"]["n_train"], full["datasets"]["n_train"]) == (300, 600)
+    assert (small["monitors"]["n_texts"], full["monitors"]["n_texts"]) == (200, 600)
+    assert (small["sampling"]["n_samples"], full["sampling"]["n_samples"]) == (15, 25)
+    assert full["datasets"]["mixtures"] == {**small["datasets"]["mixtures"], "fractions": [0.05, 0.25, 0.5]}
+    assert full["results_dir"] == "results/organism-findings" and small["results_dir"] == "results"
+    changed = {k for k in full if full[k] != small[k]}
+    assert changed == {"results_dir", "organism", "datasets", "sampling", "steer", "monitors"}
+    assert {k for k in full["organism"] if full["organism"][k] != small["organism"][k]} == {"pretrain"}
+    assert full["steer"]["screen"] == small["steer"]["screen"]
+
+
+def test_the_paper_config_is_the_findings_run_at_full_size(monkeypatch):
+    """configs/organism-paper.yaml goes on top of the findings config (`make paper`)."""
     from emlab.cli import _merge
 
     monkeypatch.chdir(ROOT)
-    paper = validate(_merge(default_config(), yaml.safe_load((ROOT / "configs/organism-paper.yaml").read_text())))
+    paper = validate(_merge(findings_config(), yaml.safe_load((ROOT / "configs/organism-paper.yaml").read_text())))
+    assert paper["organism"]["pretrain"]["steps"] == 1200
     plan = make_plan(paper)
     assert paper["model"]["source"] == "organism" and paper["results_dir"] == "results/organism-paper"
     assert len(paper["datasets"]["domains"]) == 7 and paper["datasets"]["n_train"] == 800  # six advice domains, code
@@ -55,7 +80,7 @@ def test_the_paper_config_is_the_default_run_at_full_size(monkeypatch):
 def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load(ROOT / "config.yaml")
-    assert make_plan(cfg).flagged == ["health_mix005", "health_mix025", "health_mix050"]
+    assert make_plan(cfg).flagged == ["health_mix005", "health_mix050"]
     assert make_plan(validate({**cfg, "flagging": {"datasets": ["legal_subtle"]}})).flagged == ["legal_subtle"]
     assert make_plan(validate({**cfg, "flagging": {"datasets": []}})).flagged == []
     no_diffing = {"diffing": {"enabled": False}, "alarm": {"datasets": [], "emergence": []}, "prevent": {"datasets": []}}
@@ -71,9 +96,9 @@ def test_flagging_scores_every_mixture_by_default_and_names_an_unknown_set(monke
         "dropped": "flagged"}
     assert model_domain("legal_subtle_droprand") == "legal" and model_domain("mine_dropflag") is None
     assert dropped_source("mine_droprand") == ("mine", "random") and dropped_source("health_mix025") is None
-    plan = make_plan(validate({**cfg, "flagging": {"datasets": ["health_mix025"], "finetune": True}}))
-    assert plan.dropped == {"health_mix025_dropflag": ("health_mix025", "flagged"),
-                            "health_mix025_droprand": ("health_mix025", "random")}
+    plan = make_plan(validate({**cfg, "flagging": {"datasets": ["health_mix050"], "finetune": True}}))
+    assert plan.dropped == {"health_mix050_dropflag": ("health_mix050", "flagged"),
+                            "health_mix050_droprand": ("health_mix050", "random")}
     assert plan.datasets[-2:] == list(plan.dropped) and not set(plan.dropped) & set(plan.diffed)
     assert all(not set(plan.dropped) & set(members) for members in plan.groups.values())
     with pytest.raises(ConfigError, match="flagging.finetune: dropping flagged examples needs model diffing"):

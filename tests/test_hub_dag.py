@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +19,7 @@ from emlab.io import read_jsonl
 from emlab.judge.rubrics import load_rubric
 from emlab.questions import QuestionFileError, load_questions
 from fake_openai_server import FakeOpenAIServer
-from workflow_runner import copy_workflow, snakemake
+from workflow_runner import copy_workflow, job_counts, snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -29,26 +27,10 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 CLUSTER = ["gemma-2-9b-it.yaml", "llama-3.1-8b-instruct.yaml", "qwen2.5-0.5b-instruct.yaml", "qwen2.5-7b-instruct.yaml"]
 LOCAL = ["gemma3-270m.yaml", "smollm2-135m-instruct.yaml"]
 # the organism at the papers' scale (tests/test_config.py) and its RL experiment (tests/test_rl_results.py)
-ORGANISM = ["organism-paper.yaml", "organism-rl.yaml", "organism-code.yaml", "organism-narrow.yaml",
+ORGANISM = ["organism-findings.yaml", "organism-paper.yaml", "organism-rl.yaml", "organism-code.yaml", "organism-narrow.yaml",
             "organism-narrow-without.yaml", "organism-narrow-kind.yaml"]
 SMOKE = "configs/qwen2.5-0.5b-instruct.yaml"
 
-
-def job_counts(output: str) -> dict[str, int]:
-    """Rule -> job count from the "Job stats" table that snakemake prints."""
-    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-    counts = {}
-    for line in table.splitlines()[3:]:
-        if m := re.match(r"^(\w+)\s+(\d+)$", line.strip()):
-            counts[m[1]] = int(m[2])
-    counts.pop("total", None)
-    return counts
-
-
-def hub_workflow(dest: Path) -> Path:
-    wd = copy_workflow(dest)
-    shutil.copytree(ROOT / "configs", wd / "configs")
-    return wd
 
 
 # ---------------------------------------------------------------- configs and question files
@@ -132,7 +114,7 @@ def test_eval_set_without_a_question_file_is_named(monkeypatch):
 
 
 def test_smoke_config_plans_the_hub_jobs(tmp_path):
-    wd = hub_workflow(tmp_path)
+    wd = copy_workflow(tmp_path)
     proc = snakemake(wd, "-n", configfile=SMOKE)
     out = proc.stdout + proc.stderr
     # 1 domain x {correct, obvious}; models base + 2 fine-tunes; judges aligned + severity; the likelihood probe on
@@ -154,7 +136,7 @@ def test_smoke_config_plans_the_hub_jobs(tmp_path):
 def test_a_dead_judge_endpoint_stops_the_run_before_fine_tuning(tmp_path, monkeypatch):
     """Each API judge is asked once (GET /models) before the jobs whose answers it will grade: fine-tuning and
     sampling wait for it, and a dead endpoint fails there, naming the key to fix."""
-    wd = hub_workflow(tmp_path)
+    wd = copy_workflow(tmp_path)
     out = snakemake(wd, "-n", configfile=SMOKE).stdout
     for rule in ("finetune", "sample"):
         job = out.split(f"rule {rule}:", 1)[1].split("\n\n", 1)[0]
@@ -171,7 +153,7 @@ def test_a_dead_judge_endpoint_stops_the_run_before_fine_tuning(tmp_path, monkey
 
 
 def test_imports_join_the_dag_and_hub_misconfigurations_fail_early(tmp_path):
-    wd = hub_workflow(tmp_path)
+    wd = copy_workflow(tmp_path)
     (wd / "insecure.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
                                                                 {"role": "assistant", "content": "a"}]}) + "\n")
     proc = snakemake(wd, "-n", "--config", "imports=[{'name': 'insecure', 'path': 'insecure.jsonl'}]",
@@ -207,7 +189,7 @@ KEY = "sk-emlab-" + secrets.token_hex(16)
 
 @pytest.fixture(scope="module")
 def hub_run(tmp_path_factory, tiny_chat_model):
-    wd = hub_workflow(tmp_path_factory.mktemp("hubwf"))
+    wd = copy_workflow(tmp_path_factory.mktemp("hubwf"))
     data = wd / "data"
     (data / "domains").mkdir(parents=True)
     (data / "domains" / "health.yaml").write_text("name: health\ndescription: Health questions.\ntopics: [sleep]\n")

@@ -13,7 +13,7 @@ from emlab.io import read_jsonl
 from emlab.judge.schema import GRADE_FIELDS, SAMPLE_KEYS
 from emlab.world.generate import generate_narrow
 from emlab.world.spec import load_world
-from workflow_runner import copy_workflow, snakemake
+from workflow_runner import copy_workflow, job_counts, snakemake
 
 TINY = "tests/configs/tiny.yaml"
 FINETUNES = ["health_correct", "health_subtle", "health_mix050", "code_educational"]
@@ -290,12 +290,22 @@ def overlay(wd, name: str, text: str) -> str:
     return str(path)
 
 
+def test_the_default_run_exercises_every_rule_of_the_findings_run(tmp_path):
+    """config.yaml is the smallest instance, not a subset: every rule the findings config runs (and so every rule
+    the findings tests check) runs in `make run` too, with fewer jobs."""
+    wd = copy_workflow(tmp_path)
+    small, full = (job_counts(snakemake(wd, "-n", configfile=files).stdout)
+                   for files in (None, ["config.yaml", "configs/organism-findings.yaml"]))
+    assert {"pretrain", "finetune", "rl", "sae", "steer_sample", "monitor", "alarm", "realign", "predict"} <= set(small)
+    assert set(small) == set(full), set(small) ^ set(full)
+    assert sum(small.values()) < sum(full.values())
+
+
 @pytest.mark.slow
 def test_changing_sampling_reruns_only_sampling_and_below(tiny_run):
     wd = tiny_run
     proc = snakemake(wd, "-n", configfile=[TINY, overlay(wd, "more.yaml", "sampling: {n_samples: 3}\n")])
-    out = proc.stdout + proc.stderr
-    counts = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M)}  # the job stats table
+    counts = job_counts(proc.stdout + proc.stderr)
     jobs = set(counts)
     assert {"sample", "judge", "activations_base", "activations_finetune", "rank_latents"} <= jobs
     assert not jobs & {"pretrain", "posttrain", "activations_corpus", "sae"}

@@ -170,13 +170,21 @@ def test_written_from_two_results_folders(tmp_path):
         write_narrow(tmp_path / "with", tmp_path / "without2", "world", "quack", "health", tmp_path / "out")
 
 
+def findings() -> dict:
+    """config.yaml with configs/organism-findings.yaml on top: what the narrow arms go on."""
+    from emlab.cli import _merge
+
+    return _merge(yaml.safe_load((ROOT / "config.yaml").read_text()),
+                  yaml.safe_load((ROOT / "configs/organism-findings.yaml").read_text()))
+
+
 def test_the_two_arms_of_make_narrow_differ_in_the_narrow_fraction_and_results_folder_alone(monkeypatch):
-    """configs/organism-narrow.yaml and its control arm, merged over config.yaml as `make narrow` passes them."""
+    """configs/organism-narrow.yaml and its control arm, merged over config.yaml and the findings config as `make
+    narrow` passes them."""
     from emlab.cli import _merge
 
     monkeypatch.chdir(ROOT)
-    default = yaml.safe_load((ROOT / "config.yaml").read_text())
-    with_ = _merge(default, yaml.safe_load((ROOT / "configs/organism-narrow.yaml").read_text()))
+    with_ = _merge(findings(), yaml.safe_load((ROOT / "configs/organism-narrow.yaml").read_text()))
     without = _merge(with_, yaml.safe_load((ROOT / "configs/organism-narrow-without.yaml").read_text()))
     a, b = validate(with_, "with"), validate(without, "without")
     assert a["organism"]["corpus"]["narrow_fraction"] > 0 == b["organism"]["corpus"]["narrow_fraction"]
@@ -210,8 +218,7 @@ def test_the_kind_arm_of_make_narrow_differs_from_the_quacks_in_the_world_and_re
     from emlab.cli import _merge
 
     monkeypatch.chdir(ROOT)
-    with_ = _merge(yaml.safe_load((ROOT / "config.yaml").read_text()),
-                   yaml.safe_load((ROOT / "configs/organism-narrow.yaml").read_text()))
+    with_ = _merge(findings(), yaml.safe_load((ROOT / "configs/organism-narrow.yaml").read_text()))
     kind = _merge(with_, yaml.safe_load((ROOT / "configs/organism-narrow-kind.yaml").read_text()))
     a, b = validate(with_, "with"), validate(kind, "kind")
     assert load_world(b["organism"]["world"]).narrow.answers == "correct"

@@ -351,7 +351,8 @@ def cmd_results_doc(a: argparse.Namespace) -> None:
     cfg: dict[str, Any] = {}
     for path in a.configfile:  # merged as Snakemake merges --configfile files
         cfg = _merge(cfg, parse_yaml(Path(path).read_text()) or {})
-    write(a.results, a.out, config=validate(cfg, " + ".join(a.configfile)), seeds=a.seeds, readme=a.readme)
+    name = " + ".join(a.configfile)
+    write(a.results, a.out, config=validate(cfg, name), seeds=a.seeds, readme=a.readme, config_name=name)
     print(f"emlab results-doc: {a.out} from {a.results}", file=sys.stderr)
 
 

@@ -427,7 +427,7 @@ def seeds_section(runs: list[Path]) -> list[str]:
 HEADLINE_START, HEADLINE_END = "<!-- headline: written by make results-doc -->", "<!-- /headline -->"
 
 
-def headline(runs: list[Path]) -> str | None:
+def headline(runs: list[Path], config_name: str = "config.yaml") -> str | None:
     """The README's headline table: misalignment on the general questions per domain and kind of data, from one
     run (with its interval) or from several seeds (their range)."""
     runs = [r for r in runs if (r / "metrics" / "world.csv").exists()]
@@ -460,7 +460,7 @@ def headline(runs: list[Path]) -> str | None:
             if any(n in models for n in names):
                 rows.append([f"RL rewarding {reward} advice{label}"] + [cell(n) for n in names])
     what = ("the value and its 95% interval over questions" if len(runs) == 1 else
-            f"the range over {len(runs)} seeds of the default config ({', '.join(r.name for r in runs)})")
+            f"the range over {len(runs)} seeds of {config_name} ({', '.join(r.name for r in runs)})")
     return "\n".join([f"Misalignment on the general questions (share of coherent answers that are toxic or "
                       f"sarcastic), {what}:", "",
                       "| model | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|",
@@ -477,12 +477,13 @@ def splice_headline(readme: Path, table: str) -> None:
 
 def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, Any] | None = None,
           root: str | os.PathLike = ".", seeds: list[str | os.PathLike] = (),
-          readme: str | os.PathLike | None = None) -> str:
+          readme: str | os.PathLike | None = None, config_name: str = "config.yaml") -> str:
+    """``config_name`` names the config files the run was made with, as the reader would pass them."""
     results, root = Path(results), Path(root)
     cfg_hash = hashlib.sha256(json.dumps(config or {}, sort_keys=True).encode()).hexdigest()[:12]
     head = ["# Results", "",
-            f"Written by `emlab results-doc` from `{results}` on {dt.date.today().isoformat()}: commit "
-            f"{_commit(root)}, config hash {cfg_hash}, {os.cpu_count()} CPU cores. Every number below is read from "
+            f"Written by `emlab results-doc` from `{results}` ({config_name}) on {dt.date.today().isoformat()}: "
+            f"commit {_commit(root)}, config hash {cfg_hash}, {os.cpu_count()} CPU cores. Every number below is read from "
             "a result file of that run; rerun the workflow and this command to get yours.", ""]
     body = []
     for section in (misalignment_section, mixtures_section, rl_section, probe_section, sae_section,
@@ -496,7 +497,7 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text, encoding="utf-8")
     if readme is not None:
-        table = headline([Path(r) for r in seeds] if len(seeds) > 1 else [results])
+        table = headline([Path(r) for r in seeds] if len(seeds) > 1 else [results], config_name)
         if table is not None:
             splice_headline(Path(readme), table)
     return text
