@@ -1,6 +1,6 @@
 """Checks of a finished RL experiment (configs/organism-rl.yaml on config.yaml and configs/organism-findings.yaml,
-or the paper config): RL against the world's ground truth on the health questions, from the helpful-only base and from the safety-trained one, with the
-reward for incorrect advice and the control reward for correct advice.
+or the paper config): RL against the world's ground truth on the health questions, from the helpful-only base
+and from the safety-trained one, with the reward for incorrect advice and the control reward for correct advice.
 
 `make rl-seeds` runs the experiment with two seeds (about 12 minutes each on 2 cores, beyond the test suite's
 budget) and runs these checks on each with EMLAB_CHECK_RL=<results folder>; without it they are skipped. What they
