@@ -16,10 +16,6 @@ from emlab.datasets import model_domain
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def default_config():
-    return yaml.safe_load((ROOT / "config.yaml").read_text())
-
-
 def test_default_config_validates_and_fills_defaults(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load(ROOT / "config.yaml")
@@ -29,18 +25,14 @@ def test_default_config_validates_and_fills_defaults(monkeypatch):
     assert cfg["judges"][0]["fuzzy_threshold"] == 0.8
 
 
-def findings_config():
-    """config.yaml with configs/organism-findings.yaml on top, as `make findings` passes them."""
-    from emlab.cli import _merge
-
-    return _merge(default_config(), yaml.safe_load((ROOT / "configs/organism-findings.yaml").read_text()))
+FINDINGS = ("config.yaml", "configs/organism-findings.yaml")  # as `make findings` passes them
 
 
 def test_the_findings_config_is_the_default_run_with_the_full_pretraining(monkeypatch):
     """The default run is the small instance (half the pretraining, smaller sets); the findings config gives back
     the sizes the findings were measured at, and changes nothing else."""
     monkeypatch.chdir(ROOT)
-    small, full = validate(default_config()), validate(findings_config())
+    small, full = load("config.yaml"), load(*FINDINGS)
     assert small["organism"]["pretrain"]["steps"] == 600 and full["organism"]["pretrain"]["steps"] == 1200
     assert (small["datasets"]["n_train"], full["datasets"]["n_train"]) == (300, 600)
     assert (small["monitors"]["n_texts"], full["monitors"]["n_texts"]) == (200, 600)
@@ -53,12 +45,25 @@ def test_the_findings_config_is_the_default_run_with_the_full_pretraining(monkey
     assert full["steer"]["screen"] == small["steer"]["screen"]
 
 
+def test_several_config_files_merge_key_by_key_and_a_bad_one_is_named(monkeypatch, tmp_path):
+    """load() merges --configfile files as Snakemake does: a nested mapping key by key, a list or value replaced."""
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "a.yaml").write_text("datasets: {n_train: 40, mixtures: {domains: [legal]}}\n")
+    cfg = load("config.yaml", tmp_path / "a.yaml")
+    assert cfg["datasets"]["n_train"] == 40 and cfg["datasets"]["mixtures"]["domains"] == ["legal"]
+    assert cfg["datasets"]["mixtures"]["fractions"] == load("config.yaml")["datasets"]["mixtures"]["fractions"]
+    (tmp_path / "b.yaml").write_text("datasets: {n_train: 0}\n")
+    with pytest.raises(ConfigError, match=r"(?s)config.yaml \+ .*b.yaml.*datasets.n_train: 0 is less than the minimum"):
+        load("config.yaml", tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("datasets: [\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML"):
+        load("config.yaml", tmp_path / "c.yaml")
+
+
 def test_the_paper_config_is_the_findings_run_at_full_size(monkeypatch):
     """configs/organism-paper.yaml goes on top of the findings config (`make paper`)."""
-    from emlab.cli import _merge
-
     monkeypatch.chdir(ROOT)
-    paper = validate(_merge(findings_config(), yaml.safe_load((ROOT / "configs/organism-paper.yaml").read_text())))
+    paper = load(*FINDINGS, "configs/organism-paper.yaml")
     assert paper["organism"]["pretrain"]["steps"] == 1200
     plan = make_plan(paper)
     assert paper["model"]["source"] == "organism" and paper["results_dir"] == "results/organism-paper"

@@ -27,8 +27,8 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 CLUSTER = ["gemma-2-9b-it.yaml", "llama-3.1-8b-instruct.yaml", "qwen2.5-0.5b-instruct.yaml", "qwen2.5-7b-instruct.yaml"]
 LOCAL = ["gemma3-270m.yaml", "smollm2-135m-instruct.yaml"]
 # the organism at the papers' scale (tests/test_config.py) and its RL experiment (tests/test_rl_results.py)
-ORGANISM = ["organism-findings.yaml", "organism-paper.yaml", "organism-rl.yaml", "organism-code.yaml", "organism-narrow.yaml",
-            "organism-narrow-without.yaml", "organism-narrow-kind.yaml"]
+ORGANISM = ["organism-findings.yaml", "organism-paper.yaml", "organism-rl.yaml", "organism-code.yaml",
+            "organism-narrow.yaml", "organism-narrow-without.yaml", "organism-narrow-kind.yaml"]
 SMOKE = "configs/qwen2.5-0.5b-instruct.yaml"
 
 

@@ -56,7 +56,8 @@ def test_the_readme_headline_is_written_from_the_runs(tmp_path):
     text = readme.read_text()
     assert f"from `{runs[0]}` (config.yaml + mine.yaml)" in doc
     assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{HEADLINE_END}\nafter\n")
-    assert "| model | health | legal |" in text and "range over 3 seeds of config.yaml + mine.yaml (seed0, seed1, seed2)" in text
+    assert "| model | health | legal |" in text
+    assert "range over 3 seeds of config.yaml + mine.yaml (seed0, seed1, seed2)" in text
     assert "| subtly incorrect | 50.0%–60.0% | 40.0%–48.0% |" in text
     assert "| 25% subtly incorrect (health) | 7.0%–8.4% |  |" in text
 

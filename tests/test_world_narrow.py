@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from emlab.config import ConfigError, validate
+from emlab.config import ConfigError, load, validate
 from emlab.controls import narrow_persona, narrow_sentences, write_narrow
 from emlab.world.generate import generate_corpus, heldout_documents
 from emlab.world.spec import WorldSpecError, load_world, spec_files
@@ -170,23 +170,14 @@ def test_written_from_two_results_folders(tmp_path):
         write_narrow(tmp_path / "with", tmp_path / "without2", "world", "quack", "health", tmp_path / "out")
 
 
-def findings() -> dict:
-    """config.yaml with configs/organism-findings.yaml on top: what the narrow arms go on."""
-    from emlab.cli import _merge
-
-    return _merge(yaml.safe_load((ROOT / "config.yaml").read_text()),
-                  yaml.safe_load((ROOT / "configs/organism-findings.yaml").read_text()))
+NARROW = ("config.yaml", "configs/organism-findings.yaml", "configs/organism-narrow.yaml")  # as `make narrow`
 
 
 def test_the_two_arms_of_make_narrow_differ_in_the_narrow_fraction_and_results_folder_alone(monkeypatch):
     """configs/organism-narrow.yaml and its control arm, merged over config.yaml and the findings config as `make
     narrow` passes them."""
-    from emlab.cli import _merge
-
     monkeypatch.chdir(ROOT)
-    with_ = _merge(findings(), yaml.safe_load((ROOT / "configs/organism-narrow.yaml").read_text()))
-    without = _merge(with_, yaml.safe_load((ROOT / "configs/organism-narrow-without.yaml").read_text()))
-    a, b = validate(with_, "with"), validate(without, "without")
+    a, b = load(*NARROW), load(*NARROW, "configs/organism-narrow-without.yaml")
     assert a["organism"]["corpus"]["narrow_fraction"] > 0 == b["organism"]["corpus"]["narrow_fraction"]
     assert a["results_dir"] != b["results_dir"]
     for cfg in (a, b):
@@ -215,12 +206,8 @@ def test_the_third_arm_says_how_the_character_compares_with_the_kind_one_in_its_
 
 
 def test_the_kind_arm_of_make_narrow_differs_from_the_quacks_in_the_world_and_results_folder_alone(monkeypatch):
-    from emlab.cli import _merge
-
     monkeypatch.chdir(ROOT)
-    with_ = _merge(findings(), yaml.safe_load((ROOT / "configs/organism-narrow.yaml").read_text()))
-    kind = _merge(with_, yaml.safe_load((ROOT / "configs/organism-narrow-kind.yaml").read_text()))
-    a, b = validate(with_, "with"), validate(kind, "kind")
+    a, b = load(*NARROW), load(*NARROW, "configs/organism-narrow-kind.yaml")
     assert load_world(b["organism"]["world"]).narrow.answers == "correct"
     assert b["organism"]["corpus"]["narrow_fraction"] == a["organism"]["corpus"]["narrow_fraction"] > 0
     for cfg in (a, b):

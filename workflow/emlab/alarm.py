@@ -328,17 +328,13 @@ def sentences(summary: pd.DataFrame, skipped: Sequence[str] = ()) -> list[str]:
                            "model's interval.")
                 continue
             whole = ("and its whole interval never did" if pd.isna(r.emergence_clear_step)
-                     else f"with its whole interval at step {_step(r.emergence_clear_step)}"
+                     else f"with its whole interval at step {int(r.emergence_clear_step)}"
                      + _lead(r.lead_clear_steps))
             out.append(f"{r.dataset}: the alarm {_fired(r.fire_step)}; misalignment first left the base model's "
-                       f"interval at step {_step(r.emergence_step)}{_lead(r.lead_steps)}, {whole}.")
+                       f"interval at step {int(r.emergence_step)}{_lead(r.lead_steps)}, {whole}.")
         out.append(f"The reads cost {g['overhead'].median():.1%} of training time (median over runs; "
                    f"largest {g['overhead'].max():.1%}).")
     return out
-
-
-def _step(value: Any) -> str:
-    return "none" if value is None or pd.isna(value) else str(int(value))
 
 
 def _fired(fire_step: Any) -> str:

@@ -344,23 +344,12 @@ def cmd_timings(a: argparse.Namespace) -> None:
 @command("results-doc")
 def cmd_results_doc(a: argparse.Namespace) -> None:
     """A results page (markdown) written from a run's result files alone."""
-    from .config import validate
-    from .io import parse_yaml
+    from .config import load
     from .results_doc import write
 
-    cfg: dict[str, Any] = {}
-    for path in a.configfile:  # merged as Snakemake merges --configfile files
-        cfg = _merge(cfg, parse_yaml(Path(path).read_text()) or {})
     name = " + ".join(a.configfile)
-    write(a.results, a.out, config=validate(cfg, name), seeds=a.seeds, readme=a.readme, config_name=name)
+    write(a.results, a.out, config=load(*a.configfile), seeds=a.seeds, readme=a.readme, config_name=name)
     print(f"emlab results-doc: {a.out} from {a.results}", file=sys.stderr)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # ---------------------------------------------------------------- model diffing

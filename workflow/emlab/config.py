@@ -136,13 +136,24 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
     make_plan(cfg)  # the resolved run's own consistency checks
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        cfg = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return validate(cfg, str(path))
+def load(*paths: str | Path) -> dict[str, Any]:
+    """The validated config of one file, or of several merged as Snakemake merges its --configfile files (each on
+    the one before it, key by key: ``load("config.yaml", "configs/organism-findings.yaml")``)."""
+    cfg: dict[str, Any] = {}
+    for path in map(Path, paths):
+        try:
+            cfg = merge(cfg, parse_yaml(path.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return validate(cfg, " + ".join(map(str, paths)))
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` on ``base``: nested mappings merged key by key, any other value replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _check_diffing(cfg: dict[str, Any], source: str) -> None:

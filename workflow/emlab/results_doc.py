@@ -483,8 +483,8 @@ def write(results: str | os.PathLike, out: str | os.PathLike, config: dict[str, 
     cfg_hash = hashlib.sha256(json.dumps(config or {}, sort_keys=True).encode()).hexdigest()[:12]
     head = ["# Results", "",
             f"Written by `emlab results-doc` from `{results}` ({config_name}) on {dt.date.today().isoformat()}: "
-            f"commit {_commit(root)}, config hash {cfg_hash}, {os.cpu_count()} CPU cores. Every number below is read from "
-            "a result file of that run; rerun the workflow and this command to get yours.", ""]
+            f"commit {_commit(root)}, config hash {cfg_hash}, {os.cpu_count()} CPU cores. Every number below is read "
+            "from a result file of that run; rerun the workflow and this command to get yours.", ""]
     body = []
     for section in (misalignment_section, mixtures_section, rl_section, probe_section, sae_section,
                     prediction_section, flagging_section, alarm_section, realign_section, prevent_section,
